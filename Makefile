@@ -1,0 +1,48 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv if missing, builds the tiny base model, trains the sample tenants
+#   make test   creates .venv if missing and runs the test suite
+#
+# torch is installed before the package so that pip never picks a build by itself:
+#   - CPU hosts: TORCH_SPEC=torch==2.13.0 (the CPU build where the host provides it, for
+#     example through a pip find-links folder; otherwise set TORCH_INDEX_URL to PyTorch's CPU
+#     wheel index);
+#   - CUDA hosts: `make setup TORCH_INDEX_URL=<PyTorch CUDA wheel index for your CUDA>`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+BASE_MODEL ?= .farm/base-model
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.farm-installed
+
+.PHONY: setup demo test base-model samples clean bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+base-model: $(BASE_MODEL)/config.json
+
+$(BASE_MODEL)/config.json: | $(STAMP)
+	$(BIN)/farm base-model build --out $(BASE_MODEL)
+
+samples: $(STAMP)
+	$(BIN)/farm samples build --out jobs/data
+
+demo: $(STAMP) base-model
+	$(BIN)/farm spec validate jobs/configs/demo.yaml
+	$(BIN)/farm train --spec jobs/configs/demo.yaml --tenant acme
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) base-model
+	$(BIN)/python jobs/bench/train_throughput.py
+
+clean:
+	rm -rf .farm .pytest_cache

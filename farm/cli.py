@@ -1,0 +1,162 @@
+"""The ``farm`` command: one entry point, one sub-command per task.
+
+    farm base-model build --out .farm/base-model
+    farm samples build --out jobs/data
+    farm spec validate jobs/configs/demo.yaml
+    farm data check jobs/configs/demo.yaml
+    farm train --spec jobs/configs/demo.yaml --tenant acme
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Adapter farm: one PEFT adapter per tenant on a shared base model.",
+                  no_args_is_help=True, add_completion=False)
+base_model_app = typer.Typer(help="Build or inspect base models.", no_args_is_help=True)
+samples_app = typer.Typer(help="Sample tenant datasets.", no_args_is_help=True)
+spec_app = typer.Typer(help="Sweep specs.", no_args_is_help=True)
+data_app = typer.Typer(help="Tenant datasets.", no_args_is_help=True)
+app.add_typer(base_model_app, name="base-model")
+app.add_typer(samples_app, name="samples")
+app.add_typer(spec_app, name="spec")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@base_model_app.command("build")
+def base_model_build(
+    out: Path = typer.Option(..., help="folder to write the model into"),
+    layers: int = typer.Option(2, help="transformer blocks"),
+    hidden: int = typer.Option(256, help="model width (64 x heads)"),
+    heads: int = typer.Option(4, help="attention heads (head_dim is 64)"),
+    vocab: int = typer.Option(1024, help="tokenizer vocabulary size"),
+    seed: int = typer.Option(0, help="weight initialisation seed"),
+) -> None:
+    """Build a tiny Llama-architecture base model offline (tokenizer trained locally)."""
+    from farm.base_model import TinyModelConfig, build_base_model
+
+    config = TinyModelConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
+                             intermediate=2 * hidden, vocab=vocab, seed=seed)
+    try:
+        config.validate()
+    except ValueError as exc:
+        _fail(str(exc))
+    path = build_base_model(out, config)
+    console.print(f"base model written to [bold]{path}[/bold] "
+                  f"({layers} layers, hidden {hidden}, {heads} heads, vocab {vocab})")
+
+
+@samples_app.command("build")
+def samples_build(out: Path = typer.Option(Path("jobs/data"), help="folder to write into"),
+                  seed: int = typer.Option(1234, help="generator seed")) -> None:
+    """Generate the sample tenants' datasets deterministically."""
+    from farm.samples import SAMPLE_TENANTS, build_samples
+
+    written = build_samples(out, seed)
+    table = Table("tenant", "format", "examples", "file")
+    for tenant in SAMPLE_TENANTS:
+        table.add_row(tenant.name, tenant.format, str(tenant.examples), str(written[tenant.name]))
+    console.print(table)
+
+
+def _load(spec_file: Path):
+    from farm.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_file)
+    except SpecError as exc:
+        _fail(str(exc))
+
+
+@spec_app.command("validate")
+def spec_validate(spec_file: Path = typer.Argument(..., help="sweep spec YAML")) -> None:
+    """Validate a sweep spec; every problem is printed with its key path."""
+    sweep = _load(spec_file)
+    table = Table("tenant", "method", "rank", "steps", "data")
+    for name, job in sweep.jobs.items():
+        table.add_row(name, job.settings.method, str(job.settings.lora.rank),
+                      str(job.settings.train.max_steps), job.settings.data.path)
+    console.print(table)
+    console.print(f"[green]ok[/green]: {spec_file} ({len(sweep.jobs)} tenants)")
+
+
+@data_app.command("check")
+def data_check(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
+               tenant: Optional[str] = typer.Option(None, help="only this tenant")) -> None:
+    """Read, validate and tokenize every tenant's data; report counts and problems."""
+    from farm.data import DataError, load_tenant_data
+    from farm.models import load_tokenizer
+
+    sweep = _load(spec_file)
+    names = [tenant] if tenant else list(sweep.jobs)
+    tokenizer = load_tokenizer(sweep.spec.base_model)
+    table = Table("tenant", "status", "records", "skipped", "train rows", "eval rows", "padding", "detail")
+    failed = 0
+    for name in names:
+        job = sweep.job(name)
+        try:
+            data = load_tenant_data(name, job.settings.data, tokenizer)
+        except DataError as exc:
+            failed += 1
+            table.add_row(name, "[red]error[/red]", "", "", "", "", "", str(exc))
+            continue
+        detail = "; ".join(f"{b.location}: {b.reason}" for b in data.report.bad[:3])
+        table.add_row(name, "[green]ok[/green]", str(data.report.records), str(data.report.skipped),
+                      str(len(data.train)), str(len(data.eval)), f"{data.train.padding_share:.1%}", detail)
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("train")
+def train(
+    spec_file: Path = typer.Option(..., "--spec", help="sweep spec YAML"),
+    tenant: str = typer.Option(..., help="tenant to train"),
+    output_dir: Optional[Path] = typer.Option(None, help="override the tenant's output folder"),
+    fresh: bool = typer.Option(False, help="ignore existing checkpoints and start over"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Train one tenant's adapter in this process, with progress; resumes from checkpoints."""
+    from farm.data import DataError
+    from farm.train.lora import train_tenant
+
+    sweep = _load(spec_file)
+    try:
+        job = sweep.job(tenant)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    if output_dir is not None:
+        job = job.model_copy(update={"output_dir": str(output_dir.resolve())})
+    try:
+        result = train_tenant(job, resume=not fresh)
+    except DataError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(asdict(result), indent=2))
+        return
+    table = Table("tenant", "steps", "tokens", "tok/s", "eval before", "eval after", "trainable", "adapter")
+    table.add_row(result.tenant, str(result.steps), f"{result.tokens:,}", f"{result.tokens_per_s:,.0f}",
+                  f"{result.eval_loss_before:.4f}", f"{result.eval_loss_after:.4f}",
+                  f"{result.trainable_params:,}", result.adapter_dir)
+    console.print(table)
+    console.print(f"eval loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} "
+                  f"({result.eval_loss_after / result.eval_loss_before:.2f}x)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,82 @@
+"""The PEFT methods the farm knows: one registry, one entry per method.
+
+Everything that differs between methods lives here: the typed settings a spec may give, how
+they become a PEFT config, and what can be done with the trained adapter afterwards. The rest
+of the code asks this module; adding a method is one new settings class plus one entry in
+``METHODS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Ranks vLLM accepts for --max-lora-rank; an adapter whose rank is outside this set cannot be
+# served by vLLM (see ../shared/FIELD-NOTES.md).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class StrictModel(BaseModel):
+    """Base for every settings object: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(StrictModel):
+    """Low-rank adaptation (LoRA) of the base model's linear layers."""
+
+    rank: int = Field(8, ge=1, le=1024, description="rank r of the update matrices")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is scaled by alpha / rank")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description='module names to adapt, or "all-linear" for every linear layer but the head',
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return value
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the farm knows about one PEFT method."""
+
+    name: str
+    settings: type[StrictModel]
+    to_peft_config: Callable[[StrictModel], object]
+    summary: str
+
+
+def _lora_config(settings: LoraSettings):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias="none",  # vLLM serves only bias-free adapters
+    )
+
+
+METHODS: dict[str, MethodInfo] = {
+    "lora": MethodInfo("lora", LoraSettings, _lora_config, "low-rank update of linear layers"),
+}
+
+MethodName = Literal["lora"]
+
+
+def method_info(name: str) -> MethodInfo:
+    """Return the registry entry for ``name``; raises ``KeyError`` naming the known methods."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown PEFT method {name!r}; known: {', '.join(sorted(METHODS))}") from None

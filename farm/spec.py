@@ -1,0 +1,309 @@
+"""The sweep spec: one typed, validated description of what a sweep trains.
+
+A spec is a YAML file (see ``jobs/configs/demo.yaml``)::
+
+    name: demo
+    base_model: {name_or_path: ../../.farm/base-model}
+    output_dir: ../../.farm/runs
+    defaults:                      # settings every tenant starts from
+      method: lora
+      lora: {rank: 8, target_modules: all-linear}
+      train: {max_steps: 60, learning_rate: 3.0e-3}
+      data: {max_seq_len: 256}
+    tenants:
+      - name: acme
+        data: {path: ../data/acme.jsonl}
+      - name: initech
+        data: {path: ../data/initech.jsonl, format: alpaca}
+        lora: {rank: 16}           # per-tenant override, merged over the defaults
+
+Every tenant's settings are the defaults deep-merged with its own keys, then validated as a
+whole. Unknown or mistyped keys are rejected with their path (``tenants[2].lora.rank: expected
+int``); all problems of a spec are reported at once. Relative paths are relative to the spec
+file, so a spec works from any current directory (and under ``ray job submit``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.methods import LoraSettings, MethodName, StrictModel, method_info
+
+#: Tenant (and later adapter) names: lower-case, digits, '-' and '_'; they become path parts
+#: and serve names, so nothing that could traverse or confuse a path is allowed.
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``problems`` lists every ``path: reason`` found."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid sweep spec\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class DataSpec(StrictModel):
+    """Where a tenant's data is and how it becomes training rows."""
+
+    path: Optional[str] = Field(None, description="JSONL, Parquet or saved `datasets` folder; local path or URI (s3://...)")
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "text"] = Field("auto", description="record schema; auto detects it from the first record")
+    max_seq_len: int = Field(512, ge=8, le=131072, description="tokens per training row")
+    packing: bool = Field(True, description="pack several examples into each row (no cross-example attention)")
+    train_on: Literal["completions", "all"] = Field("completions", description="which tokens carry loss: assistant answers only, or everything")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or skip and report bad records")
+    too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="what to do with an example longer than max_seq_len")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval")
+    split_seed: int = Field(0, description="seed of the deterministic train/eval split")
+
+
+class TrainSpec(StrictModel):
+    """Optimisation settings of one tenant's training."""
+
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="rows per micro-batch (per worker)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 elsewhere")
+    seed: int = Field(0, description="seed for adapter init, dropout and data order")
+    eval_every: Optional[int] = Field(None, ge=1, description="steps between eval passes; null: only before and after")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    log_every: int = Field(10, ge=1, description="steps between progress lines")
+
+
+class JobSettings(StrictModel):
+    """Everything that can differ from one tenant to another: method, its settings, training, data."""
+
+    method: MethodName = Field("lora", description="PEFT method")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+
+    def method_settings(self) -> StrictModel:
+        """The settings object of the chosen method (for example ``self.lora``)."""
+        return getattr(self, method_info(self.method).name)
+
+
+class BaseModelSpec(StrictModel):
+    """The shared base model: a hub id or a local folder, chosen by the operator."""
+
+    name_or_path: str = Field(..., description="hub model id or local folder")
+    revision: Optional[str] = Field(None, description="hub revision (ignored for local folders)")
+
+
+class ResourceSpec(StrictModel):
+    """What one tenant's trainer asks Ray for."""
+
+    workers: int = Field(1, ge=1, description="data-parallel workers per tenant")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (fractions allowed)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; fractions pack small jobs on one device")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type, for example A100")
+    max_retries: int = Field(2, ge=0, description="worker-group restarts before a tenant fails")
+
+
+class RegistrySpec(StrictModel):
+    """Where finished adapters are published."""
+
+    store: str = Field("registry", description="store root: a local folder or s3://bucket/prefix")
+    catalog: Optional[str] = Field(None, description="SQLAlchemy URL; default: SQLite file inside a local store")
+
+
+class TenantEntry(StrictModel):
+    """One tenant as written in the spec: a name, its data, and overrides of the defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    data: dict[str, Any]
+    method: Optional[str] = None
+    lora: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid tenant name (pattern {NAME_PATTERN.pattern})")
+        return value
+
+
+class SweepSpec(StrictModel):
+    """A whole sweep as written in YAML (tenant overrides not yet merged)."""
+
+    name: str = Field(..., description="sweep name, used as the default sweep id")
+    base_model: BaseModelSpec
+    output_dir: str = Field("runs", description="where sweeps write adapters, checkpoints and reports")
+    registry: Optional[RegistrySpec] = None
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    defaults: JobSettings = Field(default_factory=JobSettings)
+    tenants: list[TenantEntry] = Field(..., min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_sweep_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid sweep name (pattern {NAME_PATTERN.pattern})")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_tenants(self):
+        seen: set[str] = set()
+        for tenant in self.tenants:
+            if tenant.name in seen:
+                raise ValueError(f"tenant {tenant.name!r} appears more than once")
+            seen.add(tenant.name)
+        return self
+
+
+class TenantJob(BaseModel):
+    """One tenant's fully resolved job: what a training function needs, nothing more."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant: str
+    base_model: BaseModelSpec
+    settings: JobSettings
+    output_dir: str = Field(..., description="this tenant's folder inside the sweep's output")
+
+
+class ResolvedSweep(BaseModel):
+    """A validated spec with every tenant's settings merged and every path made absolute."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: SweepSpec
+    source: str
+    jobs: dict[str, TenantJob]
+
+    def job(self, tenant: str) -> TenantJob:
+        """The job of one tenant; raises ``KeyError`` naming the tenants the spec has."""
+        if tenant not in self.jobs:
+            raise KeyError(f"tenant {tenant!r} is not in {self.source}; it has: {', '.join(self.jobs)}")
+        return self.jobs[tenant]
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+_TYPE_WORDS = {
+    "int": "expected int", "float": "expected number", "bool": "expected bool",
+    "string": "expected string", "list": "expected list", "dict": "expected mapping",
+    "model": "expected mapping",
+}
+
+
+def _describe(error: dict) -> str:
+    kind: str = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    for prefix, words in _TYPE_WORDS.items():
+        if kind.startswith(prefix + "_") and ("type" in kind or "parsing" in kind):
+            return f"{words}, got {error.get('input')!r}"
+    return f"{error['msg']} (got {error.get('input')!r})"
+
+
+def _path(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "union[", "literal[")) or part in ("list[str]",):
+            continue  # pydantic's internal union branch names are noise to a reader
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def _errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    return [f"{_path(prefix, tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()]
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_path(value: str, relative_to: Path) -> str:
+    """Make a local path absolute relative to ``relative_to``; URIs (``s3://``) pass unchanged."""
+    if "://" in value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (relative_to / path).resolve())
+
+
+def _resolve_base_model(base: BaseModelSpec, spec_dir: Path) -> BaseModelSpec:
+    # A hub id looks like "org/name"; a local folder may too. Explicitly relative or absolute
+    # strings are paths; anything else is a path only if that folder exists next to the spec.
+    value = base.name_or_path
+    if value.startswith(("./", "../", "/", "~")) or (spec_dir / value).is_dir():
+        return base.model_copy(update={"name_or_path": resolve_path(value, spec_dir)})
+    return base
+
+
+def parse_spec(raw: Any, source: str = "<spec>", spec_dir: Path | None = None) -> ResolvedSweep:
+    """Validate a spec given as plain data (as YAML loads it); raises ``SpecError``."""
+    spec_dir = spec_dir or Path.cwd()
+    if not isinstance(raw, dict):
+        raise SpecError(source, [f"<root>: expected a mapping, got {type(raw).__name__}"])
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(source, _errors(exc)) from None
+
+    problems: list[str] = []
+    jobs: dict[str, TenantJob] = {}
+    output_dir = resolve_path(spec.output_dir, spec_dir)
+    base_model = _resolve_base_model(spec.base_model, spec_dir)
+    defaults = spec.defaults.model_dump()
+    for index, tenant in enumerate(spec.tenants):
+        overrides = tenant.model_dump(exclude={"name"}, exclude_defaults=True)
+        overrides["data"] = tenant.data
+        try:
+            settings = JobSettings.model_validate(_deep_merge(defaults, overrides))
+        except ValidationError as exc:
+            problems.extend(_errors(exc, f"tenants[{index}]"))
+            continue
+        if not settings.data.path:
+            problems.append(f"tenants[{index}].data.path: required key is missing")
+            continue
+        data = settings.data.model_copy(update={"path": resolve_path(settings.data.path, spec_dir)})
+        settings = settings.model_copy(update={"data": data})
+        jobs[tenant.name] = TenantJob(
+            tenant=tenant.name, base_model=base_model, settings=settings,
+            output_dir=str(Path(output_dir) / spec.name / tenant.name) if "://" not in output_dir
+            else f"{output_dir.rstrip('/')}/{spec.name}/{tenant.name}",
+        )
+    if problems:
+        raise SpecError(source, problems)
+    spec = spec.model_copy(update={"output_dir": output_dir, "base_model": base_model})
+    return ResolvedSweep(spec=spec, source=source, jobs=jobs)
+
+
+def load_spec(path: str | Path) -> ResolvedSweep:
+    """Read and validate a YAML spec file; raises ``SpecError`` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), ["<file>: no such file"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [f"<file>: not valid YAML: {exc}"]) from None
+    return parse_spec(raw, source=str(path), spec_dir=path.resolve().parent)

@@ -1,0 +1,1 @@
+"""Training recipes: one module per job kind, each run inside a Ray Train worker or a plain process."""

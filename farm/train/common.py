@@ -1,0 +1,319 @@
+"""Pieces every training recipe shares: batches, loss, eval, optimizer, checkpoints, progress.
+
+Checkpoints never use pickle: tensors (adapter, optimizer moments, RNG states) are written as
+safetensors and everything else as JSON, so resuming cannot execute code from disk. A
+checkpoint is written into a temporary folder and renamed into place, so a crash never leaves
+a half-written checkpoint that a resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from farm.data import IGNORE_INDEX, Rows
+from farm.spec import TrainSpec
+
+# -- data order ------------------------------------------------------------------------------
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """The order of rows in one epoch: a fixed permutation per (seed, epoch)."""
+    order = list(range(n_rows))
+    random.Random(f"order:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def rows_for(n_rows: int, seed: int, start: int, count: int) -> list[int]:
+    """Row indices ``start .. start+count`` of the endless stream of shuffled epochs.
+
+    The data position of a run is one integer (rows consumed), so a checkpoint can restore
+    it exactly and co-training can interleave tenants without changing any tenant's order.
+    """
+    out: list[int] = []
+    position = start
+    while len(out) < count:
+        epoch, offset = divmod(position, n_rows)
+        order = epoch_order(n_rows, seed, epoch)
+        take = min(count - len(out), n_rows - offset)
+        out.extend(order[offset: offset + take])
+        position += take
+    return out
+
+
+def make_batch(rows: Rows, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Stack the given rows into model inputs on ``device``.
+
+    Packed rows carry position ids and no attention mask (transformers then builds a
+    block-diagonal mask from the position ids). Unpacked rows are trimmed to the longest row
+    of the batch, so padding costs no compute beyond that.
+    """
+    batch = {
+        "input_ids": torch.tensor([rows.input_ids[i] for i in indices], dtype=torch.long),
+        "labels": torch.tensor([rows.labels[i] for i in indices], dtype=torch.long),
+        "position_ids": torch.tensor([rows.position_ids[i] for i in indices], dtype=torch.long),
+    }
+    if rows.attention_mask is not None:
+        mask = torch.tensor([rows.attention_mask[i] for i in indices], dtype=torch.long)
+        width = int(mask.sum(dim=1).max())
+        batch = {k: v[:, :width] for k, v in batch.items()}
+        batch["attention_mask"] = mask[:, :width]
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Number of tokens that carry loss (after the next-token shift)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's target tokens (fp32 logits)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast,
+                        enabled=autocast is not None):
+        logits = model(**inputs, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, rows: Rows, batch_size: int, device: torch.device,
+             autocast: torch.dtype | None) -> float:
+    """Mean cross-entropy per target token over all ``rows`` (dropout off)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = make_batch(rows, list(range(start, min(start + batch_size, len(rows)))), device)
+        total += float(summed_loss(model, batch, autocast))
+        count += target_count(batch["labels"])
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# -- optimisation ----------------------------------------------------------------------------
+
+
+def build_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (the fused/foreach choice is torch's)."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=spec.learning_rate,
+                             weight_decay=spec.weight_decay)
+
+
+def lr_factor(step: int, spec: TrainSpec) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then cosine, linear or constant."""
+    if spec.warmup_steps and step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    if spec.schedule == "constant":
+        return 1.0
+    span = max(1, spec.max_steps - spec.warmup_steps)
+    progress = min(1.0, (step - spec.warmup_steps) / span)
+    if spec.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec):
+    """A LambdaLR following ``lr_factor``; its state is plain numbers (JSON-safe)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything about a run's progress that is not a tensor."""
+
+    step: int = 0
+    rows_consumed: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    eval_loss_before: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    np_state = np.random.get_state()
+    meta = {"python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = meta["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(root: Path, adapter_state: dict[str, torch.Tensor], optimizer, scheduler,
+                    state: TrainState, keep: int) -> Path:
+    """Write ``root/checkpoint-<step>`` atomically and prune all but the ``keep`` newest."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{state.step:07d}"
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state.items()},
+              str(tmp / "adapter.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = _rng_tensors()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    meta = {"state": asdict(state), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "rng": rng_meta}
+    # state.json last: a folder is a checkpoint only once it is there (and then renamed).
+    (tmp / "state.json").write_text(json.dumps(meta))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("checkpoint-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    if not root.is_dir():
+        return None
+    done = [p for p in sorted(root.glob("checkpoint-*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], TrainState]:
+    """Restore optimizer, scheduler and RNG from ``path``; returns (adapter tensors, state)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    _restore_rng(load_file(str(path / "rng.safetensors")), meta["rng"])
+    raw = meta["state"]
+    state = TrainState(**{**raw, "losses": [tuple(x) for x in raw["losses"]],
+                          "evals": [tuple(x) for x in raw["evals"]]})
+    return load_file(str(path / "adapter.safetensors")), state
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+@dataclass
+class StepEvent:
+    """What a recipe reports after an optimizer step."""
+
+    tenant: str
+    step: int
+    max_steps: int
+    loss: float
+    learning_rate: float
+    tokens_per_s: float
+    eta_s: float
+    checkpoint: Path | None = None
+    eval_loss: float | None = None
+
+
+class Progress(Protocol):
+    """Receives step events; Ray reporting and the console printer both implement it."""
+
+    def on_step(self, event: StepEvent) -> None: ...
+
+
+class ConsoleProgress:
+    """Prints one progress line every ``every`` steps (and on checkpoints and the last step)."""
+
+    def __init__(self, every: int = 10, stream=None):
+        self.every = every
+        self.stream = stream or sys.stdout
+
+    def on_step(self, event: StepEvent) -> None:
+        if event.step % self.every and event.step != event.max_steps and event.eval_loss is None:
+            return
+        line = (f"[{event.tenant}] step {event.step:>5}/{event.max_steps}  loss {event.loss:.4f}  "
+                f"lr {event.learning_rate:.2e}  {event.tokens_per_s:,.0f} tok/s  "
+                f"eta {_duration(event.eta_s)}")
+        if event.eval_loss is not None:
+            line += f"  eval {event.eval_loss:.4f}"
+        print(line, file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: the CUDA allocator's peak on GPUs, peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+class Stopwatch:
+    """Wall time of the training steps only (not start-up, eval or checkpoints)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._start: float | None = None
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.total += time.perf_counter() - (self._start or time.perf_counter())
