@@ -81,6 +81,153 @@ def _adapter_state(model) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
+class LoraRecipe:
+    """One tenant's LoRA fine-tune: ``setup()``, ``train()``, ``save()``.
+
+    ``train_tenant`` runs all three; tests and the co-training recipe use the steps and the
+    attributes (``model``, ``data``, ``state``) directly.
+    """
+
+    def __init__(self, job: TenantJob, progress: Progress | None = None, resume: bool = True,
+                 checkpoint_root: Path | None = None):
+        self.job = job
+        self.spec = job.settings.train
+        self.out = Path(job.output_dir)
+        self.checkpoint_root = checkpoint_root or self.out / CHECKPOINT_DIR
+        self.progress = progress or ConsoleProgress(every=self.spec.log_every)
+        self.resume = resume
+        self.rank, self.world = _world()
+        self.wall_start = time.perf_counter()
+        self.resumed_from: int | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> "LoraRecipe":
+        """Place the job, load data and model, build optimizer and schedule, resume if asked."""
+        spec = self.spec
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.placement: Placement = select_placement(spec.precision, select_device(local_rank))
+        tokenizer = load_tokenizer(self.job.base_model)
+        self.data: TenantData = load_tenant_data(self.job.tenant, self.job.settings.data, tokenizer)
+        torch.manual_seed(spec.seed)  # same adapter init on every worker and every run
+        self.model = build_peft_model(load_base_model(self.job.base_model, self.placement),
+                                      self.job.settings)
+        if spec.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable, self.total = count_parameters(self.model)
+        self.optimizer = build_optimizer(self.model.parameters(), spec)
+        self.scheduler = build_scheduler(self.optimizer, spec)
+        self.state = TrainState()
+        checkpoint = latest_checkpoint(self.checkpoint_root) if self.resume else None
+        if checkpoint is not None:
+            from peft import set_peft_model_state_dict
+
+            adapter_tensors, self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
+            set_peft_model_state_dict(self.model, adapter_tensors)
+            self.resumed_from = self.state.step
+        else:
+            # Dropout draws differ per worker; the init above was the same everywhere.
+            torch.manual_seed(spec.seed + 1 + self.rank)
+        self.engine = self.model
+        if self.world > 1:
+            device = self.placement.device
+            self.engine = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.state.eval_loss_before is None:
+            self.state.eval_loss_before = self.evaluate()
+        return self
+
+    def evaluate(self) -> float:
+        """Mean eval loss per target token of the current adapter."""
+        return evaluate(self.model, self.data.eval, self.spec.batch_size, self.placement.device,
+                        self.placement.autocast)
+
+    # -- train ---------------------------------------------------------------------------------
+    def train(self) -> "LoraRecipe":
+        """Run optimizer steps until ``max_steps``, with eval, checkpoints and progress."""
+        spec, state, data, placement = self.spec, self.state, self.data, self.placement
+        rank, world = self.rank, self.world
+        self.model.train()
+        n_rows = len(data.train)
+        rows_per_micro = spec.batch_size * world
+        watch = Stopwatch()
+        watch.total = seconds_at_start = state.train_seconds
+        window_tokens, window_start = 0, time.perf_counter()
+        while state.step < spec.max_steps:
+            with watch:
+                micro = [rows_for(n_rows, spec.seed, state.rows_consumed + m * rows_per_micro, rows_per_micro)
+                         for m in range(spec.grad_accum)]
+                # Normalise by the target tokens of the whole step, over all micro-batches and
+                # workers; every worker counts them from the shared, deterministic data order.
+                step_targets = sum(data.train.targets[i] for rows in micro for i in rows)
+                loss_total = 0.0
+                for index, rows in enumerate(micro):
+                    mine = rows[rank * spec.batch_size:(rank + 1) * spec.batch_size]
+                    batch = make_batch(data.train, mine, placement.device)
+                    last = index == len(micro) - 1
+                    with self.engine.no_sync() if (world > 1 and not last) else nullcontext():
+                        loss = summed_loss(self.engine, batch, placement.autocast) / step_targets
+                        (loss * world).backward()  # DDP averages gradients over workers
+                    loss_total += float(loss.detach())
+                    step_tokens = sum(data.train.lengths[i] for i in mine)
+                    window_tokens += step_tokens
+                    state.tokens_seen += step_tokens * world
+                if spec.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.rows_consumed += rows_per_micro * spec.grad_accum
+            state.train_seconds = watch.total
+            if world > 1:
+                loss_total = _all_reduce_sum(loss_total, placement.device)
+            state.losses.append((state.step, round(loss_total, 6)))
+            eval_loss = None
+            if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.max_steps:
+                eval_loss = self.evaluate()
+                state.evals.append((state.step, eval_loss))
+            saved = None
+            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps and rank == 0:
+                saved = save_checkpoint(self.checkpoint_root, _adapter_state(self.model), self.optimizer,
+                                        self.scheduler, state, spec.keep_checkpoints)
+            elapsed = time.perf_counter() - window_start
+            steps_this_run = state.step - (self.resumed_from or 0)
+            per_step = (watch.total - seconds_at_start) / steps_this_run
+            self.progress.on_step(StepEvent(
+                tenant=self.job.tenant, step=state.step, max_steps=spec.max_steps, loss=loss_total,
+                learning_rate=self.scheduler.get_last_lr()[0],
+                tokens_per_s=window_tokens * world / elapsed if elapsed > 0 else 0.0,
+                eta_s=per_step * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
+            window_tokens, window_start = 0, time.perf_counter()
+        return self
+
+    # -- save ----------------------------------------------------------------------------------
+    def save(self) -> TrainResult:
+        """Final eval, the adapter saved atomically (rank 0), and the result (also as JSON)."""
+        state, placement = self.state, self.placement
+        eval_after = self.evaluate()
+        state.evals.append((state.step, eval_after))
+        adapter_dir = self.out / ADAPTER_DIR
+        if self.rank == 0:
+            adapter_dir = save_adapter(self.model, self.out)
+        result = TrainResult(
+            tenant=self.job.tenant, method=self.job.settings.method, steps=state.step,
+            tokens=state.tokens_seen, train_seconds=round(state.train_seconds, 3),
+            wall_seconds=round(time.perf_counter() - self.wall_start, 3),
+            tokens_per_s=round(state.tokens_seen / state.train_seconds, 1) if state.train_seconds else 0.0,
+            eval_loss_before=state.eval_loss_before, eval_loss_after=eval_after,
+            trainable_params=self.trainable, total_params=self.total, adapter_dir=str(adapter_dir),
+            adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir()) if adapter_dir.is_dir() else 0,
+            peak_memory_bytes=peak_memory_bytes(placement.device), precision=placement.precision,
+            device=str(placement.device), padding_share=round(self.data.train.padding_share, 4),
+            dataset_fingerprint=self.data.report.fingerprint, data_summary=self.data.report.summary(),
+            resumed_from_step=self.resumed_from, losses=state.losses, evals=state.evals,
+        )
+        if self.rank == 0:
+            (self.out / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        return result
+
+
 def train_tenant(job: TenantJob, progress: Progress | None = None, resume: bool = True,
                  checkpoint_root: Path | None = None) -> TrainResult:
     """Train ``job``'s adapter and save it under ``job.output_dir/adapter``.
@@ -89,121 +236,7 @@ def train_tenant(job: TenantJob, progress: Progress | None = None, resume: bool 
     ``job.output_dir/checkpoints``) unless ``resume`` is false. Returns the result that is
     also written to ``job.output_dir/result.json``.
     """
-    wall_start = time.perf_counter()
-    rank, world = _world()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    settings, spec = job.settings, job.settings.train
-    out = Path(job.output_dir)
-    checkpoint_root = checkpoint_root or out / CHECKPOINT_DIR
-    progress = progress or ConsoleProgress(every=spec.log_every)
-
-    # -- setup ---------------------------------------------------------------------------------
-    placement: Placement = select_placement(spec.precision, select_device(local_rank))
-    tokenizer = load_tokenizer(job.base_model)
-    data: TenantData = load_tenant_data(job.tenant, settings.data, tokenizer)
-    torch.manual_seed(spec.seed)  # same adapter init on every worker and every run
-    model = build_peft_model(load_base_model(job.base_model, placement), settings)
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable, total = count_parameters(model)
-    optimizer = build_optimizer(model.parameters(), spec)
-    scheduler = build_scheduler(optimizer, spec)
-    state = TrainState()
-    resumed_from = None
-    checkpoint = latest_checkpoint(checkpoint_root) if resume else None
-    if checkpoint is not None:
-        from peft import set_peft_model_state_dict
-
-        adapter_tensors, state = load_checkpoint(checkpoint, optimizer, scheduler)
-        set_peft_model_state_dict(model, adapter_tensors)
-        resumed_from = state.step
-    else:
-        # Dropout draws differ per worker; the init above was the same everywhere.
-        torch.manual_seed(spec.seed + 1 + rank)
-    engine = model
-    if world > 1:
-        engine = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[placement.device.index] if placement.device.type == "cuda" else None)
-    if state.eval_loss_before is None:
-        state.eval_loss_before = evaluate(model, data.eval, spec.batch_size, placement.device,
-                                          placement.autocast)
-
-    # -- train ---------------------------------------------------------------------------------
-    model.train()
-    n_rows = len(data.train)
-    rows_per_micro = spec.batch_size * world
-    watch = Stopwatch()
-    watch.total = seconds_at_start = state.train_seconds
-    window_tokens, window_start = 0, time.perf_counter()
-    while state.step < spec.max_steps:
-        with watch:
-            micro = [rows_for(n_rows, spec.seed, state.rows_consumed + m * rows_per_micro, rows_per_micro)
-                     for m in range(spec.grad_accum)]
-            # Normalise by the target tokens of the whole step, over all micro-batches and
-            # workers; every worker counts them from the shared, deterministic data order.
-            step_targets = sum(data.train.targets[i] for rows in micro for i in rows)
-            loss_total = 0.0
-            for index, rows in enumerate(micro):
-                mine = rows[rank * spec.batch_size:(rank + 1) * spec.batch_size]
-                batch = make_batch(data.train, mine, placement.device)
-                last = index == len(micro) - 1
-                with engine.no_sync() if (world > 1 and not last) else nullcontext():
-                    loss = summed_loss(engine, batch, placement.autocast) / step_targets
-                    (loss * world).backward()  # DDP averages gradients over workers
-                loss_total += float(loss.detach())
-                step_tokens = sum(data.train.lengths[i] for i in mine)
-                window_tokens += step_tokens
-                state.tokens_seen += step_tokens * world
-            if spec.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.rows_consumed += rows_per_micro * spec.grad_accum
-        state.train_seconds = watch.total
-        if world > 1:
-            loss_total = _all_reduce_sum(loss_total, placement.device)
-        state.losses.append((state.step, round(loss_total, 6)))
-        eval_loss = None
-        if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.max_steps:
-            eval_loss = evaluate(model, data.eval, spec.batch_size, placement.device, placement.autocast)
-            state.evals.append((state.step, eval_loss))
-        saved = None
-        if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps and rank == 0:
-            saved = save_checkpoint(checkpoint_root, _adapter_state(model), optimizer, scheduler,
-                                    state, spec.keep_checkpoints)
-        elapsed = time.perf_counter() - window_start
-        steps_this_run = state.step - (resumed_from or 0)
-        per_step = (watch.total - seconds_at_start) / steps_this_run
-        progress.on_step(StepEvent(
-            tenant=job.tenant, step=state.step, max_steps=spec.max_steps, loss=loss_total,
-            learning_rate=scheduler.get_last_lr()[0],
-            tokens_per_s=window_tokens * world / elapsed if elapsed > 0 else 0.0,
-            eta_s=per_step * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
-        window_tokens, window_start = 0, time.perf_counter()
-
-    # -- save ----------------------------------------------------------------------------------
-    eval_after = evaluate(model, data.eval, spec.batch_size, placement.device, placement.autocast)
-    state.evals.append((state.step, eval_after))
-    adapter_dir = out / ADAPTER_DIR
-    if rank == 0:
-        adapter_dir = save_adapter(model, out)
-    result = TrainResult(
-        tenant=job.tenant, method=settings.method, steps=state.step, tokens=state.tokens_seen,
-        train_seconds=round(state.train_seconds, 3), wall_seconds=round(time.perf_counter() - wall_start, 3),
-        tokens_per_s=round(state.tokens_seen / state.train_seconds, 1) if state.train_seconds else 0.0,
-        eval_loss_before=state.eval_loss_before, eval_loss_after=eval_after,
-        trainable_params=trainable, total_params=total, adapter_dir=str(adapter_dir),
-        adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir()) if adapter_dir.is_dir() else 0,
-        peak_memory_bytes=peak_memory_bytes(placement.device), precision=placement.precision,
-        device=str(placement.device), padding_share=round(data.train.padding_share, 4),
-        dataset_fingerprint=data.report.fingerprint, data_summary=data.report.summary(),
-        resumed_from_step=resumed_from, losses=state.losses, evals=state.evals,
-    )
-    if rank == 0:
-        (out / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
+    return LoraRecipe(job, progress, resume, checkpoint_root).setup().train().save()
 
 
 def save_adapter(model, out: Path) -> Path:
@@ -211,8 +244,7 @@ def save_adapter(model, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = out / ADAPTER_DIR
     tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
