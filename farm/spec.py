@@ -307,3 +307,50 @@ def load_spec(path: str | Path) -> ResolvedSweep:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"<file>: not valid YAML: {exc}"]) from None
     return parse_spec(raw, source=str(path), spec_dir=path.resolve().parent)
+
+
+def _type_name(annotation) -> str:
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if origin is typing.Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def reference_markdown() -> str:
+    """The spec's configuration reference as Markdown tables, generated from the models.
+
+    The README embeds this output; a test keeps the two in step.
+    """
+    sections = [("top level", SweepSpec, ""), ("base_model", BaseModelSpec, "base_model."),
+                ("resources", ResourceSpec, "resources."), ("registry", RegistrySpec, "registry."),
+                ("defaults / tenants[i]", JobSettings, ""), ("lora", LoraSettings, "lora."),
+                ("train", TrainSpec, "train."), ("data", DataSpec, "data.")]
+    lines: list[str] = []
+    for title, model, prefix in sections:
+        lines += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, info in model.model_fields.items():
+            if model is SweepSpec and name in ("base_model", "resources", "registry", "defaults"):
+                continue
+            if model is JobSettings and name in ("lora", "train", "data"):
+                continue
+            annotation = _type_name(info.annotation)
+            if info.is_required():
+                default = "required"
+            elif info.default_factory is not None:
+                value = info.default_factory()
+                default = "see below" if isinstance(value, BaseModel) else f"`{value}`"
+            else:
+                default = f"`{info.default}`"
+            description = info.description or ""
+            if model is SweepSpec and name == "tenants":
+                description = "list of `{name, data: {path, ...}}` plus any `method`/`lora`/`train` override"
+            lines.append(f"| `{prefix}{name}` | {annotation} | {default} | {description} |")
+        lines.append("")
+    return "\n".join(lines)
