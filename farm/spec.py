@@ -297,8 +297,12 @@ def parse_spec(raw: Any, source: str = "<spec>", spec_dir: Path | None = None) -
     return ResolvedSweep(spec=spec, source=source, jobs=jobs)
 
 
-def load_spec(path: str | Path) -> ResolvedSweep:
-    """Read and validate a YAML spec file; raises ``SpecError`` listing every problem."""
+def load_spec(path: str | Path, overrides: dict | None = None) -> ResolvedSweep:
+    """Read and validate a YAML spec file; raises ``SpecError`` listing every problem.
+
+    ``overrides`` are deep-merged over the file's top level before validation (the command
+    line uses it for ``base_model`` and ``output_dir``); give absolute paths in them.
+    """
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), ["<file>: no such file"])
@@ -306,6 +310,8 @@ def load_spec(path: str | Path) -> ResolvedSweep:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"<file>: not valid YAML: {exc}"]) from None
+    if overrides and isinstance(raw, dict):
+        raw = _deep_merge(raw, overrides)
     return parse_spec(raw, source=str(path), spec_dir=path.resolve().parent)
 
 

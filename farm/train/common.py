@@ -17,6 +17,8 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -201,31 +203,70 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(root: Path, adapter_state: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: TrainState, keep: int) -> Path:
-    """Write ``root/checkpoint-<step>`` atomically and prune all but the ``keep`` newest."""
+def write_checkpoint(folder: Path, adapter_state: dict[str, torch.Tensor], optimizer, scheduler,
+                     state: TrainState) -> None:
+    """Write a checkpoint's files into ``folder`` (which must exist); ``state.json`` last."""
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{state.step:07d}"
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state.items()},
-              str(tmp / "adapter.safetensors"))
+              str(folder / "adapter.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file(opt_tensors, str(folder / "optimizer.safetensors"))
     rng_tensors, rng_meta = _rng_tensors()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    save_file(rng_tensors, str(folder / "rng.safetensors"))
     meta = {"state": asdict(state), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
             "rng": rng_meta}
-    # state.json last: a folder is a checkpoint only once it is there (and then renamed).
-    (tmp / "state.json").write_text(json.dumps(meta))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("checkpoint-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    # state.json last: a folder is a checkpoint only once it is there.
+    (folder / "state.json").write_text(json.dumps(meta))
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint after ``step`` (sorts by step)."""
+    return f"checkpoint-{step:07d}"
+
+
+class CheckpointIO(Protocol):
+    """Where a recipe's checkpoints go: a local folder, or Ray Train's storage."""
+
+    def latest(self) -> "contextmanager[Path | None]": ...
+
+    def save(self, write: Callable[[Path], None], step: int, metrics: dict) -> Path | None: ...
+
+    def finish(self, out: Path, write: Callable[[Path], None], step: int, metrics: dict) -> None: ...
+
+
+class LocalCheckpoints:
+    """Checkpoints in a local folder: written to a temporary name, renamed, pruned to ``keep``.
+
+    Used when a recipe runs in a plain process (``farm train``). Only rank 0 writes.
+    """
+
+    def __init__(self, root: Path, keep: int, rank: int = 0):
+        self.root, self.keep, self.rank = root, keep, rank
+
+    @contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        """The newest complete checkpoint folder, or None."""
+        yield latest_checkpoint(self.root)
+
+    def save(self, write: Callable[[Path], None], step: int, metrics: dict) -> Path | None:
+        """Write a checkpoint with ``write(folder)``; returns its final folder (rank 0)."""
+        if self.rank != 0:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / checkpoint_name(step)
+        tmp = self.root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(self.root.glob("checkpoint-*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def finish(self, out: Path, write: Callable[[Path], None], step: int, metrics: dict) -> None:
+        """The final adapter is already in ``out``; a plain process has nothing to hand over."""
 
 
 def latest_checkpoint(root: Path) -> Path | None:

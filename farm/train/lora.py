@@ -31,10 +31,10 @@ from farm.data import DataReport, TenantData, load_tenant_data
 from farm.models import (Placement, build_peft_model, count_parameters, load_base_model,
                          load_tokenizer, select_device, select_placement)
 from farm.spec import TenantJob
-from farm.train.common import (ConsoleProgress, Progress, StepEvent, Stopwatch, TrainState,
-                               build_optimizer, build_scheduler, evaluate, latest_checkpoint,
-                               load_checkpoint, make_batch, peak_memory_bytes, rows_for,
-                               save_checkpoint, summed_loss)
+from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress,
+                               StepEvent, Stopwatch, TrainState, build_optimizer, build_scheduler,
+                               evaluate, load_checkpoint, make_batch, peak_memory_bytes, rows_for,
+                               summed_loss, write_checkpoint)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -89,14 +89,15 @@ class LoraRecipe:
     """
 
     def __init__(self, job: TenantJob, progress: Progress | None = None, resume: bool = True,
-                 checkpoint_root: Path | None = None):
+                 checkpoints: CheckpointIO | None = None):
         self.job = job
         self.spec = job.settings.train
         self.out = Path(job.output_dir)
-        self.checkpoint_root = checkpoint_root or self.out / CHECKPOINT_DIR
+        self.rank, self.world = _world()
+        self.checkpoints = checkpoints or LocalCheckpoints(self.out / CHECKPOINT_DIR,
+                                                           self.spec.keep_checkpoints, self.rank)
         self.progress = progress or ConsoleProgress(every=self.spec.log_every)
         self.resume = resume
-        self.rank, self.world = _world()
         self.wall_start = time.perf_counter()
         self.resumed_from: int | None = None
 
@@ -117,14 +118,15 @@ class LoraRecipe:
         self.optimizer = build_optimizer(self.model.parameters(), spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
         self.state = TrainState()
-        checkpoint = latest_checkpoint(self.checkpoint_root) if self.resume else None
-        if checkpoint is not None:
-            from peft import set_peft_model_state_dict
+        if self.resume:
+            with self.checkpoints.latest() as checkpoint:
+                if checkpoint is not None:
+                    from peft import set_peft_model_state_dict
 
-            adapter_tensors, self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
-            set_peft_model_state_dict(self.model, adapter_tensors)
-            self.resumed_from = self.state.step
-        else:
+                    adapter_tensors, self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
+                    set_peft_model_state_dict(self.model, adapter_tensors)
+                    self.resumed_from = self.state.step
+        if self.resumed_from is None:
             # Dropout draws differ per worker; the init above was the same everywhere.
             torch.manual_seed(spec.seed + 1 + self.rank)
         self.engine = self.model
@@ -187,9 +189,9 @@ class LoraRecipe:
                 eval_loss = self.evaluate()
                 state.evals.append((state.step, eval_loss))
             saved = None
-            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps and rank == 0:
-                saved = save_checkpoint(self.checkpoint_root, _adapter_state(self.model), self.optimizer,
-                                        self.scheduler, state, spec.keep_checkpoints)
+            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps:
+                saved = self.checkpoints.save(self._write_checkpoint, state.step,
+                                              {"step": state.step, "loss": loss_total})
             elapsed = time.perf_counter() - window_start
             steps_this_run = state.step - (self.resumed_from or 0)
             per_step = (watch.total - seconds_at_start) / steps_this_run
@@ -200,6 +202,9 @@ class LoraRecipe:
                 eta_s=per_step * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
             window_tokens, window_start = 0, time.perf_counter()
         return self
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        write_checkpoint(folder, _adapter_state(self.model), self.optimizer, self.scheduler, self.state)
 
     # -- save ----------------------------------------------------------------------------------
     def save(self) -> TrainResult:
@@ -225,18 +230,42 @@ class LoraRecipe:
         )
         if self.rank == 0:
             (self.out / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        self.checkpoints.finish(self.out, self._write_checkpoint, state.step,
+                                {"step": state.step, "eval_loss": eval_after})
         return result
 
 
 def train_tenant(job: TenantJob, progress: Progress | None = None, resume: bool = True,
-                 checkpoint_root: Path | None = None) -> TrainResult:
+                 checkpoints: CheckpointIO | None = None) -> TrainResult:
     """Train ``job``'s adapter and save it under ``job.output_dir/adapter``.
 
-    Resumes from the newest checkpoint under ``checkpoint_root`` (default
-    ``job.output_dir/checkpoints``) unless ``resume`` is false. Returns the result that is
-    also written to ``job.output_dir/result.json``.
+    Resumes from the newest checkpoint (default: ``job.output_dir/checkpoints``) unless
+    ``resume`` is false. Returns the result that is also written to ``job.output_dir/result.json``.
     """
-    return LoraRecipe(job, progress, resume, checkpoint_root).setup().train().save()
+    return LoraRecipe(job, progress, resume, checkpoints).setup().train().save()
+
+
+def ray_train_loop(config: dict) -> dict:
+    """Ray Train ``train_loop_per_worker``: one tenant's recipe inside a worker group.
+
+    ``config`` holds the ``job`` (as a dict), the ``board`` actor for live progress and the
+    number of torch ``threads``. Checkpoints go to the run's Ray storage, and the last one
+    carries the final adapter, which the sweep's driver publishes.
+    """
+    import tempfile
+
+    from farm.train.ray_support import BoardProgress, RayCheckpoints
+
+    torch.set_num_threads(config.get("threads", 1))
+    job = TenantJob.model_validate(config["job"])
+    job = job.model_copy(update={"output_dir": tempfile.mkdtemp(prefix=f"farm-{job.tenant}-")})
+    rank, _ = _world()
+    recipe = LoraRecipe(job, progress=BoardProgress(config.get("board"), job.tenant),
+                        checkpoints=RayCheckpoints(job.settings.train.keep_checkpoints, rank))
+    try:
+        return asdict(recipe.setup().train().save())
+    finally:
+        shutil.rmtree(job.output_dir, ignore_errors=True)
 
 
 def save_adapter(model, out: Path) -> Path:

@@ -1,0 +1,281 @@
+"""Orchestrate a tenant sweep on Ray: validate, launch, watch, collect, hand off, report.
+
+    ray job submit --working-dir . -- python jobs/tenant_sweep.py --config jobs/configs/demo.yaml
+
+The driver (this module) is the single writer of the sweep's output folder. For each tenant
+it launches one Ray Train ``TorchTrainer`` from a zero-CPU Ray task, so trainers run side by
+side and the cluster's resources decide how many train at once. Each trainer has its own
+``ScalingConfig`` (workers, CPUs/GPUs per worker, fractions allowed), ``FailureConfig``
+(worker-group restarts that resume from the last checkpoint) and ``RunConfig`` whose
+``storage_path`` is shared storage (a folder every node sees, or ``s3://``), so a re-run of
+the same sweep id resumes interrupted tenants and skips finished ones.
+
+Layout of ``<output_dir>/<sweep_id>/``::
+
+    <tenant>/adapter/          the final PEFT adapter (safetensors), copied by the driver
+    <tenant>/result.json       metrics of the run that produced it
+    report.json, report.md, loss_curves.png
+    .ray/<tenant>/             Ray Train's run folder (checkpoints) unless --storage is given
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from farm.data import DataError, load_tenant_data
+from farm.models import load_tokenizer
+from farm.report import SweepReport, TenantOutcome, print_report, write_report
+from farm.spec import ResolvedSweep, ResourceSpec, TenantJob
+
+RESULT_FILE = "result.json"
+ADAPTER_DIR = "adapter"
+# Trainers queued behind others wait for their workers; Ray Train's default start timeout
+# (60 s) would fail them on a busy cluster. A job that can never fit is the planner's to refuse.
+WORKER_START_TIMEOUT_S = "3600"
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How to run a sweep (the spec says what to train)."""
+
+    sweep_id: str
+    tenants: tuple[str, ...] | None = None  # None: every tenant of the spec
+    max_concurrent: int | None = None       # None: as many as the cluster takes
+    storage: str | None = None              # Ray Train storage root; default: <sweep dir>/.ray
+    progress_every_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class TrainerResources:
+    """What one tenant's trainer asks Ray for (a plain object, tested without a cluster)."""
+
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+    accelerator_type: str | None
+    torch_threads: int
+
+    def scaling_config(self):
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker=self.resources_per_worker,
+                             accelerator_type=self.accelerator_type)
+
+
+def trainer_resources(resources: ResourceSpec) -> TrainerResources:
+    """Translate the spec's resources into a trainer's request.
+
+    Fractional GPUs (for example 0.25) let Ray place several small LoRA jobs on one device;
+    a job with several workers needs a whole device per worker, since NCCL refuses two ranks
+    on one GPU ("Duplicate GPU detected").
+    """
+    gpus = resources.gpus_per_worker
+    if resources.workers > 1 and 0 < gpus < 1:
+        raise ValueError(f"resources: {resources.workers} workers with gpus_per_worker={gpus} could "
+                         "share one GPU, which NCCL refuses; use whole GPUs for multi-worker jobs")
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if gpus:
+        per_worker["GPU"] = gpus
+    return TrainerResources(num_workers=resources.workers, use_gpu=gpus > 0,
+                            resources_per_worker=per_worker, accelerator_type=resources.accelerator_type,
+                            torch_threads=max(1, int(resources.cpus_per_worker)))
+
+
+def sweep_dir(sweep: ResolvedSweep, sweep_id: str) -> Path:
+    """The sweep's output folder: ``<output_dir>/<sweep_id>``."""
+    return Path(sweep.spec.output_dir) / sweep_id
+
+
+def finished_outcome(folder: Path, tenant: str) -> TenantOutcome | None:
+    """A tenant's outcome from an earlier run of this sweep id, if its adapter is there."""
+    result_file, adapter = folder / tenant / RESULT_FILE, folder / tenant / ADAPTER_DIR
+    if not (result_file.is_file() and (adapter / "adapter_model.safetensors").is_file()):
+        return None
+    result = json.loads(result_file.read_text())
+    return TenantOutcome(
+        tenant=tenant, status="skipped", steps=result["steps"], tokens=result["tokens"],
+        wall_seconds=0.0, eval_loss_before=result["eval_loss_before"],
+        eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
+        adapter_dir=str(adapter), losses=[tuple(x) for x in result.get("losses", [])])
+
+
+def validate_tenants(sweep: ResolvedSweep, tenants: list[str]) -> dict[str, str]:
+    """Check every tenant's data up front; returns tenant -> error for the invalid ones."""
+    tokenizer = load_tokenizer(sweep.spec.base_model)
+    errors: dict[str, str] = {}
+    for name in tenants:
+        try:
+            report = load_tenant_data(name, sweep.job(name).settings.data, tokenizer).report
+            if report.bad:
+                print(report.summary(), flush=True)
+        except DataError as exc:
+            errors[name] = str(exc)
+    return errors
+
+
+def _publish_adapter(checkpoint, destination: Path) -> dict:
+    """Copy the final checkpoint's adapter and result into ``destination`` (atomic rename)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    tmp = destination / f".tmp-{uuid.uuid4().hex[:8]}"
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(Path(folder) / ADAPTER_DIR, tmp)
+        result = json.loads((Path(folder) / RESULT_FILE).read_text())
+    final = destination / ADAPTER_DIR
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    result["adapter_dir"] = str(final)
+    # result.json last: a tenant counts as finished only once it is there.
+    (destination / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _error_text(exc: BaseException) -> str:
+    """The root cause of a failed trainer, in one line."""
+    cause = exc
+    while getattr(cause, "__cause__", None) is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(cause).__name__)
+    return f"{type(cause).__name__}: {last.strip()}"[:500]
+
+
+def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
+                max_retries: int, keep: int, board) -> dict:
+    """Ray task body: run one tenant's TorchTrainer and return its outcome (never raises)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from farm.train.lora import ray_train_loop
+
+    try:
+        trainer = TorchTrainer(
+            ray_train_loop,
+            train_loop_config={"job": job, "board": board, "threads": resources.torch_threads},
+            scaling_config=resources.scaling_config(),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=max_retries),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=keep)),
+        )
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError after the retries, or set-up errors
+        return {"ok": False, "error": _error_text(exc), "trace": traceback.format_exc()[-4000:]}
+    return {"ok": True, "checkpoint": result.checkpoint, "result": result.return_value}
+
+
+def _progress_board():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        """Latest step event of every tenant, written by rank-0 workers, read by the driver."""
+
+        def __init__(self):
+            self.events: dict[str, dict] = {}
+            self.first_step: dict[str, float] = {}
+
+        def update(self, tenant: str, event: dict) -> None:
+            self.events[tenant] = event
+            self.first_step.setdefault(tenant, event["time"])
+
+        def snapshot(self) -> tuple[dict, dict]:
+            return self.events, self.first_step
+
+    return ProgressBoard.remote()
+
+
+def _progress_line(tenant: str, event: dict) -> str:
+    eta = int(event["eta_s"])
+    return (f"[{tenant}] step {event['step']}/{event['max_steps']}  loss {event['loss']:.4f}  "
+            f"{event['tokens_per_s']:,.0f} tok/s  eta {eta // 60}m{eta % 60:02d}s")
+
+
+def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | None = None) -> SweepReport:
+    """Run (or resume) a sweep on the connected Ray cluster and write its report."""
+    import ray
+
+    console = console or Console()
+    started = time.time()
+    out = sweep_dir(sweep, options.sweep_id)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(options.tenants or sweep.jobs)
+    for name in names:
+        sweep.job(name)  # unknown tenant names fail here, before anything runs
+    storage = options.storage.rstrip("/") + f"/{options.sweep_id}" if options.storage else str(out / ".ray")
+    resources = trainer_resources(sweep.spec.resources)
+
+    outcomes: dict[str, TenantOutcome] = {}
+    pending: list[str] = []
+    for name in names:
+        done = finished_outcome(out, name)
+        if done is not None:
+            outcomes[name] = done
+            console.print(f"[cyan]{name}[/cyan]: finished in an earlier run of sweep "
+                          f"{options.sweep_id}; skipped")
+        else:
+            pending.append(name)
+    for name, error in validate_tenants(sweep, pending).items():
+        outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
+        console.print(f"[red]{name}[/red]: invalid, not started: {error}", highlight=False)
+        pending.remove(name)
+
+    board = _progress_board() if pending else None
+    task = ray.remote(num_cpus=0, max_retries=0)(_run_tenant).options(
+        runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
+    limit = options.max_concurrent or len(pending) or 1
+    running: dict = {}
+    submitted: dict[str, float] = {}
+    printed: dict[str, int] = {}
+    queue = list(pending)
+    while queue or running:
+        while queue and len(running) < limit:
+            name = queue.pop(0)
+            job: TenantJob = sweep.job(name)
+            ref = task.remote(job.model_dump(), resources, storage, name, sweep.spec.resources.max_retries,
+                              job.settings.train.keep_checkpoints, board)
+            running[ref] = name
+            submitted[name] = time.time()
+            console.print(f"{name}: submitted ({resources.num_workers} worker(s), "
+                          f"{resources.resources_per_worker} each)")
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
+        events, first_step = ray.get(board.snapshot.remote())
+        for tenant, event in sorted(events.items()):
+            if printed.get(tenant) != event["step"]:
+                printed[tenant] = event["step"]
+                console.print(_progress_line(tenant, event), highlight=False)
+        for ref in ready:
+            name = running.pop(ref)
+            outcome = ray.get(ref)
+            wall = time.time() - submitted[name]
+            delay = first_step.get(name, time.time()) - submitted[name] if name in first_step else None
+            if outcome["ok"]:
+                result = _publish_adapter(outcome["checkpoint"], out / name)
+                outcomes[name] = TenantOutcome(
+                    tenant=name, status="trained", steps=result["steps"], tokens=result["tokens"],
+                    wall_seconds=round(wall, 2), eval_loss_before=result["eval_loss_before"],
+                    eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
+                    adapter_dir=result["adapter_dir"], resumed_from_step=result.get("resumed_from_step"),
+                    first_step_delay_s=round(delay, 2) if delay is not None else None,
+                    losses=[tuple(x) for x in result["losses"]])
+                console.print(f"[green]{name}[/green]: done, eval loss "
+                              f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
+            else:
+                outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
+                                               error=outcome["error"])
+                console.print(f"[red]{name}[/red]: failed: {outcome['error']}", highlight=False)
+
+    report = SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names])
+    print_report(report, console)
+    paths = write_report(report, out)
+    console.print("report: " + ", ".join(str(p) for p in paths.values()))
+    return report
