@@ -36,7 +36,7 @@ samples: $(STAMP)
 
 demo: $(STAMP) base-model
 	$(BIN)/farm spec validate jobs/configs/demo.yaml
-	$(BIN)/farm train --spec jobs/configs/demo.yaml --tenant acme
+	bash jobs/run_demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 import uuid
@@ -204,7 +205,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     """Run (or resume) a sweep on the connected Ray cluster and write its report."""
     import ray
 
-    console = console or Console()
+    # Job logs are not terminals: give the summary table room instead of 80 columns.
+    console = console or Console(width=None if sys.stdout.isatty() else 180)
     started = time.time()
     out = sweep_dir(sweep, options.sweep_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             pending.append(name)
     for name, error in validate_tenants(sweep, pending).items():
         outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
-        console.print(f"[red]{name}[/red]: invalid, not started: {error}", highlight=False)
+        console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
         pending.remove(name)
 
     board = _progress_board() if pending else None
@@ -252,7 +254,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         for tenant, event in sorted(events.items()):
             if printed.get(tenant) != event["step"]:
                 printed[tenant] = event["step"]
-                console.print(_progress_line(tenant, event), highlight=False)
+                console.print(_progress_line(tenant, event), markup=False, highlight=False)
         for ref in ready:
             name = running.pop(ref)
             outcome = ray.get(ref)
@@ -272,7 +274,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             else:
                 outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
                                                error=outcome["error"])
-                console.print(f"[red]{name}[/red]: failed: {outcome['error']}", highlight=False)
+                console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
 
     report = SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names])
     print_report(report, console)
