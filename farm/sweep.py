@@ -162,7 +162,8 @@ def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
     try:
         trainer = TorchTrainer(
             ray_train_loop,
-            train_loop_config={"job": job, "board": board, "threads": resources.torch_threads},
+            train_loop_config={"job": job, "board": board, "threads": resources.torch_threads,
+                               "run_dir": f"{storage.rstrip('/')}/{name}"},
             scaling_config=resources.scaling_config(),
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=max_retries),

@@ -214,8 +214,12 @@ def write_checkpoint(folder: Path, adapter_state: dict[str, torch.Tensor], optim
     save_file(opt_tensors, str(folder / "optimizer.safetensors"))
     rng_tensors, rng_meta = _rng_tensors()
     save_file(rng_tensors, str(folder / "rng.safetensors"))
+    # The size of every other file, so a reader can tell a complete checkpoint from one whose
+    # copy to shared storage was cut short (uploads do not preserve write order).
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "state.json"}
     meta = {"state": asdict(state), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-            "rng": rng_meta}
+            "rng": rng_meta, "files": files}
     # state.json last: a folder is a checkpoint only once it is there.
     (folder / "state.json").write_text(json.dumps(meta))
 
@@ -269,12 +273,43 @@ class LocalCheckpoints:
         """The final adapter is already in ``out``; a plain process has nothing to hand over."""
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    if not root.is_dir():
+def checkpoint_is_complete(fs, folder: str) -> bool:
+    """True when ``folder`` (on pyarrow file system ``fs``) holds every file its state.json lists."""
+    import pyarrow.fs as pafs
+
+    try:
+        with fs.open_input_stream(f"{folder}/state.json") as stream:
+            files = json.loads(stream.read()).get("files", {})
+    except (OSError, ValueError):
+        return False
+    infos = fs.get_file_info([f"{folder}/{name}" for name in files])
+    return all(info.type == pafs.FileType.File and info.size == files[name]
+               for name, info in zip(files, infos))
+
+
+def newest_complete_checkpoint(fs, root: str) -> str | None:
+    """The newest complete ``checkpoint-*`` folder directly under ``root``, or None."""
+    import pyarrow.fs as pafs
+
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
         return None
-    done = [p for p in sorted(root.glob("checkpoint-*")) if (p / "state.json").is_file()]
-    return done[-1] if done else None
+    names = sorted((e.base_name for e in entries
+                    if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint-")),
+                   reverse=True)
+    for name in names:
+        if checkpoint_is_complete(fs, f"{root.rstrip('/')}/{name}"):
+            return f"{root.rstrip('/')}/{name}"
+    return None
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint in a local folder, or None."""
+    import pyarrow.fs as pafs
+
+    found = newest_complete_checkpoint(pafs.LocalFileSystem(), str(root))
+    return Path(found) if found else None
 
 
 def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], TrainState]:

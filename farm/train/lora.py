@@ -248,8 +248,8 @@ def train_tenant(job: TenantJob, progress: Progress | None = None, resume: bool 
 def ray_train_loop(config: dict) -> dict:
     """Ray Train ``train_loop_per_worker``: one tenant's recipe inside a worker group.
 
-    ``config`` holds the ``job`` (as a dict), the ``board`` actor for live progress and the
-    number of torch ``threads``. Checkpoints go to the run's Ray storage, and the last one
+    ``config`` holds the ``job`` (as a dict), the ``board`` actor for live progress, the
+    number of torch ``threads`` and the run's storage folder ``run_dir``. Checkpoints go to the run's Ray storage, and the last one
     carries the final adapter, which the sweep's driver publishes.
     """
     import tempfile
@@ -261,7 +261,8 @@ def ray_train_loop(config: dict) -> dict:
     job = job.model_copy(update={"output_dir": tempfile.mkdtemp(prefix=f"farm-{job.tenant}-")})
     rank, _ = _world()
     recipe = LoraRecipe(job, progress=BoardProgress(config.get("board"), job.tenant),
-                        checkpoints=RayCheckpoints(job.settings.train.keep_checkpoints, rank))
+                        checkpoints=RayCheckpoints(job.settings.train.keep_checkpoints, rank,
+                                                   config.get("run_dir")))
     try:
         return asdict(recipe.setup().train().save())
     finally:

@@ -22,21 +22,63 @@ FINAL_RESULT = "result.json"
 
 
 class RayCheckpoints:
-    """Checkpoints through Ray Train: every worker reports, rank 0 attaches the files."""
+    """Checkpoints through Ray Train: every worker reports, rank 0 attaches the files.
 
-    def __init__(self, keep: int, rank: int):
-        self.keep, self.rank = keep, rank
+    Resuming reads the run folder on storage, not only ``ray.train.get_checkpoint()``: Ray
+    registers a reported checkpoint only when its controller next polls the worker, so a
+    worker killed right after an upload restarts from an older checkpoint, or from scratch.
+    The newest *complete* checkpoint on storage (every file its state.json lists, at the
+    listed size) is what a restart resumes from.
+    """
+
+    def __init__(self, keep: int, rank: int, run_dir: str | None = None):
+        self.keep, self.rank, self.run_dir = keep, rank, run_dir
 
     @contextmanager
     def latest(self) -> Iterator[Path | None]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        on_storage = self._newest_on_storage()
+        registered = ray.train.get_checkpoint()
+        if on_storage is None and registered is None:
             yield None
             return
-        with checkpoint.as_directory() as folder:
+        if on_storage is not None and (registered is None or
+                                       Path(on_storage[1]).name >= Path(registered.path).name):
+            fs, path = on_storage
+            yield from self._local_copy(fs, path)
+            return
+        with registered.as_directory() as folder:
             yield Path(folder)
+
+    def _newest_on_storage(self):
+        import pyarrow.fs as pafs
+
+        from farm.train.common import newest_complete_checkpoint
+
+        if not self.run_dir:
+            return None
+        if "://" in self.run_dir:
+            fs, root = pafs.FileSystem.from_uri(self.run_dir)
+        else:
+            fs, root = pafs.LocalFileSystem(), self.run_dir
+        found = newest_complete_checkpoint(fs, root)
+        return (fs, found) if found else None
+
+    @staticmethod
+    def _local_copy(fs, path: str) -> Iterator[Path]:
+        import pyarrow.fs as pafs
+
+        if isinstance(fs, pafs.LocalFileSystem):
+            yield Path(path)
+            return
+        folder = Path(tempfile.mkdtemp(prefix="farm-resume-"))
+        try:
+            pafs.copy_files(path, str(folder), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def save(self, write: Callable[[Path], None], step: int, metrics: dict) -> Path | None:
         self._report(write, step, metrics)

@@ -1,0 +1,141 @@
+"""The tenant sweep against a real local Ray: isolation, report, resume, worker death.
+
+Each test runs ``jobs/tenant_sweep.py`` as its own process with ``RAY_ADDRESS=local``, so it
+starts (and stops) a real local Ray instance, exactly as an operator running it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ..conftest import FAST_DEFAULTS, REPO
+
+pytestmark = pytest.mark.slow
+SWEEP = [sys.executable, str(REPO / "jobs" / "tenant_sweep.py")]
+
+
+def _env() -> dict:
+    return {**os.environ, "RAY_ADDRESS": "local", "RAY_DISABLE_USAGE_STATS": "1",
+            "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def _spec(tmp_path: Path, base_model_dir: Path, tenants: list[dict], **train) -> Path:
+    defaults = json.loads(json.dumps(FAST_DEFAULTS))
+    defaults["train"].update(train)
+    raw = {"name": "e2e", "base_model": {"name_or_path": str(base_model_dir)},
+           "output_dir": str(tmp_path / "runs"), "defaults": defaults,
+           "resources": {"workers": 1, "cpus_per_worker": 1, "max_retries": 2}, "tenants": tenants}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(SWEEP + args, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+
+
+def test_sweep_isolates_a_bad_tenant_reports_and_does_not_retrain(tmp_path, base_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 5}\n')
+    spec = _spec(tmp_path, base_model_dir, [
+        {"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}},
+        {"name": "globex", "data": {"path": str(REPO / "jobs/data/globex.jsonl")}},
+        {"name": "broken", "data": {"path": str(bad)}},
+    ], max_steps=15, checkpoint_every=5)
+    first = _run(["--config", str(spec), "--sweep-id", "s1", "--progress-every", "2"])
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "runs" / "s1"
+    report = json.loads((out / "report.json").read_text())
+    by_name = {t["tenant"]: t for t in report["tenants"]}
+    assert report["ok"] is False
+    for name in ("hooli", "globex"):
+        tenant = by_name[name]
+        assert tenant["status"] == "trained" and tenant["steps"] == 15
+        assert tenant["eval_loss_after"] < tenant["eval_loss_before"]
+        assert (out / name / "adapter" / "adapter_model.safetensors").is_file()
+        assert tenant["first_step_delay_s"] is not None
+    assert by_name["broken"]["status"] == "invalid"
+    assert "line 2" in by_name["broken"]["error"] and "field 'text'" in by_name["broken"]["error"]
+    assert (out / "report.md").read_text().count("| trained |") == 2
+    assert (out / "loss_curves.png").stat().st_size > 10_000
+    # live progress reached the job's log, per tenant
+    assert "[hooli] step" in first.stdout and "tok/s" in first.stdout and "eta" in first.stdout
+
+    stamps = {n: (out / n / "result.json").stat().st_mtime_ns for n in ("hooli", "globex")}
+    again = _run(["--config", str(spec), "--sweep-id", "s1", "--tenants", "hooli,globex"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [t["status"] for t in report["tenants"]] == ["skipped", "skipped"]
+    assert "submitted" not in again.stdout  # no trainer was launched
+    assert stamps == {n: (out / n / "result.json").stat().st_mtime_ns for n in ("hooli", "globex")}
+
+
+def _train_workers(root_pid: int) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()) or proc.name().startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_sigkilled_worker_is_restarted_and_resumes_to_the_same_adapter(tmp_path, base_model_dir):
+    from safetensors.torch import load_file
+
+    from farm.spec import load_spec
+    from farm.train.lora import train_tenant
+
+    tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
+    spec = _spec(tmp_path, base_model_dir, tenants, max_steps=40, checkpoint_every=5)
+    proc = subprocess.Popen(SWEEP + ["--config", str(spec), "--sweep-id", "kill"], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "runs" / "kill" / ".ray" / "hooli" / "checkpoint-0000005"
+    killed = None
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if checkpoint.is_dir():
+                workers = _train_workers(proc.pid)
+                if workers:
+                    killed = workers[0].pid
+                    os.kill(killed, signal.SIGKILL)
+                    break
+            time.sleep(0.1)
+        output, _ = proc.communicate(timeout=600)
+        (tmp_path / "sweep.log").write_text(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "the worker was never seen running after its first checkpoint"
+    assert proc.returncode == 0, output[-4000:]
+    result = json.loads((tmp_path / "runs" / "kill" / "hooli" / "result.json").read_text())
+    assert result["resumed_from_step"] is not None and 5 <= result["resumed_from_step"] < 40
+    assert result["steps"] == 40
+
+    # The same job, uninterrupted, in this process (one thread, like the Ray worker).
+    job = load_spec(spec).job("hooli").model_copy(update={"output_dir": str(tmp_path / "straight")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
+    finally:
+        torch.set_num_threads(threads)
+    a = load_file(str(Path(straight.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "kill" / "hooli" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff
