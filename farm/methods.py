@@ -44,6 +44,15 @@ class LoraSettings(StrictModel):
         return value
 
 
+#: Module names vLLM can put a LoRA on, per base architecture (from vLLM's model classes:
+#: packed qkv / gate_up projections are addressed by their original names).
+VLLM_LORA_TARGETS: dict[str, frozenset[str]] = {
+    arch: frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                     "embed_tokens", "lm_head"})
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+}
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """What the farm knows about one PEFT method."""
@@ -52,6 +61,10 @@ class MethodInfo:
     settings: type[StrictModel]
     to_peft_config: Callable[[StrictModel], object]
     summary: str
+    #: PEFT's ``peft_type`` in a saved adapter_config.json
+    peft_type: str = ""
+    #: why vLLM cannot serve an adapter of this method with this config (None: it can)
+    vllm_blocker: Callable[[dict, str | None], str | None] = lambda config, arch: "vLLM serves LoRA adapters only"
 
 
 def _lora_config(settings: LoraSettings):
@@ -67,9 +80,42 @@ def _lora_config(settings: LoraSettings):
     )
 
 
+def _lora_vllm_blocker(config: dict, architecture: str | None) -> str | None:
+    """The first reason vLLM would refuse this LoRA adapter, or None (see FIELD-NOTES)."""
+    rank = config.get("r")
+    if rank not in VLLM_LORA_RANKS:
+        return f"rank {rank} is not one vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))})"
+    if config.get("bias", "none") != "none":
+        return f"bias is {config.get('bias')!r}; vLLM needs 'none'"
+    if config.get("modules_to_save"):
+        return f"modules_to_save {config['modules_to_save']} is not supported by vLLM"
+    if config.get("use_dora"):
+        return "DoRA adapters are not supported by vLLM"
+    if architecture not in VLLM_LORA_TARGETS:
+        return f"base architecture {architecture!r} is not in the farm's table of vLLM LoRA targets"
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return f"target_modules is a pattern ({targets!r}); vLLM needs explicit module names"
+    # PEFT saves "all-linear" as full module paths (model.layers.0.mlp.down_proj); vLLM
+    # matches on the last component.
+    unsupported = sorted({t.rsplit(".", 1)[-1] for t in targets} - VLLM_LORA_TARGETS[architecture])
+    if unsupported:
+        return f"target modules {unsupported} are not LoRA-capable in vLLM for {architecture}"
+    return None
+
+
 METHODS: dict[str, MethodInfo] = {
-    "lora": MethodInfo("lora", LoraSettings, _lora_config, "low-rank update of linear layers"),
+    "lora": MethodInfo("lora", LoraSettings, _lora_config, "low-rank update of linear layers",
+                       peft_type="LORA", vllm_blocker=_lora_vllm_blocker),
 }
+
+
+def method_for_peft_type(peft_type: str, config: dict) -> MethodInfo | None:
+    """The registry entry of a saved adapter's ``peft_type`` (None when the farm has none)."""
+    for info in METHODS.values():
+        if info.peft_type == peft_type:
+            return info
+    return None
 
 MethodName = Literal["lora"]
 

@@ -25,6 +25,7 @@ class TenantOutcome:
     eval_loss_after: float | None = None
     adapter_bytes: int = 0
     adapter_dir: str | None = None
+    serve_name: str | None = None            # the registry version, once published
     error: str | None = None
     resumed_from_step: int | None = None
     first_step_delay_s: float | None = None   # from submission to the first training step
@@ -60,13 +61,15 @@ def _size(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
 
-_COLUMNS = ("tenant", "status", "steps", "tokens", "wall s", "eval before", "eval after", "adapter", "error")
+_COLUMNS = ("tenant", "status", "steps", "tokens", "wall s", "eval before", "eval after", "adapter",
+            "registry", "error")
 
 
 def _cells(o: TenantOutcome) -> list[str]:
     return [o.tenant, o.status, str(o.steps or ""), f"{o.tokens:,}" if o.tokens else "",
             f"{o.wall_seconds:.1f}" if o.wall_seconds else "", _fmt(o.eval_loss_before),
-            _fmt(o.eval_loss_after), _size(o.adapter_bytes) if o.adapter_bytes else "", o.error or ""]
+            _fmt(o.eval_loss_after), _size(o.adapter_bytes) if o.adapter_bytes else "", o.serve_name or "",
+            o.error or ""]
 
 
 def print_report(report: SweepReport, console: Console | None = None) -> None:

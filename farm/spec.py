@@ -116,7 +116,7 @@ class ResourceSpec(StrictModel):
 class RegistrySpec(StrictModel):
     """Where finished adapters are published."""
 
-    store: str = Field("registry", description="store root: a local folder or s3://bucket/prefix")
+    store: str = Field(..., description="store root: a local folder or s3://bucket/prefix")
     catalog: Optional[str] = Field(None, description="SQLAlchemy URL; default: SQLite file inside a local store")
 
 
@@ -127,9 +127,17 @@ class TenantEntry(StrictModel):
 
     name: str
     data: dict[str, Any]
+    adapter: Optional[str] = None
     method: Optional[str] = None
     lora: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("adapter")
+    @classmethod
+    def _valid_adapter(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a valid adapter name (pattern {NAME_PATTERN.pattern})")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -145,7 +153,7 @@ class SweepSpec(StrictModel):
     name: str = Field(..., description="sweep name, used as the default sweep id")
     base_model: BaseModelSpec
     output_dir: str = Field("runs", description="where sweeps write adapters, checkpoints and reports")
-    registry: Optional[RegistrySpec] = None
+    registry: Optional[RegistrySpec] = Field(None, description="publish finished adapters here (none: output folder only)")
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     defaults: JobSettings = Field(default_factory=JobSettings)
     tenants: list[TenantEntry] = Field(..., min_length=1)
@@ -173,6 +181,7 @@ class TenantJob(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     tenant: str
+    adapter: str = Field(..., description="adapter name in the registry (default: the sweep's name)")
     base_model: BaseModelSpec
     settings: JobSettings
     output_dir: str = Field(..., description="this tenant's folder inside the sweep's output")
@@ -274,7 +283,7 @@ def parse_spec(raw: Any, source: str = "<spec>", spec_dir: Path | None = None) -
     base_model = _resolve_base_model(spec.base_model, spec_dir)
     defaults = spec.defaults.model_dump()
     for index, tenant in enumerate(spec.tenants):
-        overrides = tenant.model_dump(exclude={"name"}, exclude_defaults=True)
+        overrides = tenant.model_dump(exclude={"name", "adapter"}, exclude_defaults=True)
         overrides["data"] = tenant.data
         try:
             settings = JobSettings.model_validate(_deep_merge(defaults, overrides))
@@ -287,13 +296,16 @@ def parse_spec(raw: Any, source: str = "<spec>", spec_dir: Path | None = None) -
         data = settings.data.model_copy(update={"path": resolve_path(settings.data.path, spec_dir)})
         settings = settings.model_copy(update={"data": data})
         jobs[tenant.name] = TenantJob(
-            tenant=tenant.name, base_model=base_model, settings=settings,
+            tenant=tenant.name, adapter=tenant.adapter or spec.name, base_model=base_model, settings=settings,
             output_dir=str(Path(output_dir) / spec.name / tenant.name) if "://" not in output_dir
             else f"{output_dir.rstrip('/')}/{spec.name}/{tenant.name}",
         )
     if problems:
         raise SpecError(source, problems)
-    spec = spec.model_copy(update={"output_dir": output_dir, "base_model": base_model})
+    registry = spec.registry
+    if registry is not None:
+        registry = registry.model_copy(update={"store": resolve_path(registry.store, spec_dir)})
+    spec = spec.model_copy(update={"output_dir": output_dir, "base_model": base_model, "registry": registry})
     return ResolvedSweep(spec=spec, source=source, jobs=jobs)
 
 
@@ -356,7 +368,8 @@ def reference_markdown() -> str:
                 default = f"`{info.default}`"
             description = info.description or ""
             if model is SweepSpec and name == "tenants":
-                description = "list of `{name, data: {path, ...}}` plus any `method`/`lora`/`train` override"
+                description = ("list of `{name, data: {path, ...}}`, optional `adapter` (registry name, "
+                               "default: the sweep's name) and any `method`/`lora`/`train` override")
             lines.append(f"| `{prefix}{name}` | {annotation} | {default} | {description} |")
         lines.append("")
     return "\n".join(lines)

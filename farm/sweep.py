@@ -13,7 +13,7 @@ the same sweep id resumes interrupted tenants and skips finished ones.
 Layout of ``<output_dir>/<sweep_id>/``::
 
     <tenant>/adapter/          the final PEFT adapter (safetensors), copied by the driver
-    <tenant>/result.json       metrics of the run that produced it
+    <tenant>/result.json       metrics of the run that produced it (+ its registry serve name)
     report.json, report.md, loss_curves.png
     .ray/<tenant>/             Ray Train's run folder (checkpoints) unless --storage is given
 """
@@ -107,7 +107,35 @@ def finished_outcome(folder: Path, tenant: str) -> TenantOutcome | None:
         tenant=tenant, status="skipped", steps=result["steps"], tokens=result["tokens"],
         wall_seconds=0.0, eval_loss_before=result["eval_loss_before"],
         eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
-        adapter_dir=str(adapter), losses=[tuple(x) for x in result.get("losses", [])])
+        adapter_dir=str(adapter), serve_name=result.get("serve_name"),
+        losses=[tuple(x) for x in result.get("losses", [])])
+
+
+def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str) -> str:
+    """Publish a handed-off adapter with its metrics and lineage; returns its serve name.
+
+    The serve name is written back into ``result.json``, so a re-run does not publish twice.
+    """
+    result_file = folder / RESULT_FILE
+    result = json.loads(result_file.read_text())
+    if result.get("serve_name"):
+        return result["serve_name"]
+    metrics = {key: result[key] for key in ("eval_loss_before", "eval_loss_after", "steps", "tokens",
+                                            "train_seconds", "tokens_per_s", "trainable_params",
+                                            "peak_memory_bytes", "padding_share") if key in result}
+    info = registry.publish(
+        job.tenant, job.adapter, folder / ADAPTER_DIR, base_model=job.base_model.name_or_path,
+        metrics=metrics,
+        training={"method": job.settings.method, "lora": job.settings.lora.model_dump(),
+                  "train": job.settings.train.model_dump(), "data": job.settings.data.model_dump(),
+                  "precision": result.get("precision"), "device": result.get("device")},
+        lineage={"dataset_fingerprint": result.get("dataset_fingerprint"), "sweep_id": sweep_id,
+                 "dataset": job.settings.data.path, "resumed_from_step": result.get("resumed_from_step")})
+    result["serve_name"] = info.serve_name
+    tmp = result_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, result_file)
+    return info.serve_name
 
 
 def validate_tenants(sweep: ResolvedSweep, tenants: list[str]) -> dict[str, str]:
@@ -217,6 +245,23 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     storage = options.storage.rstrip("/") + f"/{options.sweep_id}" if options.storage else str(out / ".ray")
     resources = trainer_resources(sweep.spec.resources)
 
+    registry = None
+    if sweep.spec.registry is not None:
+        from farm.registry import open_registry
+
+        registry = open_registry(sweep.spec.registry.store, sweep.spec.registry.catalog)
+
+    def hand_off(name: str, outcome: TenantOutcome) -> None:
+        """Publish to the registry (the driver is its single writer); failures are the tenant's."""
+        if registry is None:
+            return
+        try:
+            outcome.serve_name = publish_outcome(registry, sweep.job(name), out / name, options.sweep_id)
+            console.print(f"{name}: published as {outcome.serve_name}", markup=False, highlight=False)
+        except Exception as exc:  # a refused or failed publish fails this tenant only
+            outcome.status, outcome.error = "failed", f"publish: {exc}"
+            console.print(f"{name}: publish failed: {exc}", markup=False, highlight=False)
+
     outcomes: dict[str, TenantOutcome] = {}
     pending: list[str] = []
     for name in names:
@@ -225,6 +270,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             outcomes[name] = done
             console.print(f"[cyan]{name}[/cyan]: finished in an earlier run of sweep "
                           f"{options.sweep_id}; skipped")
+            if done.serve_name is None:
+                hand_off(name, done)
         else:
             pending.append(name)
     for name, error in validate_tenants(sweep, pending).items():
@@ -272,6 +319,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                     losses=[tuple(x) for x in result["losses"]])
                 console.print(f"[green]{name}[/green]: done, eval loss "
                               f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
+                hand_off(name, outcomes[name])
             else:
                 outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
                                                error=outcome["error"])

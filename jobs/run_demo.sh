@@ -28,7 +28,8 @@ echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWE
 status=0
 ray job submit --address "http://127.0.0.1:$PORT" --working-dir . -- \
   python jobs/tenant_sweep.py --config "$SPEC" --sweep-id "$SWEEP_ID" \
-  --base-model "$ROOT/.farm/base-model" --output-dir "$ROOT/.farm/runs" || status=$?
+  --base-model "$ROOT/.farm/base-model" --output-dir "$ROOT/.farm/runs" \
+  --registry-store "$ROOT/.farm/registry" || status=$?
 
 echo
 echo "summary: $ROOT/.farm/runs/$SWEEP_ID/report.md"

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage", help="Ray Train storage root shared by all nodes (folder or s3://...)")
     parser.add_argument("--base-model", help="override base_model.name_or_path (hub id or folder)")
     parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--registry-store", help="override registry.store (folder or s3://...)")
+    parser.add_argument("--registry-catalog", help="override registry.catalog (SQLAlchemy URL)")
     parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
     return parser.parse_args(argv)
 
@@ -41,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides["base_model"] = {"name_or_path": str(local.resolve()) if local.exists() else args.base_model}
     if args.output_dir:
         overrides["output_dir"] = args.output_dir if "://" in args.output_dir else str(Path(args.output_dir).resolve())
+    if args.registry_store or args.registry_catalog:
+        overrides["registry"] = {}
+        if args.registry_store:
+            store = args.registry_store
+            overrides["registry"]["store"] = store if "://" in store else str(Path(store).resolve())
+        if args.registry_catalog:
+            overrides["registry"]["catalog"] = args.registry_catalog
     try:
         sweep = load_spec(args.config, overrides)
     except SpecError as exc:

@@ -6,7 +6,7 @@
 The same K tenants of the spec, each trained for ``--steps`` optimizer steps, go through
 
   (a) ray-sweep   ``python jobs/tenant_sweep.py`` on a spec written for the run (those tenants,
-                  those steps, a temporary output folder), with ``--max-concurrent`` left at its
+                  those steps, a temporary output folder, no registry), with ``--max-concurrent`` at its
                   default (every tenant submitted at once; the cluster's CPUs decide how many
                   train side by side). It joins a running Ray cluster or starts a local one.
   (b) plain-loop  one fresh Python process (this script, re-invoked with the hidden ``--child``
@@ -143,6 +143,8 @@ def write_sweep_spec(spec_path: str, tenants: list[str], steps: int, output_dir:
     if name_or_path.startswith(("./", "../", "/", "~")) or (source.parent / name_or_path).is_dir():
         raw["base_model"]["name_or_path"] = absolute(name_or_path)
     raw["output_dir"] = str(output_dir)
+    # Publishing to a registry is not part of the comparison: the plain loop does not publish.
+    raw.pop("registry", None)
     target.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return target
 

@@ -34,7 +34,8 @@ def _spec(tmp_path: Path, base_model_dir: Path, tenants: list[dict], **train) ->
     defaults["train"].update(train)
     raw = {"name": "e2e", "base_model": {"name_or_path": str(base_model_dir)},
            "output_dir": str(tmp_path / "runs"), "defaults": defaults,
-           "resources": {"workers": 1, "cpus_per_worker": 1, "max_retries": 2}, "tenants": tenants}
+           "resources": {"workers": 1, "cpus_per_worker": 1, "max_retries": 2}, "tenants": tenants,
+           "registry": {"store": str(tmp_path / "registry")}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -71,6 +72,18 @@ def test_sweep_isolates_a_bad_tenant_reports_and_does_not_retrain(tmp_path, base
     # live progress reached the job's log, per tenant
     assert "[hooli] step" in first.stdout and "tok/s" in first.stdout and "eta" in first.stdout
 
+    # the driver published each trained adapter, with metrics and lineage
+    from farm.registry import open_registry
+
+    registry = open_registry(str(tmp_path / "registry"))
+    for name in ("hooli", "globex"):
+        assert by_name[name]["serve_name"] == f"{name}.e2e.v1"
+        info = registry.resolve(f"{name}.e2e@latest")
+        assert info.servable_by_vllm, info.not_servable_reason
+        assert info.metrics["eval_loss_after"] == by_name[name]["eval_loss_after"]
+        assert info.lineage["sweep_id"] == "s1" and len(info.lineage["dataset_fingerprint"]) == 64
+        assert info.base_model == str(base_model_dir)
+
     stamps = {n: (out / n / "result.json").stat().st_mtime_ns for n in ("hooli", "globex")}
     again = _run(["--config", str(spec), "--sweep-id", "s1", "--tenants", "hooli,globex"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -78,6 +91,7 @@ def test_sweep_isolates_a_bad_tenant_reports_and_does_not_retrain(tmp_path, base
     assert [t["status"] for t in report["tenants"]] == ["skipped", "skipped"]
     assert "submitted" not in again.stdout  # no trainer was launched
     assert stamps == {n: (out / n / "result.json").stat().st_mtime_ns for n in ("hooli", "globex")}
+    assert registry.search()[1] == 2  # nothing published twice
 
 
 def _train_workers(root_pid: int) -> list:

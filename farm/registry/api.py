@@ -1,0 +1,651 @@
+"""The registry's HTTP query API (FastAPI): search, read, download, alias, publish, archive.
+
+    app = create_app(open_registry(".farm/registry"))
+    serve(registry, host="127.0.0.1", port=8700)          # or: farm registry serve
+
+Every route but ``/healthz``, ``/metrics``, ``/docs`` and ``/openapi.json`` needs
+``Authorization: Bearer <token>`` (tokens come from ``farm registry token create``). An admin
+token sees every tenant; a tenant token sees only its own tenant, which always comes from the
+token and never from the URL: another tenant's adapter answers 404 with the same body as a
+missing one. Every error is JSON ``{"detail": "..."}``.
+
+Uploads are streamed to a temporary folder (multipart parts are spooled to disk), the body is
+counted as it arrives and refused with 413 past the limit, file names are checked to be plain
+names before anything is written, and the version is then validated and published by
+``Registry.publish`` (422 with the reason when refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from farm.registry import validate
+from farm.registry.catalog import Principal
+from farm.registry.core import NotFound, Registry
+from farm.registry.names import NameError_, Ref, check_name, parse_ref, serve_name
+from farm.registry.validate import PublishError
+
+DEFAULT_MAX_UPLOAD_BYTES = 2 * 2**30   # a whole publish request (all files together)
+MAX_JSON_BODY_BYTES = 64 * 2**10       # every other request body (alias updates)
+TOKEN_CACHE_SECONDS = 5.0
+MAX_VERSION = 999_999_999              # serve names allow up to nine digits
+_PUBLISH_PATH = re.compile(r"^/v1/adapters/[^/]+/[^/]+/versions/?$")
+_METRIC_FILTER = re.compile(r"^(?P<name>[^<>=]+?)\s*(?P<op><=|>=|<|>|=)\s*(?P<value>\S.*)$")
+
+
+# -- response models (they are what /docs and /openapi.json describe) -------------------------
+class FileEntry(BaseModel):
+    sha256: str
+    size: int
+
+
+class VersionOut(BaseModel):
+    tenant: str
+    adapter: str
+    version: int
+    serve_name: str
+    base_model: str
+    method: str
+    rank: int | None
+    servable_by_vllm: bool
+    not_servable_reason: str | None
+    status: str
+    created_at: str
+    size_bytes: int
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+    training: dict[str, Any]
+    method_settings: dict[str, Any]
+    files: dict[str, FileEntry]
+    aliases: list[str]
+
+
+class VersionList(BaseModel):
+    items: list[VersionOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class AliasBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(..., ge=1, le=MAX_VERSION, description="version number the alias points at")
+
+
+class AliasOut(BaseModel):
+    alias: str
+    version: int
+    previous: int | None
+    serve_name: str
+
+
+class GcOut(BaseModel):
+    removed: list[str]
+    dry_run: bool
+
+
+class ReindexOut(BaseModel):
+    versions: int
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+_ERRORS = {401: {"model": ErrorOut, "description": "missing or unknown token"},
+           404: {"model": ErrorOut, "description": "no such version, or one this token may not see"},
+           422: {"model": ErrorOut, "description": "invalid name, reference or parameter"}}
+
+
+# -- helpers shared with the CLI ----------------------------------------------------------------
+def parse_metric_filter(text: str) -> tuple[str, str, float]:
+    """``eval_loss<=3.5`` -> ``("eval_loss", "<=", 3.5)``; ``ValueError`` when malformed."""
+    match = _METRIC_FILTER.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"metric filter {text!r}: use NAME<op>VALUE with op one of <, <=, >, >=, =")
+    name = match.group("name").strip()
+    try:
+        value = float(match.group("value"))
+    except ValueError:
+        raise ValueError(f"metric filter {text!r}: {match.group('value')!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"metric filter {text!r}: the value must be a finite number")
+    _check_text("metric name", name, 100)
+    return name, match.group("op"), value
+
+
+def _check_text(field: str, value: str, max_len: int) -> str:
+    """Free text that reaches SQL: bounded, no control characters, encodable as UTF-8."""
+    if len(value) > max_len:
+        raise ValueError(f"{field}: at most {max_len} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{field}: control characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field}: not valid UTF-8 text") from None
+    return value
+
+
+def _check_json_value(field: str, value: Any, depth: int = 0) -> None:
+    """JSON that is stored and echoed: finite numbers, UTF-8 strings, bounded nesting."""
+    if depth > 32:
+        raise ValueError(f"{field}: nested too deeply")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise ValueError(f"{field}: numbers must be finite and below 1e308")
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{field}: strings must be valid UTF-8") from None
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_json_value(field, item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_value(field, key, depth + 1)
+            _check_json_value(f"{field}.{key}", item, depth + 1)
+        return
+    raise ValueError(f"{field}: unsupported value {type(value).__name__}")
+
+
+def _json_object(field: str, raw: str | None) -> dict:
+    if raw is None or raw == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{field}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field}: expected a JSON object")
+    _check_json_value(field, value)
+    return value
+
+
+def _utc(value: datetime | None, field: str) -> datetime | None:
+    """Naive times are taken as UTC; aware ones are converted to UTC (the catalog's zone)."""
+    if value is None:
+        return None
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise ValueError(f"{field}: out of range") from None
+
+
+def _not_found(what: str) -> HTTPException:
+    # The body names only what the caller asked for, so "missing" and "another tenant's"
+    # cannot be told apart.
+    return HTTPException(status_code=404, detail=f"not found: {what}")
+
+
+def _unprocessable(message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=message)
+
+
+class _TokenCache:
+    """token hash -> principal for a few seconds (only hits are kept, so the cache stays small)."""
+
+    def __init__(self, registry: Registry, ttl_s: float, max_entries: int = 4096):
+        self.registry, self.ttl_s, self.max_entries = registry, ttl_s, max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, token: str) -> Principal | None:
+        if not token or len(token) > 512:
+            return None
+        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        principal = self.registry.catalog.principal(token)
+        if principal is not None and self.ttl_s > 0:
+            with self._lock:
+                if len(self._entries) >= self.max_entries:
+                    self._entries.clear()
+                self._entries[key] = (now + self.ttl_s, principal)
+        return principal
+
+
+class _Guard:
+    """Pure ASGI middleware: request-body size limit (413) and Prometheus request metrics."""
+
+    def __init__(self, app, *, upload_limit: int, body_limit: int, metrics: dict):
+        self.app, self.upload_limit, self.body_limit, self.metrics = app, upload_limit, body_limit, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500}
+        publish = scope.get("method") == "POST" and bool(_PUBLISH_PATH.match(scope.get("path", "")))
+        limit = self.upload_limit if publish else self.body_limit
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            length = None
+            for key, value in scope.get("headers", []):
+                if key == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        length = None
+            if length is not None and length > limit:
+                response = JSONResponse({"detail": f"request body over the limit of {limit} bytes"},
+                                        status_code=413, headers={"Connection": "close"})
+                await response(scope, receive, send_status)
+                return
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise HTTPException(status_code=413,
+                                            detail=f"request body over the limit of {limit} bytes")
+                return message
+
+            await self.app(scope, limited_receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics["requests"].labels(method, template, str(status["code"])).inc()
+            self.metrics["latency"].labels(method, template).observe(time.perf_counter() - started)
+
+
+# -- the application ----------------------------------------------------------------------------
+def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               token_cache_s: float = TOKEN_CACHE_SECONDS) -> FastAPI:
+    """The query API over ``registry`` (one app per registry; metrics are per app)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    app = FastAPI(title="Adapter farm registry", version="1",
+                  description="Query, download, alias and publish adapter versions. "
+                              "Bearer tokens: admin, or one tenant (sees only itself).")
+    app.state.registry = registry
+    tokens = _TokenCache(registry, token_cache_s)
+    bearer = HTTPBearer(auto_error=False, description="farm registry token (farm registry token create)")
+
+    prom = CollectorRegistry(auto_describe=True)
+    metrics = {
+        "requests": Counter("farm_registry_requests", "HTTP requests by route template and status",
+                            ["method", "route", "status"], registry=prom),
+        "latency": Histogram("farm_registry_request_seconds", "HTTP request latency",
+                             ["method", "route"], registry=prom),
+    }
+    versions_gauge = Gauge("farm_registry_versions", "versions in the catalog (all statuses)", registry=prom)
+
+    def _count_versions() -> float:
+        try:
+            return float(registry.catalog.stats()["versions"] or 0)
+        except Exception:  # a scrape must not fail because the catalog is briefly unavailable
+            return float("nan")
+
+    versions_gauge.set_function(_count_versions)
+    app.add_middleware(_Guard, upload_limit=max_upload_bytes, body_limit=MAX_JSON_BODY_BYTES, metrics=metrics)
+
+    # -- errors: always {"detail": "..."} --------------------------------------------------------
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException is a subclass
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for error in exc.errors():
+            loc = ".".join(str(part) for part in error.get("loc", ()))
+            parts.append(f"{loc}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(NameError_)
+    async def _name_error(request: Request, exc: NameError_):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(PublishError)
+    async def _publish_error(request: Request, exc: PublishError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    # -- auth ------------------------------------------------------------------------------------
+    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        found = tokens.lookup(credentials.credentials) if credentials is not None else None
+        if found is None:
+            raise HTTPException(status_code=401, detail="missing or unknown bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    def admin(who: Principal = Depends(principal)) -> Principal:
+        if not who.is_admin:
+            raise HTTPException(status_code=403, detail="this route needs an admin token")
+        return who
+
+    def may_write(who: Principal, tenant: str, what: str) -> None:
+        if not who.is_admin and who.tenant != tenant:
+            raise _not_found(what)
+
+    def resolve(ref: str, who: Principal):
+        try:
+            return registry.resolve(ref, who)
+        except NotFound:
+            raise _not_found(ref) from None
+
+    def serve_ref(ref: str) -> Ref:
+        parsed = parse_ref(ref)
+        if parsed.version is None:
+            raise _unprocessable(f"{ref!r}: use a serve name (tenant.adapter.vN), not an alias reference")
+        return parsed
+
+    # -- unauthenticated ---------------------------------------------------------------------------
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}})
+    def prometheus() -> Response:
+        return Response(generate_latest(prom), media_type=CONTENT_TYPE_LATEST)
+
+    # -- versions ----------------------------------------------------------------------------------
+    @app.get("/v1/versions", response_model=VersionList, tags=["versions"], responses=_ERRORS)
+    def list_versions(
+        who: Principal = Depends(principal),
+        tenant: str | None = Query(None, description="admin only; a tenant token always sees itself"),
+        adapter: str | None = Query(None),
+        base_model: str | None = Query(None, max_length=500),
+        method: str | None = Query(None, max_length=32),
+        servable: bool | None = Query(None, description="servable by vLLM"),
+        alias: str | None = Query(None),
+        sweep_id: str | None = Query(None, max_length=200),
+        status: Literal["active", "archived", "any"] = Query("active"),
+        metric: list[str] = Query([], description="repeatable: NAME<op>VALUE, e.g. eval_loss<=3.5"),
+        created_after: datetime | None = Query(None),
+        created_before: datetime | None = Query(None),
+        sort: str = Query("-created_at", max_length=120,
+                          description="created_at, version or metric:<name>; '-' for descending"),
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0, le=10**9),
+    ) -> dict:
+        """Search versions with filters, sorting and pagination (total counts every match)."""
+        try:
+            for kind, value in (("tenant", tenant), ("adapter", adapter), ("alias", alias)):
+                if value is not None:
+                    check_name(kind, value)
+            for field, value in (("base_model", base_model), ("method", method), ("sweep_id", sweep_id),
+                                 ("sort", sort)):
+                if value is not None:
+                    _check_text(field, value, 500)
+            filters = dict(
+                tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable,
+                alias=alias, sweep_id=sweep_id, status=None if status == "any" else status,
+                metric_filters=[parse_metric_filter(m) for m in metric],
+                created_after=_utc(created_after, "created_after"),
+                created_before=_utc(created_before, "created_before"),
+                sort=sort, limit=limit, offset=offset)
+            items, total = registry.search(who, **filters)
+        except ValueError as exc:  # NameError_, bad filter, bad sort
+            raise _unprocessable(str(exc)) from None
+        return {"items": [item.to_dict() for item in items], "total": total, "limit": limit, "offset": offset}
+
+    @app.get("/v1/versions/{ref}", response_model=VersionOut, tags=["versions"], responses=_ERRORS)
+    def get_version(ref: str = PathParam(..., max_length=200, description="tenant.adapter.vN or tenant.adapter@alias"),
+                    who: Principal = Depends(principal)) -> dict:
+        """One version by serve name or alias reference."""
+        return resolve(ref, who).to_dict()
+
+    @app.get("/v1/versions/{ref}/files/{name}", tags=["versions"], response_class=StreamingResponse,
+             responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}},
+                                         "description": "the file, streamed"}})
+    async def download_file(ref: str = PathParam(..., max_length=200), name: str = PathParam(..., max_length=200),
+                            who: Principal = Depends(principal)):
+        """Stream one file of a version; ``X-Content-SHA256`` carries its manifest digest."""
+        info = await run_in_threadpool(resolve, ref, who)
+        entry = info.files.get(name)
+        if entry is None:
+            raise _not_found(f"{ref}/{name}")
+
+        def first_chunk():
+            chunks = registry.iter_file(info, name)
+            try:
+                return chunks, next(chunks, b"")
+            except (FileNotFoundError, OSError):
+                raise _not_found(f"{ref}/{name}") from None
+
+        chunks, first = await run_in_threadpool(first_chunk)
+
+        def body():
+            if first:
+                yield first
+            yield from chunks
+
+        return StreamingResponse(body(), media_type="application/octet-stream", headers={
+            "Content-Length": str(entry["size"]), "X-Content-SHA256": entry["sha256"],
+            "Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.post("/v1/versions/{ref}/archive", response_model=VersionOut, tags=["lifecycle"], responses=_ERRORS)
+    def archive_version(ref: str = PathParam(..., max_length=200), who: Principal = Depends(principal)) -> dict:
+        """Hide a version from default searches and drop its aliases (files stay)."""
+        parsed = serve_ref(ref)
+        try:
+            registry.archive(parsed.tenant, parsed.adapter, parsed.version, who)
+            return registry.get(parsed.tenant, parsed.adapter, parsed.version, principal=who).to_dict()
+        except NotFound:
+            raise _not_found(ref) from None
+
+    @app.delete("/v1/versions/{ref}", status_code=204, response_class=Response, tags=["lifecycle"],
+                responses=_ERRORS)
+    def delete_version(ref: str = PathParam(..., max_length=200), who: Principal = Depends(principal)) -> Response:
+        """Delete a version; its number is never reused."""
+        parsed = serve_ref(ref)
+        try:
+            registry.delete(parsed.tenant, parsed.adapter, parsed.version, who)
+        except NotFound:
+            raise _not_found(ref) from None
+        return Response(status_code=204)
+
+    # -- aliases -----------------------------------------------------------------------------------
+    @app.put("/v1/adapters/{tenant}/{adapter}/aliases/{alias}", response_model=AliasOut, tags=["aliases"],
+             responses=_ERRORS)
+    def set_alias(body: AliasBody, tenant: str = PathParam(..., max_length=63),
+                  adapter: str = PathParam(..., max_length=63), alias: str = PathParam(..., max_length=63),
+                  who: Principal = Depends(principal)) -> dict:
+        """Point (or move) an alias at a version; answers the version it pointed at before."""
+        check_name("tenant", tenant), check_name("adapter", adapter), check_name("alias", alias)
+        what = serve_name(tenant, adapter, body.version)
+        may_write(who, tenant, what)
+        try:
+            previous, number = registry.set_alias(tenant, adapter, alias, body.version, who)
+        except NotFound:
+            raise _not_found(what) from None
+        return {"alias": alias, "version": number, "previous": previous,
+                "serve_name": serve_name(tenant, adapter, number)}
+
+    @app.delete("/v1/adapters/{tenant}/{adapter}/aliases/{alias}", status_code=204, response_class=Response,
+                tags=["aliases"], responses=_ERRORS)
+    def delete_alias(tenant: str = PathParam(..., max_length=63), adapter: str = PathParam(..., max_length=63),
+                     alias: str = PathParam(..., max_length=63), who: Principal = Depends(principal)) -> Response:
+        """Remove an alias (the version stays)."""
+        check_name("tenant", tenant), check_name("adapter", adapter), check_name("alias", alias)
+        what = f"{tenant}.{adapter}@{alias}"
+        may_write(who, tenant, what)
+        try:
+            registry.delete_alias(tenant, adapter, alias, who)
+        except NotFound:
+            raise _not_found(what) from None
+        return Response(status_code=204)
+
+    # -- publish -----------------------------------------------------------------------------------
+    publish_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files", "base_model"],
+        "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": f"{validate.CONFIG_FILE}, {validate.WEIGHTS_FILE}, optionally README.md"},
+            "base_model": {"type": "string", "description": "base model the adapter was trained on"},
+            "base_architecture": {"type": "string", "description": "e.g. LlamaForCausalLM (for servability)"},
+            "metrics": {"type": "string", "description": "JSON object, e.g. {\"eval_loss\": 1.2}"},
+            "training": {"type": "string", "description": "JSON object"},
+            "lineage": {"type": "string", "description": "JSON object (sweep_id, dataset_fingerprint, ...)"},
+            "aliases": {"type": "string", "description": "comma-separated aliases to point here (default latest)"},
+        }}}}}}
+
+    @app.post("/v1/adapters/{tenant}/{adapter}/versions", status_code=201, response_model=VersionOut,
+              tags=["versions"], openapi_extra=publish_body,
+              responses={**_ERRORS, 413: {"model": ErrorOut, "description": "upload over the size limit"}})
+    async def publish(request: Request, tenant: str = PathParam(..., max_length=63),
+                      adapter: str = PathParam(..., max_length=63), who: Principal = Depends(principal)) -> dict:
+        """Publish an adapter folder (multipart upload) as the next version of tenant/adapter."""
+        check_name("tenant", tenant), check_name("adapter", adapter)
+        may_write(who, tenant, f"{tenant}.{adapter}")
+        # The body is read only now, after the token was checked; the guard middleware counts it.
+        form = await request.form(max_files=8, max_fields=16, max_part_size=1 << 20)
+        folder = None
+        try:
+            uploads: dict[str, UploadFile] = {}
+            fields: dict[str, str] = {}
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    name = value.filename or ""
+                    if name in uploads:
+                        raise _unprocessable(f"{name!r}: uploaded twice")
+                    uploads[name] = value
+                elif key in fields:
+                    raise _unprocessable(f"form field {key!r} given twice")
+                else:
+                    fields[key] = value
+            try:
+                # names (plain names, no pickles, only adapter files) and sizes, before writing anything
+                validate.validate_files({name: upload.size or 0 for name, upload in uploads.items()},
+                                        max_upload_bytes)
+                base_model = _check_text("base_model", fields.get("base_model") or "", 500)
+                if not base_model:
+                    raise ValueError("base_model: required")
+                base_architecture = fields.get("base_architecture") or None
+                if base_architecture is not None:
+                    _check_text("base_architecture", base_architecture, 200)
+                metrics = _json_object("metrics", fields.get("metrics"))
+                for key in metrics:
+                    _check_text("metric name", key, 100)
+                training = _json_object("training", fields.get("training"))
+                lineage = _json_object("lineage", fields.get("lineage"))
+                for key, max_len in (("sweep_id", 200), ("dataset_fingerprint", 64)):
+                    if lineage.get(key) is not None:
+                        if not isinstance(lineage[key], str):
+                            raise ValueError(f"lineage.{key}: must be a string")
+                        _check_text(f"lineage.{key}", lineage[key], max_len)
+                raw_aliases = fields.get("aliases")
+                aliases = tuple(a.strip() for a in (raw_aliases if raw_aliases is not None else "latest").split(",")
+                                if a.strip())
+                for alias in aliases:
+                    check_name("alias", alias)
+            except ValueError as exc:  # PublishError and NameError_ are ValueErrors too
+                raise _unprocessable(str(exc)) from None
+
+            def save_and_publish():
+                nonlocal folder
+                folder = Path(tempfile.mkdtemp(prefix="farm-upload-"))
+                paths = {}
+                for name, upload in uploads.items():
+                    if Path(name).name != name or name in ("", ".", ".."):  # validate_files already refused these
+                        raise _unprocessable(f"{name!r}: file names must be plain names")
+                    path = folder / name
+                    upload.file.seek(0)
+                    with path.open("xb") as out:
+                        shutil.copyfileobj(upload.file, out, 1 << 20)
+                    paths[name] = path
+                _check_config_bounds(paths[validate.CONFIG_FILE])
+                return registry.publish(tenant, adapter, paths, base_model=base_model,
+                                        base_architecture=base_architecture, metrics=metrics, training=training,
+                                        lineage=lineage, aliases=aliases, max_file_bytes=max_upload_bytes)
+
+            try:
+                info = await run_in_threadpool(save_and_publish)
+            except (PublishError, NameError_) as exc:
+                raise _unprocessable(str(exc)) from None
+            except FileExistsError as exc:
+                raise HTTPException(status_code=409, detail=str(exc)) from None
+            return info.to_dict()
+        finally:
+            await form.close()
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # -- admin -------------------------------------------------------------------------------------
+    @app.post("/v1/admin/gc", response_model=GcOut, tags=["admin"],
+              responses={**_ERRORS, 403: {"model": ErrorOut, "description": "not an admin token"}})
+    def gc(older_than_s: float = Query(3600.0, ge=0, le=10**9), dry_run: bool = Query(False),
+           who: Principal = Depends(admin)) -> dict:
+        """Remove incomplete folders left by crashed publishes."""
+        return {"removed": registry.gc(older_than_s=older_than_s, dry_run=dry_run), "dry_run": dry_run}
+
+    @app.post("/v1/admin/reindex", response_model=ReindexOut, tags=["admin"],
+              responses={**_ERRORS, 403: {"model": ErrorOut, "description": "not an admin token"}})
+    def reindex(who: Principal = Depends(admin)) -> dict:
+        """Rebuild the catalog's versions from the store's manifests."""
+        return {"versions": registry.reindex()}
+
+    return app
+
+
+def _check_config_bounds(path: Path) -> None:
+    """Refuse numbers the catalog's integer columns cannot hold (``check_config`` checks the rest)."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PublishError(f"{validate.CONFIG_FILE}: not valid JSON ({exc})") from None
+    if isinstance(config, dict):
+        rank = config.get("r")
+        if isinstance(rank, int) and not isinstance(rank, bool) and not 1 <= rank <= 2**31 - 1:
+            raise PublishError(f"{validate.CONFIG_FILE}: field 'r' out of range ({rank})")
+        try:
+            _check_json_value(validate.CONFIG_FILE, config)
+        except ValueError as exc:
+            raise PublishError(str(exc)) from None
+
+
+def serve(registry: Registry, host: str = "127.0.0.1", port: int = 8700, *,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, log_level: str = "info") -> None:
+    """Run the API with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(registry, max_upload_bytes=max_upload_bytes), host=host, port=port,
+                log_level=log_level)

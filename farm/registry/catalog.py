@@ -1,0 +1,407 @@
+"""The registry's catalog: tenants, adapters, versions, aliases and API tokens in SQL.
+
+SQLAlchemy over a SQLite file (the embedded default) or PostgreSQL (by URL, for a cluster).
+A version row is inserted only after its files are complete in the store, so the catalog
+never shows a half-written version. Version numbers are allocated as max+1 under a unique
+constraint (a reservation row per number) and retried on conflict, so concurrent publishers
+of one adapter get distinct numbers. Tokens are stored as sha256 hashes only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, func, select)
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TenantRow(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdapterRow(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    tenant: Mapped[TenantRow] = relationship()
+
+
+class NumberRow(Base):
+    """Allocated version numbers (a number is never reused, even if its publish failed)."""
+
+    __tablename__ = "version_numbers"
+    __table_args__ = (UniqueConstraint("adapter_id", "number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("adapter_id", "number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    serve_name: Mapped[str] = mapped_column(String(200), unique=True, index=True)
+    base_model: Mapped[str] = mapped_column(String(500), index=True)
+    method: Mapped[str] = mapped_column(String(32), index=True)
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    servable_by_vllm: Mapped[bool] = mapped_column(Boolean, index=True)
+    not_servable_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sweep_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    dataset_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | archived
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    manifest: Mapped[dict] = mapped_column(JSON)
+    adapter: Mapped[AdapterRow] = relationship()
+
+
+class MetricRow(Base):
+    """One numeric metric of a version, in its own row so SQL can filter and sort on it."""
+
+    __tablename__ = "version_metrics"
+    __table_args__ = (UniqueConstraint("version_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    value: Mapped[float] = mapped_column(Float)
+
+
+class AliasRow(Base):
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("adapter_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TokenRow(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    tenant: Mapped[str | None] = mapped_column(String(63), nullable=True)  # None: admin
+    label: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an admin, or one tenant (which it sees only itself)."""
+
+    tenant: str | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.tenant is None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def make_engine(url: str):
+    """An engine for ``url``; SQLite gets WAL and a busy timeout for concurrent writers."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Catalog:
+    """SQL side of the registry. Methods open their own short transactions."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # -- tenants and adapters ----------------------------------------------------------------
+    def _get_or_create(self, session: Session, tenant: str, adapter: str) -> AdapterRow:
+        for _ in range(5):
+            tenant_row = session.scalar(select(TenantRow).where(TenantRow.name == tenant))
+            if tenant_row is None:
+                try:
+                    with session.begin_nested():
+                        tenant_row = TenantRow(name=tenant)
+                        session.add(tenant_row)
+                except IntegrityError:
+                    continue  # another publisher created it: read it again
+            row = session.scalar(select(AdapterRow).where(AdapterRow.tenant_id == tenant_row.id,
+                                                          AdapterRow.name == adapter))
+            if row is not None:
+                return row
+            try:
+                with session.begin_nested():
+                    row = AdapterRow(tenant_id=tenant_row.id, name=adapter)
+                    session.add(row)
+                return row
+            except IntegrityError:
+                continue
+        raise RuntimeError(f"could not create {tenant}/{adapter} under concurrent publishers")
+
+    def reserve_number(self, tenant: str, adapter: str) -> int:
+        """Allocate the next version number of ``tenant/adapter`` (max + 1, retried on conflict)."""
+        for attempt in range(50):
+            try:
+                with self.sessions.begin() as session:
+                    row = self._get_or_create(session, tenant, adapter)
+                    top = session.scalar(select(func.max(NumberRow.number)).where(NumberRow.adapter_id == row.id))
+                    number = (top or 0) + 1
+                    session.add(NumberRow(adapter_id=row.id, number=number))
+                return number
+            except (IntegrityError, OperationalError):
+                # a concurrent publisher took this number (or SQLite was busy): try the next
+                if attempt == 49:
+                    raise
+        raise AssertionError("unreachable")
+
+    def add_version(self, tenant: str, adapter: str, number: int, manifest: dict, size_bytes: int,
+                    move_aliases: tuple[str, ...] = ("latest",)) -> None:
+        """Record a complete version (its files are already in the store) and move aliases."""
+        from farm.registry.names import serve_name
+
+        with self.sessions.begin() as session:
+            row = self._get_or_create(session, tenant, adapter)
+            version = VersionRow(
+                adapter_id=row.id, number=number, serve_name=serve_name(tenant, adapter, number),
+                base_model=manifest["base_model"], method=manifest["method"],
+                rank=manifest.get("method_settings", {}).get("r"),
+                servable_by_vllm=manifest["servable_by_vllm"],
+                not_servable_reason=manifest.get("not_servable_reason"),
+                sweep_id=manifest.get("lineage", {}).get("sweep_id"),
+                dataset_fingerprint=manifest.get("lineage", {}).get("dataset_fingerprint"),
+                size_bytes=size_bytes, manifest=manifest,
+                created_at=datetime.fromisoformat(manifest["created_at"]),
+            )
+            session.add(version)
+            session.flush()
+            for name, value in (manifest.get("metrics") or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    session.add(MetricRow(version_id=version.id, name=name, value=float(value)))
+            for alias in move_aliases:
+                self._point_alias(session, row.id, alias, version.id)
+
+    def has_version(self, tenant: str, adapter: str, number: int) -> bool:
+        with self.sessions() as session:
+            return session.scalar(self._versions().where(TenantRow.name == tenant, AdapterRow.name == adapter,
+                                                         VersionRow.number == number)) is not None
+
+    # -- queries -----------------------------------------------------------------------------
+    @staticmethod
+    def _versions():
+        return (select(VersionRow).join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
+                .join(TenantRow, AdapterRow.tenant_id == TenantRow.id))
+
+    def get_version(self, tenant: str, adapter: str, number: int | None = None,
+                    alias: str | None = None) -> VersionRow | None:
+        """One version by number or by alias (None when there is none)."""
+        with self.sessions() as session:
+            query = self._versions().where(TenantRow.name == tenant, AdapterRow.name == adapter)
+            if alias is not None:
+                query = query.join(AliasRow, AliasRow.version_id == VersionRow.id).where(AliasRow.name == alias)
+            else:
+                query = query.where(VersionRow.number == number)
+            return session.scalar(query)
+
+    def search(self, *, tenant: str | None = None, adapter: str | None = None,
+               base_model: str | None = None, method: str | None = None,
+               servable: bool | None = None, alias: str | None = None, sweep_id: str | None = None,
+               status: str | None = "active", metric_filters: list[tuple[str, str, float]] = (),
+               created_after: datetime | None = None, created_before: datetime | None = None,
+               sort: str = "-created_at", limit: int = 50, offset: int = 0) -> tuple[list[VersionRow], int]:
+        """Filtered, sorted, paginated versions and the total count before pagination.
+
+        ``metric_filters`` are ``(metric, op, value)`` with op one of ``<``, ``<=``, ``>``,
+        ``>=``, ``=``; ``sort`` is ``created_at``, ``version`` or ``metric:<name>``, with a
+        leading ``-`` for descending.
+        """
+        from sqlalchemy.orm import aliased
+
+        query = self._versions()
+        conditions = []
+        if tenant is not None:
+            conditions.append(TenantRow.name == tenant)
+        if adapter is not None:
+            conditions.append(AdapterRow.name == adapter)
+        if base_model is not None:
+            conditions.append(VersionRow.base_model == base_model)
+        if method is not None:
+            conditions.append(VersionRow.method == method)
+        if servable is not None:
+            conditions.append(VersionRow.servable_by_vllm == servable)
+        if sweep_id is not None:
+            conditions.append(VersionRow.sweep_id == sweep_id)
+        if status is not None:
+            conditions.append(VersionRow.status == status)
+        if created_after is not None:
+            conditions.append(VersionRow.created_at >= created_after)
+        if created_before is not None:
+            conditions.append(VersionRow.created_at < created_before)
+        if alias is not None:
+            query = query.join(AliasRow, AliasRow.version_id == VersionRow.id)
+            conditions.append(AliasRow.name == alias)
+        ops = {"<": "__lt__", "<=": "__le__", ">": "__gt__", ">=": "__ge__", "=": "__eq__"}
+        for index, (name, op, value) in enumerate(metric_filters):
+            if op not in ops:
+                raise ValueError(f"metric filter operator {op!r}: use one of {', '.join(ops)}")
+            metric = aliased(MetricRow, name=f"m{index}")
+            query = query.join(metric, (metric.version_id == VersionRow.id) & (metric.name == name))
+            conditions.append(getattr(metric.value, ops[op])(float(value)))
+        query = query.where(*conditions)
+        descending = sort.startswith("-")
+        key = sort.lstrip("-")
+        if key == "created_at":
+            column = VersionRow.created_at
+        elif key == "version":
+            column = VersionRow.number
+        elif key.startswith("metric:"):
+            sort_metric = aliased(MetricRow, name="sort_metric")
+            query = query.join(sort_metric, (sort_metric.version_id == VersionRow.id)
+                               & (sort_metric.name == key[len("metric:"):]))
+            column = sort_metric.value
+        else:
+            raise ValueError(f"sort {sort!r}: use created_at, version or metric:<name>, '-' for descending")
+        with self.sessions() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery()))
+            rows = session.scalars(query.order_by(column.desc() if descending else column.asc(),
+                                                  VersionRow.id.desc()).limit(limit).offset(offset)).all()
+            return list(rows), int(total or 0)
+
+    def aliases_of(self, version_id: int) -> list[str]:
+        with self.sessions() as session:
+            return sorted(session.scalars(select(AliasRow.name).where(AliasRow.version_id == version_id)))
+
+    def row_names(self, version: VersionRow) -> tuple[str, str]:
+        """(tenant, adapter) of a version row."""
+        with self.sessions() as session:
+            adapter = session.get(AdapterRow, version.adapter_id)
+            return session.get(TenantRow, adapter.tenant_id).name, adapter.name
+
+    # -- aliases -----------------------------------------------------------------------------
+    @staticmethod
+    def _point_alias(session: Session, adapter_id: int, alias: str, version_id: int) -> int | None:
+        row = session.scalar(select(AliasRow).where(AliasRow.adapter_id == adapter_id, AliasRow.name == alias))
+        previous = None
+        if row is None:
+            session.add(AliasRow(adapter_id=adapter_id, name=alias, version_id=version_id))
+        else:
+            previous = row.version_id
+            row.version_id, row.updated_at = version_id, utcnow()
+        return previous
+
+    def set_alias(self, tenant: str, adapter: str, alias: str, number: int) -> tuple[int | None, int]:
+        """Point ``alias`` at version ``number``; returns (previous number or None, number)."""
+        with self.sessions.begin() as session:
+            version = session.scalar(self._versions().where(
+                TenantRow.name == tenant, AdapterRow.name == adapter, VersionRow.number == number))
+            if version is None or version.status != "active":
+                raise KeyError(f"{tenant}.{adapter}.v{number}")
+            previous = self._point_alias(session, version.adapter_id, alias, version.id)
+            old = session.get(VersionRow, previous).number if previous else None
+            return old, number
+
+    def delete_alias(self, tenant: str, adapter: str, alias: str) -> int:
+        """Remove an alias; returns the number it pointed at. KeyError if there is none."""
+        with self.sessions.begin() as session:
+            row = session.scalar(select(AliasRow).join(AdapterRow, AliasRow.adapter_id == AdapterRow.id)
+                                 .join(TenantRow, AdapterRow.tenant_id == TenantRow.id)
+                                 .where(TenantRow.name == tenant, AdapterRow.name == adapter,
+                                        AliasRow.name == alias))
+            if row is None:
+                raise KeyError(f"{tenant}.{adapter}@{alias}")
+            number = session.get(VersionRow, row.version_id).number
+            session.delete(row)
+            return number
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def set_status(self, tenant: str, adapter: str, number: int, status: str) -> None:
+        """Archive (or re-activate) a version; archiving drops the aliases pointing at it."""
+        with self.sessions.begin() as session:
+            version = session.scalar(self._versions().where(
+                TenantRow.name == tenant, AdapterRow.name == adapter, VersionRow.number == number))
+            if version is None:
+                raise KeyError(f"{tenant}.{adapter}.v{number}")
+            version.status = status
+            if status != "active":
+                for alias in session.scalars(select(AliasRow).where(AliasRow.version_id == version.id)):
+                    session.delete(alias)
+
+    def delete_version(self, tenant: str, adapter: str, number: int) -> None:
+        """Remove a version's rows (metrics, aliases); the caller deletes its files after."""
+        with self.sessions.begin() as session:
+            version = session.scalar(self._versions().where(
+                TenantRow.name == tenant, AdapterRow.name == adapter, VersionRow.number == number))
+            if version is None:
+                raise KeyError(f"{tenant}.{adapter}.v{number}")
+            for table in (AliasRow, MetricRow):
+                for row in session.scalars(select(table).where(table.version_id == version.id)):
+                    session.delete(row)
+            session.delete(version)
+
+    def clear(self) -> None:
+        """Drop every version, alias and metric row (reindex rebuilds them); tokens stay."""
+        with self.sessions.begin() as session:
+            for table in (AliasRow, MetricRow, VersionRow):  # allocated numbers stay: never reused
+                session.query(table).delete()
+
+    def ensure_number(self, tenant: str, adapter: str, number: int) -> None:
+        """Record ``number`` as allocated (used by reindex, so new publishes never reuse it)."""
+        with self.sessions.begin() as session:
+            row = self._get_or_create(session, tenant, adapter)
+            exists = session.scalar(select(NumberRow).where(NumberRow.adapter_id == row.id,
+                                                            NumberRow.number == number))
+            if exists is None:
+                session.add(NumberRow(adapter_id=row.id, number=number))
+
+    # -- tokens ------------------------------------------------------------------------------
+    def create_token(self, tenant: str | None, label: str = "") -> str:
+        """A new API token for ``tenant`` (None: admin). Only its hash is stored."""
+        token = "farm_" + secrets.token_urlsafe(32)
+        with self.sessions.begin() as session:
+            session.add(TokenRow(token_hash=hash_token(token), tenant=tenant, label=label))
+        return token
+
+    def principal(self, token: str) -> Principal | None:
+        """Who a bearer token belongs to (None for unknown or revoked tokens)."""
+        with self.sessions() as session:
+            row = session.scalar(select(TokenRow).where(TokenRow.token_hash == hash_token(token),
+                                                        TokenRow.revoked.is_(False)))
+            return Principal(row.tenant) if row else None
+
+    def stats(self) -> dict[str, Any]:
+        with self.sessions() as session:
+            return {"tenants": session.scalar(select(func.count(TenantRow.id))),
+                    "versions": session.scalar(select(func.count(VersionRow.id)))}

@@ -1,0 +1,220 @@
+"""Python client of the registry's HTTP API (synchronous, httpx).
+
+    client = RegistryClient("http://127.0.0.1:8700", token)    # or FARM_REGISTRY_URL / FARM_REGISTRY_TOKEN
+    client.list(adapter="support", metric=["eval_loss<=3.5"], sort="metric:eval_loss")
+    client.get("acme.support@production")
+    client.download("acme.support.v3", Path("adapters/acme-support-v3"))
+    client.publish("acme", "support", Path("runs/demo/acme/adapter"), base_model="meta-llama/Llama-3.1-8B",
+                   metrics={"eval_loss": 1.2})
+
+Every non-2xx answer raises ``RegistryError(status, detail)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+CHUNK = 1 << 20
+
+
+class RegistryError(RuntimeError):
+    """The registry answered with an error status."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+def _segment(value: str) -> str:
+    return quote(str(value), safe="@")
+
+
+class RegistryClient:
+    """A registry API client; use as a context manager or call ``close()``."""
+
+    def __init__(self, base_url: str | None = None, token: str | None = None, timeout: float = 30,
+                 transport: httpx.BaseTransport | None = None):
+        base_url = base_url or os.environ.get("FARM_REGISTRY_URL")
+        token = token or os.environ.get("FARM_REGISTRY_TOKEN")
+        if not base_url:
+            raise ValueError("no registry URL: pass base_url or set FARM_REGISTRY_URL")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        try:
+            response.read()  # also for streamed responses
+            text = response.text
+        except httpx.HTTPError:
+            text = ""
+        try:
+            body = json.loads(text)
+            detail = body.get("detail") if isinstance(body, dict) else None
+            detail = detail if isinstance(detail, str) else json.dumps(body)
+        except ValueError:
+            detail = text
+        raise RegistryError(response.status_code, detail or response.reason_phrase)
+
+    def _request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        response = self._http.request(method, url, **kwargs)
+        self._raise_for(response)
+        return response
+
+    # -- reading ---------------------------------------------------------------------------------
+    def list(self, **filters: Any) -> dict:
+        """Search versions: ``{"items": [...], "total", "limit", "offset"}``.
+
+        Filters as the API takes them: tenant, adapter, base_model, method, servable, alias,
+        sweep_id, status (active | archived | any), metric (a string or a list of
+        ``NAME<op>VALUE``), created_after, created_before (datetimes or ISO strings), sort,
+        limit, offset. ``None`` values are left out.
+        """
+        params: list[tuple[str, str]] = []
+        for key, value in filters.items():
+            if value is None:
+                continue
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for item in values:
+                if isinstance(item, bool):
+                    item = "true" if item else "false"
+                elif hasattr(item, "isoformat"):
+                    item = item.isoformat()
+                params.append((key, str(item)))
+        return self._request("GET", "/v1/versions", params=params).json()
+
+    def get(self, ref: str) -> dict:
+        """One version by serve name (``t.a.vN``) or alias reference (``t.a@alias``)."""
+        return self._request("GET", f"/v1/versions/{_segment(ref)}").json()
+
+    def iter_file(self, ref: str, name: str):
+        """Context manager yielding the streamed ``httpx.Response`` of one file."""
+        return _Stream(self, f"/v1/versions/{_segment(ref)}/files/{_segment(name)}")
+
+    def download(self, ref: str, dest_dir: Path) -> dict:
+        """Download every file of a version into ``dest_dir`` (created; must not hold files yet).
+
+        Each file is streamed and its sha256 checked against ``X-Content-SHA256`` and the
+        version's manifest; everything is written to a temporary folder beside ``dest_dir``
+        and renamed into place at the end, so ``dest_dir`` is either complete or absent.
+        The version's metadata is written as ``version.json``. Returns the version.
+        """
+        dest_dir = Path(dest_dir)
+        if dest_dir.exists() and (not dest_dir.is_dir() or any(dest_dir.iterdir())):
+            raise FileExistsError(f"{dest_dir} exists and is not an empty folder")
+        info = self.get(ref)
+        # Always download by serve name: an alias could move between files.
+        serve = info["serve_name"]
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.tmp-", dir=dest_dir.parent))
+        try:
+            for name, expected in sorted(info["files"].items()):
+                if Path(name).name != name or name.startswith("."):
+                    raise RegistryError(502, f"server listed an unsafe file name {name!r}")
+                digest, size = hashlib.sha256(), 0
+                with self.iter_file(serve, name) as response, (tmp / name).open("wb") as out:
+                    header = response.headers.get("X-Content-SHA256")
+                    for chunk in response.iter_bytes(CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                got = digest.hexdigest()
+                if got != expected["sha256"] or (header and got != header) or size != expected["size"]:
+                    raise RegistryError(502, f"{serve}/{name}: sha256 or size differs from the manifest "
+                                             f"(got {got}, {size} bytes)")
+            (tmp / "version.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+            if dest_dir.exists():
+                dest_dir.rmdir()  # empty (checked above)
+            os.rename(tmp, dest_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return info
+
+    # -- writing ---------------------------------------------------------------------------------
+    def publish(self, tenant: str, adapter: str, folder: Path, base_model: str, metrics: dict | None = None,
+                training: dict | None = None, lineage: dict | None = None,
+                aliases: tuple[str, ...] | list[str] = ("latest",), base_architecture: str | None = None,
+                timeout: float | None = None) -> dict:
+        """Upload every file of ``folder`` (top level) as the next version; returns it."""
+        folder = Path(folder)
+        data = {"base_model": base_model, "aliases": ",".join(aliases)}
+        if base_architecture:
+            data["base_architecture"] = base_architecture
+        for key, value in (("metrics", metrics), ("training", training), ("lineage", lineage)):
+            if value:
+                data[key] = json.dumps(value)
+        with contextlib.ExitStack() as stack:
+            files = [("files", (path.name, stack.enter_context(path.open("rb")), "application/octet-stream"))
+                     for path in sorted(folder.iterdir()) if path.is_file()]
+            extra = {"timeout": timeout} if timeout is not None else {}
+            return self._request("POST", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/versions",
+                                 data=data, files=files, **extra).json()
+
+    def set_alias(self, tenant: str, adapter: str, alias: str, version: int) -> dict:
+        """Point ``alias`` at ``version``: ``{"alias", "version", "previous", "serve_name"}``."""
+        return self._request("PUT", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/aliases/{_segment(alias)}",
+                             json={"version": version}).json()
+
+    def delete_alias(self, tenant: str, adapter: str, alias: str) -> None:
+        self._request("DELETE", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/aliases/{_segment(alias)}")
+
+    def archive(self, ref: str) -> dict:
+        return self._request("POST", f"/v1/versions/{_segment(ref)}/archive").json()
+
+    def delete(self, ref: str) -> None:
+        self._request("DELETE", f"/v1/versions/{_segment(ref)}")
+
+    def gc(self, older_than_s: float = 3600.0, dry_run: bool = False) -> dict:
+        return self._request("POST", "/v1/admin/gc", params={"older_than_s": older_than_s,
+                                                              "dry_run": "true" if dry_run else "false"}).json()
+
+    def reindex(self) -> dict:
+        return self._request("POST", "/v1/admin/reindex").json()
+
+    def health(self) -> dict:
+        return self._request("GET", "/healthz").json()
+
+
+class _Stream:
+    def __init__(self, client: RegistryClient, url: str):
+        self.client, self.url, self._cm = client, url, None
+
+    def __enter__(self) -> httpx.Response:
+        self._cm = self.client._http.stream("GET", self.url)
+        response = self._cm.__enter__()
+        try:
+            RegistryClient._raise_for(response)
+        except BaseException:
+            self._cm.__exit__(None, None, None)
+            raise
+        return response
+
+    def __exit__(self, *exc) -> None:
+        self._cm.__exit__(*exc)
+
+
+__all__ = ["RegistryClient", "RegistryError"]

@@ -1,0 +1,268 @@
+"""The registry: immutable adapter versions (store) indexed in SQL (catalog).
+
+    registry = open_registry("registry")                       # local folder + SQLite inside it
+    registry = open_registry("s3://bucket/farm", "postgresql+psycopg://...")
+    info = registry.publish("acme", "support", Path("runs/demo/acme/adapter"),
+                            base_model="meta-llama/Llama-3.1-8B", metrics={"eval_loss": 1.2})
+    registry.resolve("acme.support.v1"), registry.resolve("acme.support@latest")
+
+Publishing: validate (safetensors only, config schema, vLLM servability) -> allocate the
+next number in the catalog -> write the version to the store atomically -> insert the
+catalog row. A crash at any point leaves no visible version: an allocated number without
+files is a gap, files without a row are adopted by ``reindex``, a temporary folder is removed
+by ``gc``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from farm.registry import validate
+from farm.registry.catalog import Catalog, Principal, VersionRow, utcnow
+from farm.registry.names import Ref, check_name, parse_ref, serve_name
+from farm.registry.store import Store
+
+
+class NotFound(KeyError):
+    """No such version, or one the caller may not see (the two are indistinguishable)."""
+
+
+@dataclass
+class VersionInfo:
+    """One version as callers see it."""
+
+    tenant: str
+    adapter: str
+    version: int
+    serve_name: str
+    base_model: str
+    method: str
+    rank: int | None
+    servable_by_vllm: bool
+    not_servable_reason: str | None
+    status: str
+    created_at: str
+    size_bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The farm's version, plus the git commit when running from a checkout."""
+    from farm import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def default_catalog_url(store_uri: str) -> str:
+    """SQLite inside a local store; an object store needs an explicit catalog URL."""
+    if "://" in store_uri:
+        raise ValueError(f"store {store_uri!r} is remote: give a catalog URL (for example PostgreSQL)")
+    return f"sqlite:///{Path(store_uri).expanduser().resolve() / 'catalog.sqlite'}"
+
+
+def open_registry(store_uri: str, catalog_url: str | None = None) -> "Registry":
+    """A registry over ``store_uri`` (folder or ``s3://``) and ``catalog_url`` (SQLAlchemy URL)."""
+    store = Store(store_uri)
+    return Registry(store, Catalog(catalog_url or default_catalog_url(store_uri)))
+
+
+class Registry:
+    """Publish, find, alias, archive and delete adapter versions."""
+
+    def __init__(self, store: Store, catalog: Catalog):
+        self.store, self.catalog = store, catalog
+
+    # -- publish -----------------------------------------------------------------------------
+    def publish(self, tenant: str, adapter: str, folder: Path | dict[str, Path], *, base_model: str,
+                base_architecture: str | None = None, metrics: dict | None = None,
+                training: dict | None = None, lineage: dict | None = None,
+                aliases: tuple[str, ...] = ("latest",),
+                max_file_bytes: int = validate.DEFAULT_MAX_FILE_BYTES) -> VersionInfo:
+        """Validate and publish an adapter folder as the next version of ``tenant/adapter``."""
+        check_name("tenant", tenant)
+        check_name("adapter", adapter)
+        for alias in aliases:
+            check_name("alias", alias)
+        files = folder if isinstance(folder, dict) else {
+            p.name: p for p in Path(folder).iterdir() if p.is_file()}
+        validate.validate_files({name: path.stat().st_size for name, path in files.items()}, max_file_bytes)
+        validate.check_safetensors(files[validate.WEIGHTS_FILE])
+        if base_architecture is None:
+            base_architecture = _architecture_of(base_model)
+        check = validate.check_config(files[validate.CONFIG_FILE].read_bytes(), base_model, base_architecture)
+        number = self.catalog.reserve_number(tenant, adapter)
+        settings = {k: v for k, v in check.config.items()
+                    if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora",
+                             "num_virtual_tokens", "feedforward_modules", "peft_type", "task_type")}
+        manifest = {
+            "schema": 1, "tenant": tenant, "adapter": adapter, "version": number,
+            "serve_name": serve_name(tenant, adapter, number), "created_at": utcnow().isoformat(),
+            "base_model": base_model, "base_architecture": base_architecture,
+            "method": check.method, "method_settings": settings,
+            "servable_by_vllm": check.servable_by_vllm, "not_servable_reason": check.not_servable_reason,
+            "metrics": dict(metrics or {}), "training": dict(training or {}),
+            "lineage": {"code_version": code_version(), **(lineage or {})},
+        }
+        manifest = self.store.write_version(tenant, adapter, number, files, manifest)
+        size = sum(entry["size"] for entry in manifest["files"].values())
+        self.catalog.add_version(tenant, adapter, number, manifest, size, move_aliases=aliases)
+        return self.get(tenant, adapter, number)
+
+    # -- read --------------------------------------------------------------------------------
+    def _info(self, row: VersionRow) -> VersionInfo:
+        manifest = row.manifest
+        tenant, adapter = manifest["tenant"], manifest["adapter"]
+        return VersionInfo(
+            tenant=tenant, adapter=adapter, version=row.number, serve_name=row.serve_name,
+            base_model=row.base_model, method=row.method, rank=row.rank,
+            servable_by_vllm=row.servable_by_vllm, not_servable_reason=row.not_servable_reason,
+            status=row.status, created_at=manifest["created_at"], size_bytes=row.size_bytes,
+            metrics=manifest.get("metrics", {}), lineage=manifest.get("lineage", {}),
+            training=manifest.get("training", {}), method_settings=manifest.get("method_settings", {}),
+            files=manifest.get("files", {}), aliases=self.catalog.aliases_of(row.id))
+
+    def get(self, tenant: str, adapter: str, number: int | None = None, alias: str | None = None,
+            principal: Principal | None = None) -> VersionInfo:
+        """One version by number or alias; ``NotFound`` also when the principal may not see it."""
+        if principal is not None and not principal.is_admin and principal.tenant != tenant:
+            raise NotFound(f"{tenant}.{adapter}")
+        row = self.catalog.get_version(tenant, adapter, number=number, alias=alias)
+        if row is None:
+            raise NotFound(str(Ref(tenant, adapter, number, alias)))
+        return self._info(row)
+
+    def resolve(self, reference: str, principal: Principal | None = None) -> VersionInfo:
+        """A serve name (``acme.support.v3``) or alias reference (``acme.support@production``)."""
+        ref = parse_ref(reference)
+        return self.get(ref.tenant, ref.adapter, ref.version, ref.alias, principal)
+
+    def search(self, principal: Principal | None = None, **filters) -> tuple[list[VersionInfo], int]:
+        """Catalog search (see ``Catalog.search``); a tenant principal sees only itself."""
+        if principal is not None and not principal.is_admin:
+            if filters.get("tenant") not in (None, principal.tenant):
+                return [], 0
+            filters["tenant"] = principal.tenant
+        rows, total = self.catalog.search(**filters)
+        return [self._info(row) for row in rows], total
+
+    def iter_file(self, info: VersionInfo, name: str):
+        """Stream a file of a version (names come from its manifest only)."""
+        if name not in info.files:
+            raise NotFound(f"{info.serve_name} has no file {name!r}")
+        return self.store.iter_file(info.tenant, info.adapter, info.version, name)
+
+    def download(self, reference: str, destination: Path, principal: Principal | None = None) -> VersionInfo:
+        """Copy a version into ``destination`` with every sha256 checked."""
+        info = self.resolve(reference, principal)
+        self.store.download(info.tenant, info.adapter, info.version, destination)
+        return info
+
+    # -- aliases and lifecycle ---------------------------------------------------------------
+    def set_alias(self, tenant: str, adapter: str, alias: str, number: int,
+                  principal: Principal | None = None) -> tuple[int | None, int]:
+        """Point an alias at a version; returns (previous version or None, new version)."""
+        check_name("alias", alias)
+        self._writable(tenant, principal)
+        try:
+            return self.catalog.set_alias(tenant, adapter, alias, number)
+        except KeyError:
+            raise NotFound(serve_name(tenant, adapter, number)) from None
+
+    def delete_alias(self, tenant: str, adapter: str, alias: str, principal: Principal | None = None) -> int:
+        self._writable(tenant, principal)
+        try:
+            return self.catalog.delete_alias(tenant, adapter, alias)
+        except KeyError:
+            raise NotFound(f"{tenant}.{adapter}@{alias}") from None
+
+    def archive(self, tenant: str, adapter: str, number: int, principal: Principal | None = None) -> None:
+        """Hide a version from default searches and drop its aliases; files stay."""
+        self._writable(tenant, principal)
+        try:
+            self.catalog.set_status(tenant, adapter, number, "archived")
+        except KeyError:
+            raise NotFound(serve_name(tenant, adapter, number)) from None
+
+    def delete(self, tenant: str, adapter: str, number: int, principal: Principal | None = None) -> None:
+        """Delete a version: its catalog row first (it vanishes at once), then its files.
+
+        The number is never reused, so the serve name never comes to mean other weights.
+        """
+        self._writable(tenant, principal)
+        try:
+            self.catalog.delete_version(tenant, adapter, number)
+        except KeyError:
+            raise NotFound(serve_name(tenant, adapter, number)) from None
+        self.store.delete_version(tenant, adapter, number)
+
+    @staticmethod
+    def _writable(tenant: str, principal: Principal | None) -> None:
+        if principal is not None and not principal.is_admin and principal.tenant != tenant:
+            raise NotFound(tenant)
+
+    # -- maintenance -------------------------------------------------------------------------
+    def gc(self, older_than_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Remove incomplete folders left by crashed publishes; returns what was (or would be) removed."""
+        orphans = self.store.orphans(older_than_s)
+        if not dry_run:
+            for path in orphans:
+                self.store.remove(path)
+        return orphans
+
+    def reindex(self) -> int:
+        """Rebuild the catalog's versions from the manifests in the store; returns the count.
+
+        Aliases other than ``latest`` live only in the catalog; ``latest`` is set to each
+        adapter's newest version.
+        """
+        self.catalog.clear()
+        newest: dict[tuple[str, str], int] = {}
+        count = 0
+        for stored in self.store.versions():
+            manifest = stored.manifest
+            size = sum(entry["size"] for entry in manifest.get("files", {}).values())
+            self.catalog.ensure_number(stored.tenant, stored.adapter, stored.version)
+            self.catalog.add_version(stored.tenant, stored.adapter, stored.version, manifest, size,
+                                     move_aliases=())
+            key = (stored.tenant, stored.adapter)
+            newest[key] = max(newest.get(key, 0), stored.version)
+            count += 1
+        for (tenant, adapter), number in newest.items():
+            self.catalog.set_alias(tenant, adapter, "latest", number)
+        return count
+
+
+def _architecture_of(base_model: str) -> str | None:
+    """The architecture named in a local base model's config.json (None if unknown here)."""
+    config = Path(base_model).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            architectures = json.loads(config.read_text()).get("architectures") or [None]
+            return architectures[0]
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def parse_created(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None

@@ -1,0 +1,243 @@
+"""The registry's bytes: immutable version folders on a local disk or S3, via pyarrow.fs.
+
+Layout under the store root::
+
+    adapters/<tenant>/<adapter>/v<N>/adapter_config.json
+                                    /adapter_model.safetensors
+                                    /manifest.json          sha256 + size of every file, and metadata
+
+Publication is atomic for readers. On a file system the version is written under a temporary
+name and renamed into place in one step. On an object store, where there is no rename, the
+files are written first and ``manifest.json`` last; a folder without a manifest is not a
+version, readers ignore it and ``gc`` removes it. Paths are built here from validated names
+and numbers only; the store never takes a path from a caller.
+
+S3 settings come from the environment: ``AWS_ENDPOINT_URL`` (any S3-compatible endpoint,
+``http://host:port``), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from farm.registry.names import check_name
+
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+
+
+class IntegrityError(RuntimeError):
+    """A stored file does not match the sha256 or size its manifest records."""
+
+
+def s3_filesystem_from_env() -> pafs.S3FileSystem:
+    """An S3 file system configured from the standard AWS environment variables."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    kwargs: dict = {"region": os.environ.get("AWS_REGION", "us-east-1"), "allow_bucket_creation": True}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(file system, root path inside it, is_object_store) for a local path or ``s3://`` URI."""
+    if uri.startswith("s3://"):
+        bucket_and_prefix = uri[len("s3://"):].strip("/")
+        if not bucket_and_prefix:
+            raise ValueError(f"{uri!r}: an S3 store needs a bucket")
+        return s3_filesystem_from_env(), bucket_and_prefix, True
+    if "://" in uri:
+        raise ValueError(f"{uri!r}: stores are local folders or s3://bucket/prefix")
+    root = Path(uri).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return pafs.LocalFileSystem(), str(root), False
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """A version folder found in the store, with its manifest."""
+
+    tenant: str
+    adapter: str
+    version: int
+    manifest: dict
+
+
+class Store:
+    """Immutable adapter versions under one root (a local folder or ``s3://bucket/prefix``)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root, self.object_store = open_filesystem(uri)
+        if self.object_store:
+            bucket = self.root.split("/", 1)[0]
+            if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                self.fs.create_dir(bucket)
+
+    # -- paths (built from validated parts only) ---------------------------------------------
+    def _adapter_dir(self, tenant: str, adapter: str) -> str:
+        return f"{self.root}/adapters/{check_name('tenant', tenant)}/{check_name('adapter', adapter)}"
+
+    def version_dir(self, tenant: str, adapter: str, version: int) -> str:
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"invalid version number {version!r}")
+        return f"{self._adapter_dir(tenant, adapter)}/v{version}"
+
+    # -- writing -----------------------------------------------------------------------------
+    def write_version(self, tenant: str, adapter: str, version: int, files: dict[str, Path],
+                      manifest: dict) -> dict:
+        """Write a version's files and manifest atomically; returns the manifest written.
+
+        ``manifest`` gets a ``files`` entry (sha256 and size of every file) added here.
+        Raises ``FileExistsError`` if the version already exists: versions are immutable.
+        """
+        final = self.version_dir(tenant, adapter, version)
+        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
+            raise FileExistsError(f"{tenant}/{adapter} v{version} already exists in the store")
+        manifest = {**manifest, "files": {name: {"sha256": sha256_file(path), "size": path.stat().st_size}
+                                          for name, path in sorted(files.items())}}
+        body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        if self.object_store:
+            for name, path in files.items():
+                self._upload(path, f"{final}/{name}")
+            self._put(f"{final}/{MANIFEST}", body)  # last: the commit marker
+        else:
+            tmp = f"{self._adapter_dir(tenant, adapter)}/.tmp-v{version}-{uuid.uuid4().hex[:12]}"
+            self.fs.create_dir(tmp)
+            for name, path in files.items():
+                self._upload(path, f"{tmp}/{name}")
+            self._put(f"{tmp}/{MANIFEST}", body)
+            os.rename(tmp, final)  # one atomic step; fails if `final` appeared meanwhile
+        return manifest
+
+    def _upload(self, source: Path, destination: str) -> None:
+        with source.open("rb") as src, self.fs.open_output_stream(destination) as dst:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                dst.write(chunk)
+
+    def _put(self, destination: str, data: bytes) -> None:
+        with self.fs.open_output_stream(destination) as dst:
+            dst.write(data)
+
+    # -- reading -----------------------------------------------------------------------------
+    def read_manifest(self, tenant: str, adapter: str, version: int) -> dict | None:
+        """The manifest of a complete version, or None (missing or incomplete)."""
+        try:
+            with self.fs.open_input_stream(f"{self.version_dir(tenant, adapter, version)}/{MANIFEST}") as s:
+                return json.loads(s.read())
+        except (FileNotFoundError, OSError):
+            return None
+
+    def iter_file(self, tenant: str, adapter: str, version: int, name: str) -> Iterator[bytes]:
+        """Stream one file of a version in chunks (the name must be listed in the manifest)."""
+        manifest = self.read_manifest(tenant, adapter, version)
+        if manifest is None or name not in manifest["files"]:
+            raise FileNotFoundError(f"{tenant}/{adapter} v{version} has no file {name!r}")
+        with self.fs.open_input_stream(f"{self.version_dir(tenant, adapter, version)}/{name}") as stream:
+            while True:
+                chunk = stream.read(CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+
+    def download(self, tenant: str, adapter: str, version: int, destination: Path) -> dict:
+        """Copy a version into ``destination`` and check every sha256; returns the manifest."""
+        manifest = self.read_manifest(tenant, adapter, version)
+        if manifest is None:
+            raise FileNotFoundError(f"{tenant}/{adapter} v{version} is not in the store")
+        destination.mkdir(parents=True, exist_ok=True)
+        for name, expected in manifest["files"].items():
+            digest, size = hashlib.sha256(), 0
+            target = destination / name
+            with target.open("wb") as out:
+                for chunk in self.iter_file(tenant, adapter, version, name):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != expected["sha256"] or size != expected["size"]:
+                target.unlink()
+                raise IntegrityError(f"{tenant}/{adapter} v{version}/{name}: sha256 or size differs "
+                                     "from the manifest; the stored copy is damaged")
+        (destination / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return manifest
+
+    def versions(self) -> Iterator[StoredVersion]:
+        """Every complete version in the store (for reindexing)."""
+        for tenant in self._children(f"{self.root}/adapters"):
+            for adapter in self._children(f"{self.root}/adapters/{tenant}"):
+                for entry in self._children(f"{self.root}/adapters/{tenant}/{adapter}"):
+                    if not (entry.startswith("v") and entry[1:].isdigit()):
+                        continue
+                    manifest = self.read_manifest(tenant, adapter, int(entry[1:]))
+                    if manifest is not None:
+                        yield StoredVersion(tenant, adapter, int(entry[1:]), manifest)
+
+    def _children(self, path: str) -> list[str]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    # -- maintenance -------------------------------------------------------------------------
+    def orphans(self, older_than_s: float = 3600.0) -> list[str]:
+        """Incomplete folders: temporary ones, and (on object stores) versions without manifest.
+
+        Only those older than ``older_than_s`` count, so a publish in progress is not an orphan.
+        """
+        found: list[str] = []
+        now = time.time()
+        for tenant in self._children(f"{self.root}/adapters"):
+            for adapter in self._children(f"{self.root}/adapters/{tenant}"):
+                base = f"{self.root}/adapters/{tenant}/{adapter}"
+                for entry in self._children(base):
+                    path = f"{base}/{entry}"
+                    incomplete = entry.startswith(".tmp-") or (
+                        entry.startswith("v") and self.fs.get_file_info(f"{path}/{MANIFEST}").type
+                        == pafs.FileType.NotFound)
+                    if incomplete and now - self._newest_mtime(path) >= older_than_s:
+                        found.append(path)
+        return found
+
+    def _newest_mtime(self, path: str) -> float:
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        stamps = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+        return max(stamps) if stamps else 0.0
+
+    def remove(self, path: str) -> None:
+        """Delete a folder the store itself reported (orphans, deleted versions)."""
+        if not path.startswith(f"{self.root}/adapters/"):
+            raise ValueError(f"refusing to delete {path!r}: outside the store's adapters")
+        self.fs.delete_dir(path)
+
+    def delete_version(self, tenant: str, adapter: str, version: int) -> None:
+        """Remove a version's files: manifest first, so it stops being a version at once."""
+        folder = self.version_dir(tenant, adapter, version)
+        try:
+            self.fs.delete_file(f"{folder}/{MANIFEST}")
+        except (FileNotFoundError, OSError):
+            pass
+        if self.fs.get_file_info(folder).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(folder)

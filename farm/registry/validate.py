@@ -1,0 +1,104 @@
+"""What the registry accepts at publish: safetensors weights, a sane adapter_config.json.
+
+Refused outright: any pickle-based weight file (``.bin``, ``.pt``, ``.pth``, ``.pkl``,
+``.ckpt``, ...), any file that is not part of a PEFT adapter, a safetensors file whose header
+does not parse, an ``adapter_config.json`` that is not a JSON object with the keys PEFT
+writes, files over the size limit. Recorded, not refused: whether vLLM can serve the adapter
+(``servable_by_vllm`` with the reason when it cannot); methods vLLM cannot serve are still
+first-class versions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from farm.methods import method_for_peft_type
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+OPTIONAL_FILES = frozenset({"README.md"})
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
+DEFAULT_MAX_FILE_BYTES = 4 * 2**30
+
+
+class PublishError(ValueError):
+    """An adapter the registry refuses, with the file or field and the reason."""
+
+
+@dataclass(frozen=True)
+class AdapterCheck:
+    """What validation found out about an adapter folder."""
+
+    config: dict
+    peft_type: str
+    method: str
+    servable_by_vllm: bool
+    not_servable_reason: str | None
+
+
+def validate_files(files: dict[str, int], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+    """Check file names and sizes (``name -> size``) before reading any content."""
+    for name, size in files.items():
+        suffix = Path(name).suffix.lower()
+        if "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 for c in name):
+            raise PublishError(f"{name!r}: file names must be plain names, no folders")
+        if suffix in PICKLE_SUFFIXES:
+            raise PublishError(f"{name}: pickle-based weight files are refused (they can run code "
+                               f"on load); save the adapter with safetensors")
+        if name not in (CONFIG_FILE, WEIGHTS_FILE) and name not in OPTIONAL_FILES:
+            raise PublishError(f"{name}: not part of a PEFT adapter (expected {CONFIG_FILE}, "
+                               f"{WEIGHTS_FILE}, optionally {', '.join(sorted(OPTIONAL_FILES))})")
+        if size > max_file_bytes:
+            raise PublishError(f"{name}: {size} bytes, over the limit of {max_file_bytes}")
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if required not in files:
+            raise PublishError(f"{required}: missing")
+
+
+def check_safetensors(path: Path) -> None:
+    """Parse the safetensors header (never unpickles); raises ``PublishError`` if invalid."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if not list(handle.keys()):
+                raise PublishError(f"{WEIGHTS_FILE}: holds no tensors")
+    except PublishError:
+        raise
+    except Exception as exc:
+        raise PublishError(f"{WEIGHTS_FILE}: not a valid safetensors file ({exc})") from None
+
+
+def check_config(raw: bytes, base_model: str, base_architecture: str | None) -> AdapterCheck:
+    """Schema-check adapter_config.json and decide vLLM servability."""
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PublishError(f"{CONFIG_FILE}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise PublishError(f"{CONFIG_FILE}: expected a JSON object")
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise PublishError(f"{CONFIG_FILE}: field 'peft_type' must be a string")
+    if config.get("auto_mapping") or config.get("auto_map"):
+        raise PublishError(f"{CONFIG_FILE}: 'auto_map' points at custom code, which is refused")
+    info = method_for_peft_type(peft_type, config)
+    if info is None:
+        raise PublishError(f"{CONFIG_FILE}: peft_type {peft_type!r} is not a method the farm knows")
+    if peft_type == "LORA":
+        rank = config.get("r")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise PublishError(f"{CONFIG_FILE}: field 'r' must be a positive integer, got {rank!r}")
+        targets = config.get("target_modules")
+        if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise PublishError(f"{CONFIG_FILE}: field 'target_modules' must be a list of names")
+    method = "dora" if config.get("use_dora") else info.name
+    reason = info.vllm_blocker(config, base_architecture)
+    declared = config.get("base_model_name_or_path")
+    if reason is None and declared != base_model:
+        reason = (f"adapter_config base_model_name_or_path {declared!r} differs from the base model "
+                  f"{base_model!r} the server is started with")
+    return AdapterCheck(config=config, peft_type=peft_type, method=method,
+                        servable_by_vllm=reason is None, not_servable_reason=reason)

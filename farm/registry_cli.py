@@ -1,0 +1,460 @@
+"""``farm registry``: serve, search, show, promote, download and publish adapter versions.
+
+    farm registry token create --admin                 # the first admin token (straight on the catalog)
+    FARM_REGISTRY_ADMIN_TOKEN=... farm registry serve --port 8700
+    export FARM_REGISTRY_URL=http://127.0.0.1:8700 FARM_REGISTRY_TOKEN=...
+    farm registry list --adapter support --metric 'eval_loss<=3.5' --sort metric:eval_loss
+    farm registry show acme.support@latest
+    farm registry promote acme.support.v3 --alias production
+    farm registry download acme.support@production --out adapters/acme-support
+
+Commands talk to a server when ``--url`` (or ``FARM_REGISTRY_URL``) is set, and otherwise open
+the registry directly from ``--store`` / ``--catalog`` (``FARM_REGISTRY_STORE``,
+``FARM_REGISTRY_CATALOG``; default store ``.farm/registry``), with admin rights. Output is a
+table; ``--json`` prints JSON for scripts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+registry_app = typer.Typer(help="The adapter registry: serve, search, promote, download, publish.",
+                           no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+registry_app.add_typer(token_app, name="token")
+
+console = Console()
+err_console = Console(stderr=True)
+DEFAULT_STORE = ".farm/registry"
+
+
+# -- shared options ------------------------------------------------------------------------------
+def _url_option():
+    return typer.Option(None, "--url", envvar="FARM_REGISTRY_URL", help="registry server URL (else: direct)")
+
+
+def _token_option():
+    return typer.Option(None, "--token", envvar="FARM_REGISTRY_TOKEN", help="bearer token for --url",
+                        show_default=False)
+
+
+def _store_option():
+    return typer.Option(DEFAULT_STORE, "--store", envvar="FARM_REGISTRY_STORE",
+                        help="store: a local folder or s3://bucket/prefix (direct mode)")
+
+
+def _catalog_option():
+    return typer.Option(None, "--catalog", envvar="FARM_REGISTRY_CATALOG",
+                        help="catalog SQLAlchemy URL (default: SQLite inside a local store)")
+
+
+def _json_option():
+    return typer.Option(False, "--json", help="print JSON")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+# -- backends: a server (HTTP) or the registry itself -----------------------------------------------
+class _Remote:
+    def __init__(self, url: str, token: str | None):
+        from farm.registry.client import RegistryClient
+
+        self.client = RegistryClient(url, token)
+
+    def list(self, filters: dict) -> dict:
+        return self.client.list(**filters)
+
+    def get(self, ref: str) -> dict:
+        return self.client.get(ref)
+
+    def set_alias(self, tenant: str, adapter: str, alias: str, version: int) -> dict:
+        return self.client.set_alias(tenant, adapter, alias, version)
+
+    def download(self, ref: str, out: Path) -> dict:
+        return self.client.download(ref, out)
+
+    def publish(self, tenant: str, adapter: str, folder: Path, **kwargs) -> dict:
+        return self.client.publish(tenant, adapter, folder, **kwargs)
+
+    def gc(self, older_than_s: float, dry_run: bool) -> dict:
+        return self.client.gc(older_than_s=older_than_s, dry_run=dry_run)
+
+    def reindex(self) -> dict:
+        return self.client.reindex()
+
+
+class _Local:
+    def __init__(self, store: str, catalog: str | None):
+        from farm.registry.core import open_registry
+
+        self.registry = open_registry(store, catalog)
+
+    def list(self, filters: dict) -> dict:
+        from farm.registry.api import parse_metric_filter
+
+        filters = dict(filters)
+        metric = filters.pop("metric", None) or []
+        status = filters.pop("status", "active")
+        for key in ("created_after", "created_before"):
+            if filters.get(key) is not None:
+                filters[key] = datetime.fromisoformat(filters[key])
+        items, total = self.registry.search(
+            **filters, status=None if status == "any" else status,
+            metric_filters=[parse_metric_filter(m) for m in metric])
+        return {"items": [i.to_dict() for i in items], "total": total,
+                "limit": filters.get("limit", 50), "offset": filters.get("offset", 0)}
+
+    def get(self, ref: str) -> dict:
+        return self.registry.resolve(ref).to_dict()
+
+    def set_alias(self, tenant: str, adapter: str, alias: str, version: int) -> dict:
+        from farm.registry.names import serve_name
+
+        previous, number = self.registry.set_alias(tenant, adapter, alias, version)
+        return {"alias": alias, "version": number, "previous": previous,
+                "serve_name": serve_name(tenant, adapter, number)}
+
+    def download(self, ref: str, out: Path) -> dict:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} exists and is not an empty folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            info = self.registry.download(ref, tmp)
+            if out.exists():
+                out.rmdir()
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return info.to_dict()
+
+    def publish(self, tenant: str, adapter: str, folder: Path, **kwargs) -> dict:
+        kwargs["aliases"] = tuple(kwargs.get("aliases") or ())
+        return self.registry.publish(tenant, adapter, folder, **kwargs).to_dict()
+
+    def gc(self, older_than_s: float, dry_run: bool) -> dict:
+        return {"removed": self.registry.gc(older_than_s=older_than_s, dry_run=dry_run), "dry_run": dry_run}
+
+    def reindex(self) -> dict:
+        return {"versions": self.registry.reindex()}
+
+
+def _backend(url: str | None, token: str | None, store: str, catalog: str | None):
+    return _Remote(url, token) if url else _Local(store, catalog)
+
+
+def _guarded(action):
+    """Run ``action()``; known registry errors become one red line and exit code 1."""
+    import httpx
+
+    from farm.registry.client import RegistryError
+    from farm.registry.core import NotFound
+
+    try:
+        return action()
+    except RegistryError as exc:
+        _fail(f"registry answered {exc.status}: {exc.detail}")
+    except NotFound as exc:
+        _fail(f"not found: {exc.args[0] if exc.args else exc}")
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:  # PublishError, NameError_, bad filters
+        _fail(str(exc))
+    except httpx.HTTPError as exc:
+        _fail(f"could not reach the registry: {exc}")
+
+
+# -- rendering --------------------------------------------------------------------------------------
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _metrics_text(metrics: dict) -> str:
+    parts = []
+    for key, value in sorted(metrics.items()):
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _versions_table(items: list[dict]) -> Table:
+    table = Table("serve name", "method", "rank", "vLLM", "status", "aliases", "created", "size", "metrics")
+    for item in items:
+        table.add_row(item["serve_name"], item["method"], str(item["rank"] or ""),
+                      "[green]yes[/green]" if item["servable_by_vllm"] else "[yellow]no[/yellow]",
+                      item["status"], ", ".join(item["aliases"]), item["created_at"][:19].replace("T", " "),
+                      _size(item["size_bytes"]), _metrics_text(item["metrics"]))
+    return table
+
+
+def _show_version(info: dict) -> None:
+    table = Table("field", "value", show_header=False)
+    for key in ("serve_name", "tenant", "adapter", "version", "base_model", "method", "rank",
+                "servable_by_vllm", "not_servable_reason", "status", "created_at", "size_bytes", "aliases"):
+        value = info.get(key)
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    for key in ("metrics", "training", "lineage", "method_settings"):
+        if info.get(key):
+            table.add_row(key, json.dumps(info[key], sort_keys=True))
+    console.print(table)
+    files = Table("file", "size", "sha256")
+    for name, entry in sorted(info.get("files", {}).items()):
+        files.add_row(name, _size(entry["size"]), entry["sha256"])
+    console.print(files)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _has_admin_token(catalog) -> bool:
+    from sqlalchemy import select
+
+    from farm.registry.catalog import TokenRow
+
+    with catalog.sessions() as session:
+        return session.scalar(select(TokenRow.id).where(TokenRow.tenant.is_(None),
+                                                        TokenRow.revoked.is_(False)).limit(1)) is not None
+
+
+def _register_admin_token(catalog, token: str) -> None:
+    """Record a given admin token (FARM_REGISTRY_ADMIN_TOKEN) by its hash."""
+    from farm.registry.catalog import TokenRow, hash_token
+
+    with catalog.sessions.begin() as session:
+        session.add(TokenRow(token_hash=hash_token(token), tenant=None, label="FARM_REGISTRY_ADMIN_TOKEN"))
+
+
+@registry_app.command("serve")
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8700, help="port to bind"),
+    store: str = _store_option(),
+    catalog: Optional[str] = _catalog_option(),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="allow binding a non-loopback address"),
+    max_upload_mb: int = typer.Option(2048, help="largest publish request, MiB"),
+) -> None:
+    """Run the query API (OpenAPI at /docs). Needs an admin token to exist first."""
+    from farm.registry.api import serve
+    from farm.registry.core import open_registry
+
+    if not _is_loopback(host) and not allow_remote:
+        _fail(f"refusing to bind {host}: the API would be reachable from other machines; "
+              "pass --allow-remote (and put TLS in front of it)")
+    registry = _guarded(lambda: open_registry(store, catalog))
+    env_token = os.environ.get("FARM_REGISTRY_ADMIN_TOKEN")
+    if env_token:
+        known = registry.catalog.principal(env_token)
+        if known is None:
+            _register_admin_token(registry.catalog, env_token)
+        elif not known.is_admin:
+            _fail("FARM_REGISTRY_ADMIN_TOKEN is a tenant token, not an admin token")
+    elif not _has_admin_token(registry.catalog):
+        _fail("the catalog has no admin token: run `farm registry token create --admin` first, "
+              "or set FARM_REGISTRY_ADMIN_TOKEN")
+    err_console.print(f"registry API on http://{host}:{port} (docs at /docs), store {store}")
+    serve(registry, host=host, port=port, max_upload_bytes=max_upload_mb * 2**20)
+
+
+@registry_app.command("list")
+def list_cmd(
+    tenant: Optional[str] = typer.Option(None, help="only this tenant (admin)"),
+    adapter: Optional[str] = typer.Option(None, help="only this adapter"),
+    base_model: Optional[str] = typer.Option(None, help="only this base model"),
+    method: Optional[str] = typer.Option(None, help="only this PEFT method (lora, dora, ...)"),
+    servable: Optional[bool] = typer.Option(None, "--servable/--not-servable", help="servable by vLLM"),
+    alias: Optional[str] = typer.Option(None, help="only versions an alias points at"),
+    sweep_id: Optional[str] = typer.Option(None, help="only this sweep"),
+    status: str = typer.Option("active", help="active, archived or any"),
+    metric: Optional[list[str]] = typer.Option(None, help="NAME<op>VALUE, repeatable (eval_loss<=3.5)"),
+    created_after: Optional[str] = typer.Option(None, help="ISO time"),
+    created_before: Optional[str] = typer.Option(None, help="ISO time"),
+    sort: str = typer.Option("-created_at", help="created_at, version or metric:<name>; '-' descending"),
+    limit: int = typer.Option(50, min=1, max=500),
+    offset: int = typer.Option(0, min=0),
+    as_json: bool = _json_option(),
+    url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+    store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+) -> None:
+    """Search versions."""
+    if status not in ("active", "archived", "any"):
+        _fail(f"--status {status!r}: use active, archived or any")
+    filters = {k: v for k, v in dict(
+        tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable, alias=alias,
+        sweep_id=sweep_id, status=status, metric=metric or None, created_after=created_after,
+        created_before=created_before, sort=sort, limit=limit, offset=offset).items() if v is not None}
+    result = _guarded(lambda: _backend(url, token, store, catalog).list(filters))
+    if as_json:
+        _print_json(result)
+        return
+    console.print(_versions_table(result["items"]))
+    shown = len(result["items"])
+    console.print(f"{shown} of {result['total']} (offset {result['offset']})", highlight=False)
+
+
+@registry_app.command("show")
+def show_cmd(ref: str = typer.Argument(..., help="tenant.adapter.vN or tenant.adapter@alias"),
+             as_json: bool = _json_option(),
+             url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+             store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Show one version."""
+    info = _guarded(lambda: _backend(url, token, store, catalog).get(ref))
+    if as_json:
+        _print_json(info)
+    else:
+        _show_version(info)
+
+
+@registry_app.command("promote")
+def promote_cmd(ref: str = typer.Argument(..., help="the version to promote (serve name or alias ref)"),
+                alias: str = typer.Option("production", help="alias to point at it"),
+                as_json: bool = _json_option(),
+                url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+                store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Point an alias (default: production) at a version."""
+    backend = _guarded(lambda: _backend(url, token, store, catalog))
+
+    def promote() -> dict:
+        info = backend.get(ref)
+        return backend.set_alias(info["tenant"], info["adapter"], alias, info["version"])
+
+    result = _guarded(promote)
+    if as_json:
+        _print_json(result)
+        return
+    tenant_adapter = result["serve_name"].rsplit(".", 1)[0]
+    was = f"v{result['previous']}" if result["previous"] is not None else "unset"
+    console.print(f"{tenant_adapter}@{alias} -> [bold]v{result['version']}[/bold] (was {was})")
+
+
+@registry_app.command("download")
+def download_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
+                 out: Path = typer.Option(..., "--out", help="folder to create (must be absent or empty)"),
+                 as_json: bool = _json_option(),
+                 url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Download a version's files (every sha256 checked)."""
+    info = _guarded(lambda: _backend(url, token, store, catalog).download(ref, out))
+    if as_json:
+        _print_json({"serve_name": info["serve_name"], "path": str(out), "files": sorted(info["files"])})
+        return
+    console.print(f"{info['serve_name']} -> [bold]{out}[/bold] ({len(info['files'])} files, "
+                  f"{_size(info['size_bytes'])})")
+
+
+@registry_app.command("publish")
+def publish_cmd(
+    folder: Path = typer.Argument(..., help="adapter folder (adapter_config.json + adapter_model.safetensors)"),
+    tenant: str = typer.Option(..., help="tenant name"),
+    adapter: str = typer.Option(..., help="adapter name"),
+    base_model: str = typer.Option(..., help="base model the adapter was trained on"),
+    base_architecture: Optional[str] = typer.Option(None, help="e.g. LlamaForCausalLM"),
+    metrics: Optional[str] = typer.Option(None, help='JSON object, e.g. \'{"eval_loss": 1.2}\''),
+    training: Optional[str] = typer.Option(None, help="JSON object"),
+    lineage: Optional[str] = typer.Option(None, help="JSON object"),
+    alias: Optional[list[str]] = typer.Option(None, help="aliases to point at it (default: latest)"),
+    as_json: bool = _json_option(),
+    url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+    store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+) -> None:
+    """Validate and publish an adapter folder as the next version."""
+    if not folder.is_dir():
+        _fail(f"{folder} is not a folder")
+    parsed: dict[str, dict | None] = {}
+    for key, raw in (("metrics", metrics), ("training", training), ("lineage", lineage)):
+        try:
+            parsed[key] = json.loads(raw) if raw else None
+        except ValueError as exc:
+            _fail(f"--{key}: not valid JSON ({exc})")
+        if parsed[key] is not None and not isinstance(parsed[key], dict):
+            _fail(f"--{key}: expected a JSON object")
+    info = _guarded(lambda: _backend(url, token, store, catalog).publish(
+        tenant, adapter, folder, base_model=base_model, base_architecture=base_architecture,
+        aliases=tuple(alias) if alias else ("latest",), **parsed))
+    if as_json:
+        _print_json(info)
+        return
+    servable = "servable by vLLM" if info["servable_by_vllm"] else f"not servable: {info['not_servable_reason']}"
+    console.print(f"published [bold]{info['serve_name']}[/bold] ({servable}; aliases: "
+                  f"{', '.join(info['aliases']) or 'none'})")
+
+
+@registry_app.command("gc")
+def gc_cmd(older_than_s: float = typer.Option(3600.0, "--older-than-s", help="only leftovers older than this"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="list, do not remove"),
+           as_json: bool = _json_option(),
+           url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+           store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Remove incomplete folders left by crashed publishes."""
+    result = _guarded(lambda: _backend(url, token, store, catalog).gc(older_than_s, dry_run))
+    if as_json:
+        _print_json(result)
+        return
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(result['removed'])} incomplete folder(s)")
+    for path in result["removed"]:
+        console.print(f"  {path}", highlight=False)
+
+
+@registry_app.command("reindex")
+def reindex_cmd(as_json: bool = _json_option(),
+                url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+                store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Rebuild the catalog's versions from the store's manifests."""
+    result = _guarded(lambda: _backend(url, token, store, catalog).reindex())
+    if as_json:
+        _print_json(result)
+    else:
+        console.print(f"reindexed {result['versions']} version(s)")
+
+
+@token_app.command("create")
+def token_create(tenant: Optional[str] = typer.Option(None, help="a token that sees only this tenant"),
+                 admin: bool = typer.Option(False, "--admin", help="an admin token (sees every tenant)"),
+                 label: str = typer.Option("", help="note stored with the token"),
+                 as_json: bool = _json_option(),
+                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Create an API token (directly on the catalog); it is printed once, only its hash is kept."""
+    from farm.registry.catalog import Catalog
+    from farm.registry.core import default_catalog_url
+    from farm.registry.names import check_name
+
+    if admin == (tenant is not None):
+        _fail("give exactly one of --tenant T or --admin")
+    if tenant is not None:
+        _guarded(lambda: check_name("tenant", tenant))
+    if catalog is None and "://" not in store:
+        Path(store).expanduser().mkdir(parents=True, exist_ok=True)  # the SQLite file lives inside
+    catalog_obj = _guarded(lambda: Catalog(catalog or default_catalog_url(store)))
+    value = catalog_obj.create_token(None if admin else tenant, label=label)
+    if as_json:
+        _print_json({"token": value, "tenant": tenant, "admin": admin, "label": label})
+        return
+    console.print(f"{'admin' if admin else 'tenant ' + tenant} token (shown once, store it now):", highlight=False)
+    print(value)
