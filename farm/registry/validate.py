@@ -82,8 +82,13 @@ def check_config(raw: bytes, base_model: str, base_architecture: str | None) -> 
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str):
         raise PublishError(f"{CONFIG_FILE}: field 'peft_type' must be a string")
-    if config.get("auto_mapping") or config.get("auto_map"):
+    if config.get("auto_map"):
         raise PublishError(f"{CONFIG_FILE}: 'auto_map' points at custom code, which is refused")
+    mapping = config.get("auto_mapping") or {}
+    library = mapping.get("parent_library", "transformers.") if isinstance(mapping, dict) else None
+    if not isinstance(library, str) or not library.startswith("transformers."):
+        # PEFT imports this module when loading with AutoPeftModel: only transformers' own.
+        raise PublishError(f"{CONFIG_FILE}: 'auto_mapping' names {library!r}; only transformers classes are accepted")
     info = method_for_peft_type(peft_type, config)
     if info is None:
         raise PublishError(f"{CONFIG_FILE}: peft_type {peft_type!r} is not a method the farm knows")

@@ -1,0 +1,84 @@
+"""Registry fixtures: real PEFT adapters, and registries on every backend combination.
+
+Backends: local folder + SQLite, S3 (a real SeaweedFS server) + SQLite, local folder +
+PostgreSQL (a real PostgreSQL 15 server). The servers start once per session; each test gets
+a fresh bucket prefix or database. Nothing here skips: a server that cannot start fails.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.servers import PostgresServer, SeaweedS3Server
+
+BACKENDS = ["local+sqlite", "s3+sqlite", "local+postgres"]
+
+
+def make_lora_adapter(base_model_dir: Path, out: Path, rank: int = 8, seed: int = 0,
+                      targets=("q_proj", "v_proj")) -> Path:
+    """A real PEFT LoRA adapter for the tiny base, saved with safetensors (random, non-zero B)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=16, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # a trained-looking adapter, not the all-zero init
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(base_model_dir, tmp_path_factory) -> Path:
+    return make_lora_adapter(base_model_dir, tmp_path_factory.mktemp("adapter") / "a")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with SeaweedS3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def registry_env(request, tmp_path, monkeypatch):
+    """(store URI, catalog URL or None) for one backend combination, fresh per test."""
+    kind = request.param
+    if kind == "local+sqlite":
+        return str(tmp_path / "store"), None
+    if kind == "s3+sqlite":
+        server = request.getfixturevalue("s3_server")
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        return f"s3://{server.bucket}/t-{uuid.uuid4().hex[:10]}", f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    server = request.getfixturevalue("pg_server")
+    from sqlalchemy import create_engine, text
+
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{database}"'))
+    admin.dispose()
+    return str(tmp_path / "store"), server.url.rsplit("/", 1)[0] + f"/{database}"
+
+
+@pytest.fixture
+def registry(registry_env):
+    from farm.registry import open_registry
+
+    store, catalog = registry_env
+    reg = open_registry(store, catalog)
+    yield reg
+    reg.catalog.engine.dispose()

@@ -1,0 +1,196 @@
+"""One contract every registry backend combination must honour (see conftest.BACKENDS)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from farm.registry import NotFound, PublishError, open_registry
+from farm.registry.catalog import Principal
+from farm.registry.names import NameError_
+from farm.registry.store import IntegrityError
+
+from .conftest import make_lora_adapter
+
+
+def _publish(registry, base_model_dir, adapter_dir, tenant="acme", adapter="support", **kw):
+    return registry.publish(tenant, adapter, adapter_dir, base_model=str(base_model_dir), **kw)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TestRegistryContract:
+    def test_publish_resolve_download_and_immutable_serve_names(self, registry, base_model_dir,
+                                                                 adapter_dir, tmp_path):
+        v1 = _publish(registry, base_model_dir, adapter_dir, metrics={"eval_loss": 2.5},
+                      lineage={"sweep_id": "sweep-a", "dataset_fingerprint": "f" * 64})
+        assert v1.serve_name == "acme.support.v1" and v1.servable_by_vllm and v1.rank == 8
+        assert v1.method == "lora" and v1.aliases == ["latest"]
+        assert v1.files["adapter_model.safetensors"]["sha256"] == _sha(adapter_dir / "adapter_model.safetensors")
+        assert v1.lineage["code_version"] and v1.lineage["sweep_id"] == "sweep-a"
+        v2 = _publish(registry, base_model_dir, adapter_dir, metrics={"eval_loss": 1.5})
+        assert v2.serve_name == "acme.support.v2"
+        assert registry.resolve("acme.support@latest").version == 2
+        assert registry.resolve("acme.support.v1").metrics == {"eval_loss": 2.5}  # v1 unchanged
+        got = registry.download("acme.support.v1", tmp_path / "dl")
+        assert got.version == 1
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert _sha(tmp_path / "dl" / name) == _sha(adapter_dir / name)
+        with pytest.raises(NotFound):
+            registry.resolve("acme.support.v9")
+        with pytest.raises(NotFound):
+            registry.resolve("acme.other@latest")
+
+    def test_search_filters_sort_and_pagination(self, registry, base_model_dir, adapter_dir, tmp_path):
+        odd_rank = make_lora_adapter(base_model_dir, tmp_path / "r4", rank=4)
+        for index, tenant in enumerate(["acme", "acme", "globex", "hooli"]):
+            _publish(registry, base_model_dir, adapter_dir, tenant=tenant,
+                     metrics={"eval_loss": 3.0 - index * 0.5},
+                     lineage={"sweep_id": "s-even" if index % 2 == 0 else "s-odd"})
+        bad = _publish(registry, base_model_dir, odd_rank, tenant="globex", adapter="tiny")
+        assert not bad.servable_by_vllm and "rank 4" in bad.not_servable_reason
+        items, total = registry.search()
+        assert total == 5 and len(items) == 5
+        assert {v.serve_name for v in registry.search(tenant="acme")[0]} == {"acme.support.v1", "acme.support.v2"}
+        assert [v.serve_name for v in registry.search(servable=False)[0]] == ["globex.tiny.v1"]
+        assert registry.search(sweep_id="s-odd")[1] == 2
+        assert registry.search(base_model=str(base_model_dir))[1] == 5
+        assert registry.search(method="dora")[1] == 0
+        best = registry.search(metric_filters=[("eval_loss", "<=", 2.0)], sort="metric:eval_loss")[0]
+        assert [v.metrics["eval_loss"] for v in best] == [1.5, 2.0]
+        page1, total = registry.search(sort="version", limit=2, offset=0, tenant="acme")
+        page2, _ = registry.search(sort="version", limit=2, offset=2, tenant="acme")
+        assert [v.version for v in page1] == [1, 2] and page2 == [] and total == 2
+        assert registry.search(alias="latest")[1] == 4  # one latest per adapter
+        newest = registry.search(sort="-created_at", limit=1)[0][0]
+        assert newest.serve_name == "globex.tiny.v1"
+        with pytest.raises(ValueError):
+            registry.search(sort="colour")
+
+    def test_aliases_archive_delete_and_numbers_never_reused(self, registry, base_model_dir, adapter_dir):
+        for _ in range(3):
+            _publish(registry, base_model_dir, adapter_dir)
+        assert registry.set_alias("acme", "support", "production", 1) == (None, 1)
+        assert registry.resolve("acme.support@production").version == 1
+        assert registry.set_alias("acme", "support", "production", 2) == (1, 2)  # moved
+        assert registry.resolve("acme.support@production").version == 2
+        assert registry.delete_alias("acme", "support", "production") == 2
+        with pytest.raises(NotFound):
+            registry.resolve("acme.support@production")
+        registry.archive("acme", "support", 3)  # holds `latest`: archiving drops the alias
+        assert registry.search(tenant="acme")[1] == 2
+        assert registry.search(tenant="acme", status="archived")[1] == 1
+        with pytest.raises(NotFound):
+            registry.resolve("acme.support@latest")
+        registry.delete("acme", "support", 2)
+        with pytest.raises(NotFound):
+            registry.resolve("acme.support.v2")
+        assert registry.store.read_manifest("acme", "support", 2) is None
+        assert _publish(registry, base_model_dir, adapter_dir).version == 4  # 2 is not reused
+        with pytest.raises(NotFound):
+            registry.set_alias("acme", "support", "production", 2)
+
+    def test_tenant_principal_sees_only_its_own_tenant(self, registry, base_model_dir, adapter_dir, tmp_path):
+        _publish(registry, base_model_dir, adapter_dir, tenant="acme")
+        _publish(registry, base_model_dir, adapter_dir, tenant="globex")
+        acme = Principal("acme")
+        assert [v.tenant for v in registry.search(acme)[0]] == ["acme"]
+        assert registry.search(acme, tenant="globex") == ([], 0)
+        for call in (lambda: registry.resolve("globex.support.v1", acme),
+                     lambda: registry.resolve("globex.support@latest", acme),
+                     lambda: registry.download("globex.support.v1", tmp_path / "x", acme),
+                     lambda: registry.set_alias("globex", "support", "production", 1, acme),
+                     lambda: registry.delete_alias("globex", "support", "latest", acme),
+                     lambda: registry.archive("globex", "support", 1, acme),
+                     lambda: registry.delete("globex", "support", 1, acme)):
+            with pytest.raises(NotFound):
+                call()
+        assert registry.resolve("globex.support@latest").version == 1  # untouched
+
+    def test_traversal_names_and_pickles_are_refused(self, registry, base_model_dir, adapter_dir, tmp_path):
+        for tenant, adapter in (("../evil", "a"), ("acme", "a/b"), ("acme", ".."), ("ACME", "a"),
+                                ("acme", "a\x00b"), ("/abs", "a")):
+            with pytest.raises(NameError_):
+                _publish(registry, base_model_dir, adapter_dir, tenant=tenant, adapter=adapter)
+        with pytest.raises(NameError_):
+            _publish(registry, base_model_dir, adapter_dir, aliases=("../prod",))
+        pickled = tmp_path / "pickled"
+        shutil.copytree(adapter_dir, pickled)
+        (pickled / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+        with pytest.raises(PublishError, match="pickle"):
+            _publish(registry, base_model_dir, pickled)
+        fake = tmp_path / "fake"
+        shutil.copytree(adapter_dir, fake)
+        (fake / "adapter_model.safetensors").write_bytes(b"\x80\x04 definitely not safetensors")
+        with pytest.raises(PublishError, match="not a valid safetensors"):
+            _publish(registry, base_model_dir, fake)
+        assert registry.search()[1] == 0 and list(registry.store.versions()) == []
+
+    def test_concurrent_publishes_get_distinct_versions(self, registry, base_model_dir, adapter_dir):
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            infos = list(pool.map(lambda _: _publish(registry, base_model_dir, adapter_dir), range(20)))
+        assert sorted(i.version for i in infos) == list(range(1, 21))
+        assert registry.search(limit=100)[1] == 20
+        assert registry.resolve("acme.support@latest").version in range(1, 21)
+
+    def test_a_publish_killed_between_writes_leaves_no_visible_version(self, registry_env, registry,
+                                                                       base_model_dir, adapter_dir):
+        store, catalog = registry_env
+        # A real process, SIGKILLed right before its manifest (the last write) lands.
+        script = textwrap.dedent(f"""
+            import os, signal
+            from pathlib import Path
+            from farm.registry import open_registry
+            from farm.registry.store import Store
+            real_put = Store._put
+            def dying_put(self, destination, data):
+                if destination.endswith("manifest.json"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_put(self, destination, data)
+            Store._put = dying_put
+            registry = open_registry({store!r}, {catalog!r})
+            registry.publish("acme", "support", Path({str(adapter_dir)!r}), base_model={str(base_model_dir)!r})
+        """)
+        proc = subprocess.run([sys.executable, "-c", script], env=os.environ.copy(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        assert registry.search()[1] == 0
+        with pytest.raises(NotFound):
+            registry.resolve("acme.support@latest")
+        assert list(registry.store.versions()) == []
+        leftovers = registry.gc(older_than_s=0)
+        assert len(leftovers) == 1  # the weights written before the kill
+        assert registry.gc(older_than_s=0) == []
+        after = _publish(registry, base_model_dir, adapter_dir)
+        assert after.version == 2  # number 1 was allocated to the dead publish; never reused
+
+    def test_reindex_rebuilds_the_catalog_from_manifests(self, registry_env, registry, base_model_dir,
+                                                         adapter_dir, tmp_path):
+        _publish(registry, base_model_dir, adapter_dir, metrics={"eval_loss": 1.0})
+        _publish(registry, base_model_dir, adapter_dir, tenant="globex")
+        _publish(registry, base_model_dir, adapter_dir, tenant="globex")
+        store, _ = registry_env
+        fresh = open_registry(store, f"sqlite:///{tmp_path / 'rebuilt.sqlite'}")
+        assert fresh.search()[1] == 0
+        assert fresh.reindex() == 3
+        assert fresh.resolve("globex.support@latest").version == 2
+        assert fresh.resolve("acme.support.v1").metrics == {"eval_loss": 1.0}
+        assert _publish(fresh, base_model_dir, adapter_dir, tenant="globex").version == 3
+
+    def test_a_damaged_stored_file_is_detected_on_download(self, registry, base_model_dir, adapter_dir, tmp_path):
+        info = _publish(registry, base_model_dir, adapter_dir)
+        path = f"{registry.store.version_dir('acme', 'support', info.version)}/adapter_model.safetensors"
+        with registry.store.fs.open_output_stream(path) as out:
+            out.write(b"tampered")
+        with pytest.raises(IntegrityError):
+            registry.download("acme.support.v1", tmp_path / "dl")
