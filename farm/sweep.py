@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -169,14 +170,23 @@ def _publish_adapter(checkpoint, destination: Path) -> dict:
     return result
 
 
-def _error_text(exc: BaseException) -> str:
-    """The root cause of a failed trainer, in one line."""
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(Error|Exception|Interrupt|Exit))(: .*)?$")
+
+
+def error_summary(exc: BaseException) -> str:
+    """The root cause of a failed trainer in a line or three: the innermost exception line
+    of the worker's traceback (Ray wraps it in WorkerGroupError) and what follows it."""
     cause = exc
     while getattr(cause, "__cause__", None) is not None:
         cause = cause.__cause__
-    text = str(cause).strip().splitlines()
-    last = next((line for line in reversed(text) if line.strip()), type(cause).__name__)
-    return f"{type(cause).__name__}: {last.strip()}"[:500]
+    lines = [line.rstrip() for line in str(cause).splitlines() if line.strip()]
+    for index in range(len(lines) - 1, -1, -1):
+        if _EXCEPTION_LINE.match(lines[index]):
+            detail = [lines[index].strip()] + [line.strip() for line in lines[index + 1:index + 3]
+                                                if not line.strip().startswith("For further information")]
+            return " | ".join(detail)[:500]
+    last = lines[-1].strip() if lines else ""
+    return f"{type(cause).__name__}: {last}"[:500]
 
 
 def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
@@ -199,7 +209,7 @@ def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
         )
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError after the retries, or set-up errors
-        return {"ok": False, "error": _error_text(exc), "trace": traceback.format_exc()[-4000:]}
+        return {"ok": False, "error": error_summary(exc), "trace": traceback.format_exc()[-4000:]}
     return {"ok": True, "checkpoint": result.checkpoint, "result": result.return_value}
 
 

@@ -39,3 +39,18 @@ def test_markdown_report_escapes_errors():
     report = SweepReport("s", 1.0, [TenantOutcome("a", "failed", error="bad | pipe\nnewline")])
     text = markdown(report)
     assert "bad \\| pipe newline" in text and not report.ok
+
+
+def test_error_summary_finds_the_workers_root_cause():
+    from farm.sweep import error_summary
+
+    wrapped = RuntimeError(
+        "Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+        '  File "x.py", line 3, in f\n    raise ValueError("bad rank")\n'
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for TenantJob\n"
+        "adapter\n  Field required [type=missing]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/missing\n")
+    summary = error_summary(wrapped)
+    assert summary.startswith("pydantic_core._pydantic_core.ValidationError: 1 validation error")
+    assert "Field required" in summary and "further information" not in summary
+    assert error_summary(KeyError("x")) == "KeyError: 'x'"
