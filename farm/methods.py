@@ -110,6 +110,11 @@ METHODS: dict[str, MethodInfo] = {
 }
 
 
+#: Methods whose adapter can be folded into the base weights (``farm export merged``).
+#: DoRA is LoRA with ``use_dora``; the registry records it as its own method.
+MERGEABLE_METHODS = frozenset({"lora", "dora"})
+
+
 def method_for_peft_type(peft_type: str, config: dict) -> MethodInfo | None:
     """The registry entry of a saved adapter's ``peft_type`` (None when the farm has none)."""
     for info in METHODS.values():
