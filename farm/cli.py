@@ -28,8 +28,9 @@ app.add_typer(base_model_app, name="base-model")
 app.add_typer(samples_app, name="samples")
 app.add_typer(spec_app, name="spec")
 app.add_typer(data_app, name="data")
-from farm.registry_cli import registry_app  # noqa: E402
+from farm.registry_cli import export_app, registry_app  # noqa: E402
 app.add_typer(registry_app, name="registry")
+app.add_typer(export_app, name="export")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -233,22 +233,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _has_admin_token(catalog) -> bool:
-    from sqlalchemy import select
-
-    from farm.registry.catalog import TokenRow
-
-    with catalog.sessions() as session:
-        return session.scalar(select(TokenRow.id).where(TokenRow.tenant.is_(None),
-                                                        TokenRow.revoked.is_(False)).limit(1)) is not None
+def _catalog_has_admin(catalog) -> bool:
+    return catalog.has_admin_token()
 
 
-def _register_admin_token(catalog, token: str) -> None:
-    """Record a given admin token (FARM_REGISTRY_ADMIN_TOKEN) by its hash."""
-    from farm.registry.catalog import TokenRow, hash_token
-
-    with catalog.sessions.begin() as session:
-        session.add(TokenRow(token_hash=hash_token(token), tenant=None, label="FARM_REGISTRY_ADMIN_TOKEN"))
+def _catalog_add_admin(catalog, token: str) -> None:
+    catalog.add_token(token, None, label="FARM_REGISTRY_ADMIN_TOKEN")
 
 
 @registry_app.command("serve")
@@ -272,10 +262,10 @@ def serve_cmd(
     if env_token:
         known = registry.catalog.principal(env_token)
         if known is None:
-            _register_admin_token(registry.catalog, env_token)
+            _catalog_add_admin(registry.catalog, env_token)
         elif not known.is_admin:
             _fail("FARM_REGISTRY_ADMIN_TOKEN is a tenant token, not an admin token")
-    elif not _has_admin_token(registry.catalog):
+    elif not _catalog_has_admin(registry.catalog):
         _fail("the catalog has no admin token: run `farm registry token create --admin` first, "
               "or set FARM_REGISTRY_ADMIN_TOKEN")
     err_console.print(f"registry API on http://{host}:{port} (docs at /docs), store {store}")
@@ -458,3 +448,32 @@ def token_create(tenant: Optional[str] = typer.Option(None, help="a token that s
         return
     console.print(f"{'admin' if admin else 'tenant ' + tenant} token (shown once, store it now):", highlight=False)
     print(value)
+
+
+# -- exports (work on the store directly: they need the files and the base model) --------------
+export_app = typer.Typer(help="Export a registry version: merged model, or GGUF for Ollama.",
+                         no_args_is_help=True)
+
+
+@export_app.command("merged")
+def export_merged_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
+                      out: Path = typer.Option(..., help="new folder for the merged model"),
+                      store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Write base + adapter merged into a standalone transformers model folder."""
+    from farm.registry.core import open_registry
+    from farm.serving.export import export_merged
+
+    info, folder = _guarded(lambda: export_merged(open_registry(store, catalog), ref, out))
+    console.print(f"{info.serve_name} merged into {info.base_model} -> {folder}")
+
+
+@export_app.command("ollama")
+def export_ollama_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
+                      out: Path = typer.Option(..., help="new folder for the GGUF adapter and Modelfile"),
+                      store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Write the adapter as a GGUF LoRA plus a Modelfile (FROM <base>, ADAPTER ./<file>.gguf)."""
+    from farm.registry.core import open_registry
+    from farm.serving.export import export_gguf
+
+    info, gguf_path, modelfile = _guarded(lambda: export_gguf(open_registry(store, catalog), ref, out))
+    console.print(f"{info.serve_name} -> {gguf_path} and {modelfile}")

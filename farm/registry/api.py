@@ -49,6 +49,11 @@ MAX_JSON_BODY_BYTES = 64 * 2**10       # every other request body (alias updates
 TOKEN_CACHE_SECONDS = 5.0
 MAX_VERSION = 999_999_999              # serve names allow up to nine digits
 _PUBLISH_PATH = re.compile(r"^/v1/adapters/[^/]+/[^/]+/versions/?$")
+# Documented in the OpenAPI schema (so clients and fuzzers see the shape); enforced in the
+# handlers with readable messages (names.py is the authority).
+_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
+_SERVE_PATTERN = rf"^{_NAME}\.{_NAME}\.v[1-9][0-9]{{0,8}}$"
+_REF_PATTERN = rf"^{_NAME}\.{_NAME}(\.v[1-9][0-9]{{0,8}}|@{_NAME})$"
 _METRIC_FILTER = re.compile(r"^(?P<name>[^<>=]+?)\s*(?P<op><=|>=|<|>|=)\s*(?P<value>\S.*)$")
 
 
@@ -199,6 +204,18 @@ def _utc(value: datetime | None, field: str) -> datetime | None:
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
     except (OverflowError, ValueError):
         raise ValueError(f"{field}: out of range") from None
+
+
+def _name_param(kind: str):
+    return PathParam(..., max_length=63, description=f"{kind} name", json_schema_extra={"pattern": f"^{_NAME}$"})
+
+
+def _ref_param(serve_only: bool = False):
+    if serve_only:
+        return PathParam(..., max_length=200, description="serve name tenant.adapter.vN",
+                         json_schema_extra={"pattern": _SERVE_PATTERN})
+    return PathParam(..., max_length=200, description="serve name tenant.adapter.vN or alias reference "
+                     "tenant.adapter@alias", json_schema_extra={"pattern": _REF_PATTERN})
 
 
 def _not_found(what: str) -> HTTPException:
@@ -390,12 +407,14 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     @app.get("/v1/versions", response_model=VersionList, tags=["versions"], responses=_ERRORS)
     def list_versions(
         who: Principal = Depends(principal),
-        tenant: str | None = Query(None, description="admin only; a tenant token always sees itself"),
-        adapter: str | None = Query(None),
+        tenant: str | None = Query(None, description="admin only; a tenant token always sees itself",
+                                   json_schema_extra={"pattern": f"^{_NAME}$"}),
+        adapter: str | None = Query(None, json_schema_extra={"pattern": f"^{_NAME}$"}),
         base_model: str | None = Query(None, max_length=500),
         method: str | None = Query(None, max_length=32),
         servable: bool | None = Query(None, description="servable by vLLM"),
-        alias: str | None = Query(None),
+        alias: str | None = Query(None, description="only versions this alias points at",
+                                  json_schema_extra={"pattern": f"^{_NAME}$"}),
         sweep_id: str | None = Query(None, max_length=200),
         status: Literal["active", "archived", "any"] = Query("active"),
         metric: list[str] = Query([], description="repeatable: NAME<op>VALUE, e.g. eval_loss<=3.5"),
@@ -428,7 +447,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
         return {"items": [item.to_dict() for item in items], "total": total, "limit": limit, "offset": offset}
 
     @app.get("/v1/versions/{ref}", response_model=VersionOut, tags=["versions"], responses=_ERRORS)
-    def get_version(ref: str = PathParam(..., max_length=200, description="tenant.adapter.vN or tenant.adapter@alias"),
+    def get_version(ref: str = _ref_param(),
                     who: Principal = Depends(principal)) -> dict:
         """One version by serve name or alias reference."""
         return resolve(ref, who).to_dict()
@@ -436,7 +455,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     @app.get("/v1/versions/{ref}/files/{name}", tags=["versions"], response_class=StreamingResponse,
              responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}},
                                          "description": "the file, streamed"}})
-    async def download_file(ref: str = PathParam(..., max_length=200), name: str = PathParam(..., max_length=200),
+    async def download_file(ref: str = _ref_param(),
+                            name: str = PathParam(..., max_length=200, description="a file of the version"),
                             who: Principal = Depends(principal)):
         """Stream one file of a version; ``X-Content-SHA256`` carries its manifest digest."""
         info = await run_in_threadpool(resolve, ref, who)
@@ -463,7 +483,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
             "Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.post("/v1/versions/{ref}/archive", response_model=VersionOut, tags=["lifecycle"], responses=_ERRORS)
-    def archive_version(ref: str = PathParam(..., max_length=200), who: Principal = Depends(principal)) -> dict:
+    def archive_version(ref: str = _ref_param(serve_only=True), who: Principal = Depends(principal)) -> dict:
         """Hide a version from default searches and drop its aliases (files stay)."""
         parsed = serve_ref(ref)
         try:
@@ -474,7 +494,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
 
     @app.delete("/v1/versions/{ref}", status_code=204, response_class=Response, tags=["lifecycle"],
                 responses=_ERRORS)
-    def delete_version(ref: str = PathParam(..., max_length=200), who: Principal = Depends(principal)) -> Response:
+    def delete_version(ref: str = _ref_param(serve_only=True), who: Principal = Depends(principal)) -> Response:
         """Delete a version; its number is never reused."""
         parsed = serve_ref(ref)
         try:
@@ -486,8 +506,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     # -- aliases -----------------------------------------------------------------------------------
     @app.put("/v1/adapters/{tenant}/{adapter}/aliases/{alias}", response_model=AliasOut, tags=["aliases"],
              responses=_ERRORS)
-    def set_alias(body: AliasBody, tenant: str = PathParam(..., max_length=63),
-                  adapter: str = PathParam(..., max_length=63), alias: str = PathParam(..., max_length=63),
+    def set_alias(body: AliasBody, tenant: str = _name_param("tenant"),
+                  adapter: str = _name_param("adapter"), alias: str = _name_param("alias"),
                   who: Principal = Depends(principal)) -> dict:
         """Point (or move) an alias at a version; answers the version it pointed at before."""
         check_name("tenant", tenant), check_name("adapter", adapter), check_name("alias", alias)
@@ -502,8 +522,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
 
     @app.delete("/v1/adapters/{tenant}/{adapter}/aliases/{alias}", status_code=204, response_class=Response,
                 tags=["aliases"], responses=_ERRORS)
-    def delete_alias(tenant: str = PathParam(..., max_length=63), adapter: str = PathParam(..., max_length=63),
-                     alias: str = PathParam(..., max_length=63), who: Principal = Depends(principal)) -> Response:
+    def delete_alias(tenant: str = _name_param("tenant"), adapter: str = _name_param("adapter"),
+                     alias: str = _name_param("alias"), who: Principal = Depends(principal)) -> Response:
         """Remove an alias (the version stays)."""
         check_name("tenant", tenant), check_name("adapter", adapter), check_name("alias", alias)
         what = f"{tenant}.{adapter}@{alias}"
@@ -531,8 +551,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     @app.post("/v1/adapters/{tenant}/{adapter}/versions", status_code=201, response_model=VersionOut,
               tags=["versions"], openapi_extra=publish_body,
               responses={**_ERRORS, 413: {"model": ErrorOut, "description": "upload over the size limit"}})
-    async def publish(request: Request, tenant: str = PathParam(..., max_length=63),
-                      adapter: str = PathParam(..., max_length=63), who: Principal = Depends(principal)) -> dict:
+    async def publish(request: Request, tenant: str = _name_param("tenant"),
+                      adapter: str = _name_param("adapter"), who: Principal = Depends(principal)) -> dict:
         """Publish an adapter folder (multipart upload) as the next version of tenant/adapter."""
         check_name("tenant", tenant), check_name("adapter", adapter)
         may_write(who, tenant, f"{tenant}.{adapter}")
@@ -595,7 +615,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                 _check_config_bounds(paths[validate.CONFIG_FILE])
                 return registry.publish(tenant, adapter, paths, base_model=base_model,
                                         base_architecture=base_architecture, metrics=metrics, training=training,
-                                        lineage=lineage, aliases=aliases, max_file_bytes=max_upload_bytes)
+                                        lineage=lineage, aliases=aliases, max_file_bytes=max_upload_bytes,
+                                        detect_architecture=False)
 
             try:
                 info = await run_in_threadpool(save_and_publish)

@@ -195,6 +195,8 @@ class Catalog:
 
         with self.sessions.begin() as session:
             row = self._get_or_create(session, tenant, adapter)
+            if move_aliases:
+                self._lock_adapter(session, row.id)  # before the insert: one lock order for all
             version = VersionRow(
                 adapter_id=row.id, number=number, serve_name=serve_name(tenant, adapter, number),
                 base_model=manifest["base_model"], method=manifest["method"],
@@ -212,6 +214,13 @@ class Catalog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     session.add(MetricRow(version_id=version.id, name=name, value=float(value)))
             for alias in move_aliases:
+                if alias == "latest":
+                    # concurrent publishers may commit out of order: latest only moves forward
+                    current = session.scalar(select(VersionRow.number).join(
+                        AliasRow, AliasRow.version_id == VersionRow.id).where(
+                        AliasRow.adapter_id == row.id, AliasRow.name == "latest"))
+                    if current is not None and current > number:
+                        continue
                 self._point_alias(session, row.id, alias, version.id)
 
     def has_version(self, tenant: str, adapter: str, number: int) -> bool:
@@ -312,6 +321,12 @@ class Catalog:
 
     # -- aliases -----------------------------------------------------------------------------
     @staticmethod
+    def _lock_adapter(session: Session, adapter_id: int) -> None:
+        """Serialise alias changes of one adapter (row lock on PostgreSQL; SQLite writes are serial)."""
+        # FOR NO KEY UPDATE: excludes other alias writers, not inserts that reference the row
+        session.execute(select(AdapterRow.id).where(AdapterRow.id == adapter_id).with_for_update(key_share=True))
+
+    @staticmethod
     def _point_alias(session: Session, adapter_id: int, alias: str, version_id: int) -> int | None:
         row = session.scalar(select(AliasRow).where(AliasRow.adapter_id == adapter_id, AliasRow.name == alias))
         previous = None
@@ -329,6 +344,7 @@ class Catalog:
                 TenantRow.name == tenant, AdapterRow.name == adapter, VersionRow.number == number))
             if version is None or version.status != "active":
                 raise KeyError(f"{tenant}.{adapter}.v{number}")
+            self._lock_adapter(session, version.adapter_id)
             previous = self._point_alias(session, version.adapter_id, alias, version.id)
             old = session.get(VersionRow, previous).number if previous else None
             return old, number
@@ -393,6 +409,18 @@ class Catalog:
         with self.sessions.begin() as session:
             session.add(TokenRow(token_hash=hash_token(token), tenant=tenant, label=label))
         return token
+
+    def add_token(self, token: str, tenant: str | None, label: str = "") -> None:
+        """Record a token chosen elsewhere (for example FARM_REGISTRY_ADMIN_TOKEN) by its hash."""
+        with self.sessions.begin() as session:
+            if session.scalar(select(TokenRow).where(TokenRow.token_hash == hash_token(token))) is None:
+                session.add(TokenRow(token_hash=hash_token(token), tenant=tenant, label=label))
+
+    def has_admin_token(self) -> bool:
+        """Whether any unrevoked admin token exists."""
+        with self.sessions() as session:
+            return session.scalar(select(TokenRow.id).where(TokenRow.tenant.is_(None),
+                                                            TokenRow.revoked.is_(False)).limit(1)) is not None
 
     def principal(self, token: str) -> Principal | None:
         """Who a bearer token belongs to (None for unknown or revoked tokens)."""

@@ -97,17 +97,23 @@ class Registry:
                 base_architecture: str | None = None, metrics: dict | None = None,
                 training: dict | None = None, lineage: dict | None = None,
                 aliases: tuple[str, ...] = ("latest",),
-                max_file_bytes: int = validate.DEFAULT_MAX_FILE_BYTES) -> VersionInfo:
-        """Validate and publish an adapter folder as the next version of ``tenant/adapter``."""
+                max_file_bytes: int = validate.DEFAULT_MAX_FILE_BYTES,
+                detect_architecture: bool = True) -> VersionInfo:
+        """Validate and publish an adapter folder as the next version of ``tenant/adapter``.
+
+        ``detect_architecture`` reads a local base model's config.json when no architecture
+        is given; the HTTP API turns it off (it never reads paths a caller names).
+        """
         check_name("tenant", tenant)
         check_name("adapter", adapter)
         for alias in aliases:
             check_name("alias", alias)
+        validate.check_metadata(base_model=base_model, metrics=metrics or {}, lineage=lineage or {})
         files = folder if isinstance(folder, dict) else {
             p.name: p for p in Path(folder).iterdir() if p.is_file()}
         validate.validate_files({name: path.stat().st_size for name, path in files.items()}, max_file_bytes)
         validate.check_safetensors(files[validate.WEIGHTS_FILE])
-        if base_architecture is None:
+        if base_architecture is None and detect_architecture:
             base_architecture = _architecture_of(base_model)
         check = validate.check_config(files[validate.CONFIG_FILE].read_bytes(), base_model, base_architecture)
         number = self.catalog.reserve_number(tenant, adapter)
@@ -145,7 +151,7 @@ class Registry:
             principal: Principal | None = None) -> VersionInfo:
         """One version by number or alias; ``NotFound`` also when the principal may not see it."""
         if principal is not None and not principal.is_admin and principal.tenant != tenant:
-            raise NotFound(f"{tenant}.{adapter}")
+            raise NotFound(str(Ref(tenant, adapter, number, alias)))  # same answer as a missing one
         row = self.catalog.get_version(tenant, adapter, number=number, alias=alias)
         if row is None:
             raise NotFound(str(Ref(tenant, adapter, number, alias)))

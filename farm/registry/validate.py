@@ -57,6 +57,26 @@ def validate_files(files: dict[str, int], max_file_bytes: int = DEFAULT_MAX_FILE
             raise PublishError(f"{required}: missing")
 
 
+def check_metadata(base_model: str, metrics: dict, lineage: dict) -> None:
+    """Types and lengths of what is indexed next to a version (catalog column limits)."""
+    import math
+
+    if not isinstance(base_model, str) or not 0 < len(base_model) <= 500 or "\x00" in base_model:
+        raise PublishError("base_model: a non-empty string of at most 500 characters")
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not 0 < len(name) <= 100:
+            raise PublishError(f"metrics: name {name!r} must be a string of 1-100 characters")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, type(None))):
+            raise PublishError(f"metrics.{name}: expected a number, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PublishError(f"metrics.{name}: must be finite, got {value}")
+    limits = {"sweep_id": 200, "dataset_fingerprint": 64}
+    for key, limit in limits.items():
+        value = lineage.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > limit):
+            raise PublishError(f"lineage.{key}: expected a string of at most {limit} characters")
+
+
 def check_safetensors(path: Path) -> None:
     """Parse the safetensors header (never unpickles); raises ``PublishError`` if invalid."""
     from safetensors import safe_open
@@ -94,8 +114,8 @@ def check_config(raw: bytes, base_model: str, base_architecture: str | None) -> 
         raise PublishError(f"{CONFIG_FILE}: peft_type {peft_type!r} is not a method the farm knows")
     if peft_type == "LORA":
         rank = config.get("r")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise PublishError(f"{CONFIG_FILE}: field 'r' must be a positive integer, got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 65536:
+            raise PublishError(f"{CONFIG_FILE}: field 'r' must be an integer in 1..65536, got {rank!r}")
         targets = config.get("target_modules")
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise PublishError(f"{CONFIG_FILE}: field 'target_modules' must be a list of names")
