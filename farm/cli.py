@@ -31,6 +31,8 @@ app.add_typer(data_app, name="data")
 from farm.registry_cli import export_app, registry_app  # noqa: E402
 app.add_typer(registry_app, name="registry")
 app.add_typer(export_app, name="export")
+from farm.serving.cli import serve_cmd  # noqa: E402
+app.command("serve")(serve_cmd)
 
 console = Console()
 err_console = Console(stderr=True)

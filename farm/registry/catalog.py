@@ -309,6 +309,17 @@ class Catalog:
                                                   VersionRow.id.desc()).limit(limit).offset(offset)).all()
             return list(rows), int(total or 0)
 
+    def aliases_for(self, version_ids: list[int]) -> dict[int, list[str]]:
+        """Aliases of many versions in one query (a search page must not cost a query per row)."""
+        found: dict[int, list[str]] = {vid: [] for vid in version_ids}
+        if not version_ids:
+            return found
+        with self.sessions() as session:
+            for version_id, name in session.execute(
+                    select(AliasRow.version_id, AliasRow.name).where(AliasRow.version_id.in_(version_ids))):
+                found[version_id].append(name)
+        return {vid: sorted(names) for vid, names in found.items()}
+
     def aliases_of(self, version_id: int) -> list[str]:
         with self.sessions() as session:
             return sorted(session.scalars(select(AliasRow.name).where(AliasRow.version_id == version_id)))

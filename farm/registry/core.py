@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,17 +82,37 @@ def default_catalog_url(store_uri: str) -> str:
     return f"sqlite:///{Path(store_uri).expanduser().resolve() / 'catalog.sqlite'}"
 
 
-def open_registry(store_uri: str, catalog_url: str | None = None) -> "Registry":
-    """A registry over ``store_uri`` (folder or ``s3://``) and ``catalog_url`` (SQLAlchemy URL)."""
+def open_registry(store_uri: str, catalog_url: str | None = None,
+                  on_names_changed: Callable[[list[str], str], None] | None = None) -> "Registry":
+    """A registry over ``store_uri`` (folder or ``s3://``) and ``catalog_url`` (SQLAlchemy URL).
+
+    When ``FARM_VLLM_SERVERS`` names vLLM servers, alias moves and deletions are sent to
+    them (``farm.serving.notify``) unless ``on_names_changed`` says otherwise.
+    """
     store = Store(store_uri)
-    return Registry(store, Catalog(catalog_url or default_catalog_url(store_uri)))
+    if on_names_changed is None and os.environ.get("FARM_VLLM_SERVERS"):
+        from farm.serving.notify import unload_everywhere
+
+        on_names_changed = lambda names, base_model: unload_everywhere(names, base_model)  # noqa: E731
+    return Registry(store, Catalog(catalog_url or default_catalog_url(store_uri)), on_names_changed)
 
 
 class Registry:
-    """Publish, find, alias, archive and delete adapter versions."""
+    """Publish, find, alias, archive and delete adapter versions.
 
-    def __init__(self, store: Store, catalog: Catalog):
+    ``on_names_changed(names, base_model)`` is called with request names whose meaning just
+    changed (alias refs that moved or vanished, serve names of deleted versions), so serving
+    caches that hold them can drop them; vLLM caches an adapter by the name it was asked for.
+    """
+
+    def __init__(self, store: Store, catalog: Catalog,
+                 on_names_changed: Callable[[list[str], str], None] | None = None):
         self.store, self.catalog = store, catalog
+        self.on_names_changed = on_names_changed
+
+    def _changed(self, names: list[str], base_model: str) -> None:
+        if self.on_names_changed is not None and names:
+            self.on_names_changed(names, base_model)
 
     # -- publish -----------------------------------------------------------------------------
     def publish(self, tenant: str, adapter: str, folder: Path | dict[str, Path], *, base_model: str,
@@ -132,10 +154,11 @@ class Registry:
         manifest = self.store.write_version(tenant, adapter, number, files, manifest)
         size = sum(entry["size"] for entry in manifest["files"].values())
         self.catalog.add_version(tenant, adapter, number, manifest, size, move_aliases=aliases)
+        self._changed([f"{tenant}.{adapter}@{alias}" for alias in aliases], base_model)
         return self.get(tenant, adapter, number)
 
     # -- read --------------------------------------------------------------------------------
-    def _info(self, row: VersionRow) -> VersionInfo:
+    def _info(self, row: VersionRow, aliases: list[str] | None = None) -> VersionInfo:
         manifest = row.manifest
         tenant, adapter = manifest["tenant"], manifest["adapter"]
         return VersionInfo(
@@ -145,7 +168,8 @@ class Registry:
             status=row.status, created_at=manifest["created_at"], size_bytes=row.size_bytes,
             metrics=manifest.get("metrics", {}), lineage=manifest.get("lineage", {}),
             training=manifest.get("training", {}), method_settings=manifest.get("method_settings", {}),
-            files=manifest.get("files", {}), aliases=self.catalog.aliases_of(row.id))
+            files=manifest.get("files", {}),
+            aliases=aliases if aliases is not None else self.catalog.aliases_of(row.id))
 
     def get(self, tenant: str, adapter: str, number: int | None = None, alias: str | None = None,
             principal: Principal | None = None) -> VersionInfo:
@@ -169,7 +193,8 @@ class Registry:
                 return [], 0
             filters["tenant"] = principal.tenant
         rows, total = self.catalog.search(**filters)
-        return [self._info(row) for row in rows], total
+        aliases = self.catalog.aliases_for([row.id for row in rows])
+        return [self._info(row, aliases[row.id]) for row in rows], total
 
     def iter_file(self, info: VersionInfo, name: str):
         """Stream a file of a version (names come from its manifest only)."""
@@ -190,24 +215,31 @@ class Registry:
         check_name("alias", alias)
         self._writable(tenant, principal)
         try:
-            return self.catalog.set_alias(tenant, adapter, alias, number)
+            previous, number = self.catalog.set_alias(tenant, adapter, alias, number)
         except KeyError:
             raise NotFound(serve_name(tenant, adapter, number)) from None
+        if previous not in (None, number):
+            self._changed([f"{tenant}.{adapter}@{alias}"], self.get(tenant, adapter, number).base_model)
+        return previous, number
 
     def delete_alias(self, tenant: str, adapter: str, alias: str, principal: Principal | None = None) -> int:
         self._writable(tenant, principal)
         try:
-            return self.catalog.delete_alias(tenant, adapter, alias)
+            number = self.catalog.delete_alias(tenant, adapter, alias)
         except KeyError:
             raise NotFound(f"{tenant}.{adapter}@{alias}") from None
+        self._changed([f"{tenant}.{adapter}@{alias}"], self.get(tenant, adapter, number).base_model)
+        return number
 
     def archive(self, tenant: str, adapter: str, number: int, principal: Principal | None = None) -> None:
         """Hide a version from default searches and drop its aliases; files stay."""
         self._writable(tenant, principal)
+        before = self.get(tenant, adapter, number)
         try:
             self.catalog.set_status(tenant, adapter, number, "archived")
         except KeyError:
             raise NotFound(serve_name(tenant, adapter, number)) from None
+        self._changed([f"{tenant}.{adapter}@{a}" for a in before.aliases], before.base_model)
 
     def delete(self, tenant: str, adapter: str, number: int, principal: Principal | None = None) -> None:
         """Delete a version: its catalog row first (it vanishes at once), then its files.
@@ -216,10 +248,13 @@ class Registry:
         """
         self._writable(tenant, principal)
         try:
+            before = self.get(tenant, adapter, number)
             self.catalog.delete_version(tenant, adapter, number)
         except KeyError:
             raise NotFound(serve_name(tenant, adapter, number)) from None
         self.store.delete_version(tenant, adapter, number)
+        self._changed([before.serve_name] + [f"{tenant}.{adapter}@{a}" for a in before.aliases],
+                      before.base_model)
 
     @staticmethod
     def _writable(tenant: str, principal: Principal | None) -> None:

