@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
                         UniqueConstraint, create_engine, event, func, select)
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -81,7 +81,9 @@ class MetricRow(Base):
     """One numeric metric of a version, in its own row so SQL can filter and sort on it."""
 
     __tablename__ = "version_metrics"
-    __table_args__ = (UniqueConstraint("version_id", "name"),)
+    # (name, value) first: metric filters and metric sorts scan one metric's values in order
+    __table_args__ = (UniqueConstraint("version_id", "name"),
+                      Index("ix_version_metrics_name_value", "name", "value", "version_id"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100), index=True)
@@ -304,10 +306,13 @@ class Catalog:
         else:
             raise ValueError(f"sort {sort!r}: use created_at, version or metric:<name>, '-' for descending")
         with self.sessions() as session:
-            total = session.scalar(select(func.count()).select_from(query.subquery()))
-            rows = session.scalars(query.order_by(column.desc() if descending else column.asc(),
-                                                  VersionRow.id.desc()).limit(limit).offset(offset)).all()
-            return list(rows), int(total or 0)
+            rows = list(session.scalars(query.order_by(column.desc() if descending else column.asc(),
+                                                       VersionRow.id.desc()).limit(limit).offset(offset)))
+            if offset == 0 and len(rows) < limit:
+                return rows, len(rows)  # the whole result fits on this page: no count query
+            total = session.scalar(select(func.count()).select_from(
+                query.with_only_columns(VersionRow.id).subquery()))
+            return rows, int(total or 0)
 
     def aliases_for(self, version_ids: list[int]) -> dict[int, list[str]]:
         """Aliases of many versions in one query (a search page must not cost a query per row)."""

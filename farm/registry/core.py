@@ -20,7 +20,7 @@ import json
 import os
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,8 @@ class VersionInfo:
     aliases: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # not asdict(): it deep-copies every manifest, which dominates a search page's cost
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @functools.lru_cache(maxsize=1)

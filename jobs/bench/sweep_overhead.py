@@ -54,6 +54,8 @@ class FirstStepProgress:
             self.first_step = time.time()
 
 
+from bench_common import write_json  # noqa: E402  (sibling module; run as a script)
+
 def _jobs(spec_path: str, tenants: list[str], steps: int, output_dir: str) -> dict:
     """The tenants' jobs of the spec, with ``steps`` optimizer steps, writing under ``output_dir``."""
     from farm.spec import load_spec
@@ -320,10 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(payload, args.out)
     return 0
 
 

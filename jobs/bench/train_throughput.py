@@ -55,6 +55,8 @@ PADDING_GOAL = 0.05
 # -- helpers shared by both variants ---------------------------------------------------------
 
 
+from bench_common import write_json  # noqa: E402  (sibling module; run as a script)
+
 def _load_job(spec_path: str, tenant: str, steps: int, output_dir: str):
     from farm.spec import load_spec
 
@@ -479,10 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(modes) == 1:  # the single comparison also at the top level, as before
         payload.update(results=payload["modes"][modes[0]]["results"],
                        ratios=summaries[modes[0]]["ratios"], goals=summaries[modes[0]]["goals"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(payload, args.out)
     return 0
 
 
