@@ -225,11 +225,6 @@ class Catalog:
                         continue
                 self._point_alias(session, row.id, alias, version.id)
 
-    def has_version(self, tenant: str, adapter: str, number: int) -> bool:
-        with self.sessions() as session:
-            return session.scalar(self._versions().where(TenantRow.name == tenant, AdapterRow.name == adapter,
-                                                         VersionRow.number == number)) is not None
-
     # -- queries -----------------------------------------------------------------------------
     @staticmethod
     def _versions():
@@ -328,12 +323,6 @@ class Catalog:
     def aliases_of(self, version_id: int) -> list[str]:
         with self.sessions() as session:
             return sorted(session.scalars(select(AliasRow.name).where(AliasRow.version_id == version_id)))
-
-    def row_names(self, version: VersionRow) -> tuple[str, str]:
-        """(tenant, adapter) of a version row."""
-        with self.sessions() as session:
-            adapter = session.get(AdapterRow, version.adapter_id)
-            return session.get(TenantRow, adapter.tenant_id).name, adapter.name
 
     # -- aliases -----------------------------------------------------------------------------
     @staticmethod

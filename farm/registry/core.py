@@ -21,7 +21,6 @@ import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +303,3 @@ def _architecture_of(base_model: str) -> str | None:
         except (OSError, ValueError):
             return None
     return None
-
-
-def parse_created(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None

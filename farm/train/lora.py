@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from farm.data import DataReport, TenantData, load_tenant_data
+from farm.data import TenantData, load_tenant_data
 from farm.models import (Placement, build_peft_model, count_parameters, load_base_model,
                          load_tokenizer, select_device, select_placement)
 from farm.spec import TenantJob
@@ -285,9 +285,3 @@ def _all_reduce_sum(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return float(tensor)
-
-
-def data_report_only(job: TenantJob) -> DataReport:
-    """Validate a tenant's data (read, schema, render) without loading the model."""
-    tokenizer = load_tokenizer(job.base_model)
-    return load_tenant_data(job.tenant, job.settings.data, tokenizer).report
