@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm.registry import validate
 from farm.registry.catalog import Principal
-from farm.registry.core import NotFound, Registry
+from farm.registry.core import NotFound, Registry, VersionInfo
 from farm.registry.names import NameError_, Ref, check_name, parse_ref, serve_name
 from farm.registry.validate import PublishError
 
@@ -58,34 +58,8 @@ _METRIC_FILTER = re.compile(r"^(?P<name>[^<>=]+?)\s*(?P<op><=|>=|<|>|=)\s*(?P<va
 
 
 # -- response models (they are what /docs and /openapi.json describe) -------------------------
-class FileEntry(BaseModel):
-    sha256: str
-    size: int
-
-
-class VersionOut(BaseModel):
-    tenant: str
-    adapter: str
-    version: int
-    serve_name: str
-    base_model: str
-    method: str
-    rank: int | None
-    servable_by_vllm: bool
-    not_servable_reason: str | None
-    status: str
-    created_at: str
-    size_bytes: int
-    metrics: dict[str, Any]
-    lineage: dict[str, Any]
-    training: dict[str, Any]
-    method_settings: dict[str, Any]
-    files: dict[str, FileEntry]
-    aliases: list[str]
-
-
 class VersionList(BaseModel):
-    items: list[VersionOut]
+    items: list[VersionInfo]
     total: int
     limit: int
     offset: int
@@ -446,7 +420,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
             raise _unprocessable(str(exc)) from None
         return {"items": [item.to_dict() for item in items], "total": total, "limit": limit, "offset": offset}
 
-    @app.get("/v1/versions/{ref}", response_model=VersionOut, tags=["versions"], responses=_ERRORS)
+    @app.get("/v1/versions/{ref}", response_model=VersionInfo, tags=["versions"], responses=_ERRORS)
     def get_version(ref: str = _ref_param(),
                     who: Principal = Depends(principal)) -> dict:
         """One version by serve name or alias reference."""
@@ -482,7 +456,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
             "Content-Length": str(entry["size"]), "X-Content-SHA256": entry["sha256"],
             "Content-Disposition": f'attachment; filename="{name}"'})
 
-    @app.post("/v1/versions/{ref}/archive", response_model=VersionOut, tags=["lifecycle"], responses=_ERRORS)
+    @app.post("/v1/versions/{ref}/archive", response_model=VersionInfo, tags=["lifecycle"], responses=_ERRORS)
     def archive_version(ref: str = _ref_param(serve_only=True), who: Principal = Depends(principal)) -> dict:
         """Hide a version from default searches and drop its aliases (files stay)."""
         parsed = serve_ref(ref)
@@ -548,7 +522,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
             "aliases": {"type": "string", "description": "comma-separated aliases to point here (default latest)"},
         }}}}}}
 
-    @app.post("/v1/adapters/{tenant}/{adapter}/versions", status_code=201, response_model=VersionOut,
+    @app.post("/v1/adapters/{tenant}/{adapter}/versions", status_code=201, response_model=VersionInfo,
               tags=["versions"], openapi_extra=publish_body,
               responses={**_ERRORS, 413: {"model": ErrorOut, "description": "upload over the size limit"}})
     async def publish(request: Request, tenant: str = _name_param("tenant"),

@@ -24,10 +24,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import (
+    TypedDict,  # pydantic needs this one on Python < 3.12 (API schema)
+)
+
 from farm.registry import validate
 from farm.registry.catalog import Catalog, Principal, VersionRow, utcnow
 from farm.registry.names import Ref, check_name, parse_ref, serve_name
 from farm.registry.store import Store
+
+
+class FileEntry(TypedDict):
+    """A stored file's checksum and size, as the manifest records them."""
+
+    sha256: str
+    size: int
 
 
 class NotFound(KeyError):
@@ -36,7 +47,7 @@ class NotFound(KeyError):
 
 @dataclass
 class VersionInfo:
-    """One version as callers see it."""
+    """One version as callers see it (also the HTTP API's response model)."""
 
     tenant: str
     adapter: str
@@ -54,7 +65,7 @@ class VersionInfo:
     lineage: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     method_settings: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, dict] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
