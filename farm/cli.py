@@ -5,6 +5,7 @@
     farm spec validate jobs/configs/demo.yaml
     farm data check jobs/configs/demo.yaml
     farm train --spec jobs/configs/demo.yaml --tenant acme
+    farm plan --model llama-3.1-8b --method lora --rank 16 --batch 1 --grad-accum 4 --gpu 24GB
 """
 
 from __future__ import annotations
@@ -161,6 +162,63 @@ def train(
     console.print(table)
     console.print(f"eval loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f} "
                   f"({result.eval_loss_after / result.eval_loss_before:.2f}x)")
+
+
+@app.command("plan")
+def plan(
+    model: str = typer.Option(..., help="preset (llama-3.1-8b, llama-3.1-70b) or a config.json / model folder"),
+    method: str = typer.Option("lora", help="full, lora or qlora"),
+    rank: int = typer.Option(16, help="LoRA rank"),
+    targets: str = typer.Option("all-linear", help="LoRA target modules: all-linear or a comma-separated list"),
+    batch: int = typer.Option(1, help="sequences per micro-batch per device"),
+    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step (does not change memory)"),
+    zero_stage: int = typer.Option(0, help="DeepSpeed ZeRO stage for full fine-tuning (0-3)"),
+    offload: str = typer.Option("none", help="none or cpu (ZeRO-Offload)"),
+    devices: int = typer.Option(1, help="data-parallel devices ZeRO partitions over"),
+    precision: str = typer.Option("bf16", help="bf16 (GPUs) or fp32 (CPU runs)"),
+    optimizer: str = typer.Option("adamw", help="adamw (mixed precision, 16 B/param) or adamw-bf16 (8 B/param)"),
+    gradient_checkpointing: bool = typer.Option(True, help="recompute activations in backward"),
+    gpu: Optional[str] = typer.Option(None, help="device memory to check against, for example 24GB or 80G"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON (per-device total under total_gb)"),
+) -> None:
+    """Estimate per-device memory of a fine-tune before running it, and say whether it fits.
+
+    Exit code 1 when --gpu is given and the plan does not fit.
+    """
+    from farm.plan import GiB, PlanError, PlanRequest, devices_needed, load_shape, parse_size, plan_memory, render_table
+
+    try:
+        shape = load_shape(model)
+        request = PlanRequest(
+            method=method, zero_stage=zero_stage, offload=offload, devices=devices, rank=rank,
+            target_modules="all-linear" if targets == "all-linear" else tuple(t.strip() for t in targets.split(",")),
+            batch=batch, seq_len=seq_len, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
+            precision=precision, optimizer=optimizer)
+        result = plan_memory(shape, request)
+        device = parse_size(gpu) if gpu else None
+    except (PlanError, ValueError) as exc:
+        _fail(str(exc))
+    fits = result.fits(device) if device is not None else None
+    # For a full fine-tune that does not fit: how many ZeRO-3 devices would.
+    zero3 = devices_needed(shape, PlanRequest(**{**request.__dict__, "zero_stage": 3}), device) \
+        if fits is False and method == "full" else None
+    if as_json:
+        data = result.to_json()
+        if device is not None:
+            data.update(device_gb=round(device / GiB, 2), fits=fits, zero3_devices_needed=zero3)
+        print(json.dumps(data, indent=2))
+    else:
+        console.print(render_table(result, device))
+        for note in result.assumptions:
+            console.print(f"  - {note}", highlight=False, markup=False)
+        if fits is not None:
+            verdict = "[green]fits[/green]" if fits else "[red]does not fit[/red]"
+            console.print(f"{result.total_gb:.2f} GB per device on a {device / GiB:.0f} GB device: {verdict}")
+            if zero3:
+                console.print(f"a ZeRO-3 full fine-tune fits on {zero3} such devices")
+    if fits is False:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class TenantOutcome:
     error: str | None = None
     resumed_from_step: int | None = None
     first_step_delay_s: float | None = None   # from submission to the first training step
+    baseline_error: str | None = None         # why the full fine-tuning baseline did not run
     losses: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -43,6 +44,7 @@ class SweepReport:
     sweep_id: str
     wall_seconds: float
     outcomes: list[TenantOutcome]
+    comparison: list = field(default_factory=list)  # farm.baseline.ComparisonRow, LoRA vs full
 
     @property
     def ok(self) -> bool:
@@ -50,7 +52,8 @@ class SweepReport:
 
     def to_json(self) -> dict:
         return {"sweep_id": self.sweep_id, "wall_seconds": round(self.wall_seconds, 2), "ok": self.ok,
-                "tenants": [asdict(o) for o in self.outcomes]}
+                "tenants": [asdict(o) for o in self.outcomes],
+                "comparison": [{**asdict(row), "plan_error": round(row.plan_error, 4)} for row in self.comparison]}
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -82,6 +85,10 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
         cells[1] = f"[{colours.get(outcome.status, 'white')}]{outcome.status}[/]"
         table.add_row(*cells)
     console.print(table)
+    if report.comparison:
+        from farm.baseline import comparison_table
+
+        console.print(comparison_table(report.comparison))
 
 
 def markdown(report: SweepReport) -> str:
@@ -94,6 +101,11 @@ def markdown(report: SweepReport) -> str:
         cells = [c.replace("|", "\\|").replace("\n", " ") for c in _cells(outcome)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![loss curves](loss_curves.png)", ""]
+    if report.comparison:
+        from farm.baseline import comparison_markdown
+
+        lines += ["## LoRA vs full fine-tuning", "", comparison_markdown(report.comparison), "",
+                  "![LoRA vs full](lora_vs_full.png)", ""]
     return "\n".join(lines)
 
 
@@ -131,4 +143,8 @@ def write_report(report: SweepReport, folder: Path) -> dict[str, Path]:
     png = plot_losses(report, folder / "loss_curves.png")
     if png:
         paths["png"] = png
+    if report.comparison:
+        from farm.baseline import plot_comparison
+
+        paths["comparison_png"] = plot_comparison(report.comparison, folder / "lora_vs_full.png")
     return paths

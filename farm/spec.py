@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,9 +106,18 @@ class BaseModelSpec(StrictModel):
 class ResourceSpec(StrictModel):
     """What one tenant's trainer asks Ray for."""
 
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _non_negative(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError("must be 0 or more, or auto")
+        return value
+
     workers: int = Field(1, ge=1, description="data-parallel workers per tenant")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (fractions allowed)")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; fractions pack small jobs on one device")
+    gpus_per_worker: Union[float, Literal["auto"]] = Field(0.0, description="GPUs per worker; fractions pack small jobs on one device; auto: the planner packs as many LoRA jobs per GPU as fit (0 on CPU clusters)")
+    device_memory_gb: Optional[float] = Field(None, gt=0, description="memory of one GPU, for the planner; null: probed on a GPU node")
+    memory_per_worker: Optional[int] = Field(None, gt=0, description="bytes of Ray's memory resource each worker reserves; null: the planner's estimate on CPU clusters")
     accelerator_type: Optional[str] = Field(None, description="Ray accelerator type, for example A100")
     max_retries: int = Field(2, ge=0, description="worker-group restarts before a tenant fails")
 
@@ -118,6 +127,21 @@ class RegistrySpec(StrictModel):
 
     store: str = Field(..., description="store root: a local folder or s3://bucket/prefix")
     catalog: Optional[str] = Field(None, description="SQLAlchemy URL; default: SQLite file inside a local store")
+
+
+class BaselineSpec(StrictModel):
+    """A full fine-tuning baseline (DeepSpeed ZeRO) for some tenants, compared with their LoRA runs.
+
+    The baseline sees the same rows per optimizer step, in the same order, for the same number
+    of steps as the tenant's LoRA run; only the learning rate differs, because full fine-tuning
+    needs a much smaller one.
+    """
+
+    tenants: list[str] = Field(..., min_length=1, description="tenants to also fine-tune fully")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also weights")
+    offload: Literal["none", "cpu"] = Field("none", description="offload optimizer states (and, at stage 3, weights) to host memory")
+    workers: Optional[int] = Field(None, ge=1, description="data-parallel workers; null: the planner picks the fewest that fit (at least 2)")
+    learning_rate: float = Field(5e-5, gt=0, description="peak learning rate of the full fine-tune")
 
 
 class TenantEntry(StrictModel):
@@ -157,6 +181,7 @@ class SweepSpec(StrictModel):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     defaults: JobSettings = Field(default_factory=JobSettings)
     tenants: list[TenantEntry] = Field(..., min_length=1)
+    baseline: Optional[BaselineSpec] = Field(None, description="full fine-tuning baseline for some tenants (see below)")
 
     @field_validator("name")
     @classmethod
@@ -172,6 +197,10 @@ class SweepSpec(StrictModel):
             if tenant.name in seen:
                 raise ValueError(f"tenant {tenant.name!r} appears more than once")
             seen.add(tenant.name)
+        if self.baseline is not None:
+            unknown = [name for name in self.baseline.tenants if name not in seen]
+            if unknown:
+                raise ValueError(f"baseline.tenants: {', '.join(map(repr, unknown))} not among the spec's tenants")
         return self
 
 
@@ -348,13 +377,14 @@ def reference_markdown() -> str:
     """
     sections = [("top level", SweepSpec, ""), ("base_model", BaseModelSpec, "base_model."),
                 ("resources", ResourceSpec, "resources."), ("registry", RegistrySpec, "registry."),
+                ("baseline", BaselineSpec, "baseline."),
                 ("defaults / tenants[i]", JobSettings, ""), ("lora", LoraSettings, "lora."),
                 ("train", TrainSpec, "train."), ("data", DataSpec, "data.")]
     lines: list[str] = []
     for title, model, prefix in sections:
         lines += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():
-            if model is SweepSpec and name in ("base_model", "resources", "registry", "defaults"):
+            if model is SweepSpec and name in ("base_model", "resources", "registry", "defaults", "baseline"):
                 continue
             if model is JobSettings and name in ("lora", "train", "data"):
                 continue

@@ -36,6 +36,7 @@ from rich.console import Console
 from farm.data import DataError, load_tenant_data
 from farm.models import load_tokenizer
 from farm.report import SweepReport, TenantOutcome, print_report, write_report
+from farm.sizing import Capacity, DoesNotFit, cluster_capacity, size_baseline, size_lora
 from farm.spec import ResolvedSweep, ResourceSpec, TenantJob
 
 RESULT_FILE = "result.json"
@@ -82,12 +83,16 @@ def trainer_resources(resources: ResourceSpec) -> TrainerResources:
     on one GPU ("Duplicate GPU detected").
     """
     gpus = resources.gpus_per_worker
+    if gpus == "auto":
+        raise ValueError("resources.gpus_per_worker 'auto' must be resolved by the planner (farm.sizing) first")
     if resources.workers > 1 and 0 < gpus < 1:
         raise ValueError(f"resources: {resources.workers} workers with gpus_per_worker={gpus} could "
                          "share one GPU, which NCCL refuses; use whole GPUs for multi-worker jobs")
     per_worker = {"CPU": resources.cpus_per_worker}
     if gpus:
         per_worker["GPU"] = gpus
+    if resources.memory_per_worker:
+        per_worker["memory"] = resources.memory_per_worker  # Ray packs workers by memory too
     return TrainerResources(num_workers=resources.workers, use_gpu=gpus > 0,
                             resources_per_worker=per_worker, accelerator_type=resources.accelerator_type,
                             torch_threads=max(1, int(resources.cpus_per_worker)))
@@ -253,7 +258,6 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     for name in names:
         sweep.job(name)  # unknown tenant names fail here, before anything runs
     storage = options.storage.rstrip("/") + f"/{options.sweep_id}" if options.storage else str(out / ".ray")
-    resources = trainer_resources(sweep.spec.resources)
 
     registry = None
     if sweep.spec.registry is not None:
@@ -289,6 +293,22 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
         pending.remove(name)
 
+    # The planner sizes every trainer before anything starts; a tenant no device can hold is
+    # refused with the numbers, and the others go on.
+    capacity = cluster_capacity(sweep.spec.resources)
+    console.print(f"cluster: {capacity.describe()}", markup=False, highlight=False)
+    resources: dict[str, TrainerResources] = {}
+    for name in list(pending):
+        try:
+            sizing = size_lora(sweep.job(name), sweep.spec.resources, capacity)
+            resources[name] = trainer_resources(sizing.resources)
+        except (DoesNotFit, ValueError) as exc:
+            outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=str(exc))
+            console.print(f"{name}: refused, not started: {exc}", markup=False, highlight=False)
+            pending.remove(name)
+            continue
+        console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
+
     board = _progress_board() if pending else None
     task = ray.remote(num_cpus=0, max_retries=0)(_run_tenant).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
@@ -301,12 +321,12 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         while queue and len(running) < limit:
             name = queue.pop(0)
             job: TenantJob = sweep.job(name)
-            ref = task.remote(job.model_dump(), resources, storage, name, sweep.spec.resources.max_retries,
+            ref = task.remote(job.model_dump(), resources[name], storage, name, sweep.spec.resources.max_retries,
                               job.settings.train.keep_checkpoints, board)
             running[ref] = name
             submitted[name] = time.time()
-            console.print(f"{name}: submitted ({resources.num_workers} worker(s), "
-                          f"{resources.resources_per_worker} each)")
+            console.print(f"{name}: submitted ({resources[name].num_workers} worker(s), "
+                          f"{resources[name].resources_per_worker} each)")
         ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
         events, first_step = ray.get(board.snapshot.remote())
         for tenant, event in sorted(events.items()):
@@ -335,8 +355,52 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                                                error=outcome["error"])
                 console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
 
-    report = SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names])
+    comparison = []
+    if sweep.spec.baseline is not None:
+        comparison = run_baselines(sweep, [n for n in names if n in sweep.spec.baseline.tenants], out, storage,
+                                   capacity, outcomes, console)
+    report = SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names], comparison)
     print_report(report, console)
     paths = write_report(report, out)
     console.print("report: " + ", ".join(str(p) for p in paths.values()))
     return report
+
+
+def run_baselines(sweep: ResolvedSweep, tenants: list[str], out: Path, storage: str, capacity: Capacity,
+                  outcomes: dict[str, TenantOutcome], console: Console) -> list:
+    """Run the spec's full fine-tuning baselines one after another and compare each with the
+    tenant's LoRA run. A baseline that fails or cannot fit is reported and costs no other tenant."""
+    from farm.baseline import FULL_DIR, BaselineRun, baseline_job, comparison_row, run_baseline
+
+    baseline = sweep.spec.baseline
+    lora_workers = sweep.spec.resources.workers
+    rows = []
+    for name in tenants:
+        job = sweep.job(name)
+        done = out / name / FULL_DIR / RESULT_FILE
+        try:
+            workers, plan = size_baseline(job, baseline, capacity, lora_workers)
+            full_job = baseline_job(job, baseline, workers, lora_workers)
+        except (DoesNotFit, ValueError) as exc:
+            console.print(f"{name}: baseline refused: {exc}", markup=False, highlight=False)
+            outcomes[name].baseline_error = str(exc)
+            continue
+        if done.is_file():
+            result = json.loads(done.read_text())
+            console.print(f"{name}: full fine-tuning baseline finished in an earlier run; reused")
+        else:
+            console.print(f"{name}: full fine-tuning baseline, ZeRO-{baseline.zero_stage}, {workers} workers, "
+                          f"planned {plan.total_gb:.2f} GB per worker", markup=False, highlight=False)
+            run = BaselineRun(storage=storage, destination=out / name, resources=sweep.spec.resources,
+                              workers=workers, max_retries=sweep.spec.resources.max_retries)
+            outcome = run_baseline(full_job, baseline, run)
+            if not outcome["ok"]:
+                console.print(f"{name}: baseline failed: {outcome['error']}", markup=False, highlight=False)
+                outcomes[name].baseline_error = outcome["error"]
+                continue
+            result = outcome["result"]
+        lora_file = out / name / RESULT_FILE
+        if lora_file.is_file():
+            rows.append(comparison_row(job, json.loads(lora_file.read_text()), lora_workers))
+        rows.append(comparison_row(full_job, result))
+    return rows

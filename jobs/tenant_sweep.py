@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_overrides: dict | None = None) -> int:
+    """Run the sweep; ``extra_overrides`` are deep-merged over the spec (after the flags')."""
     args = parse_args(argv)
     from farm.spec import SpecError, load_spec
     from farm.sweep import SweepOptions, run_sweep
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["registry"]["store"] = store if "://" in store else str(Path(store).resolve())
         if args.registry_catalog:
             overrides["registry"]["catalog"] = args.registry_catalog
+    overrides.update(extra_overrides or {})
     try:
         sweep = load_spec(args.config, overrides)
     except SpecError as exc:

@@ -326,6 +326,95 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict[str, torch.T
     return load_file(str(path / "adapter.safetensors")), state
 
 
+# -- the step loop ---------------------------------------------------------------------------
+
+
+class StepLoop:
+    """The optimizer-step loop every recipe shares: data order, loss normalisation, eval,
+    checkpoints and progress. A recipe supplies ``_micro_step`` (forward and backward of one
+    micro-batch) and ``_optimizer_step``, and sets the attributes used below in ``setup``.
+
+    The loss of an optimizer step is normalised by the number of target tokens of the whole
+    step (all micro-batches, all workers), counted by every worker from the shared,
+    deterministic data order; so gradient accumulation and data parallelism give the gradient
+    one big batch would.
+    """
+
+    spec: TrainSpec
+    state: TrainState
+    resumed_from: int | None
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], step_targets: int, last: bool) -> float:
+        """Forward and backward of one micro-batch; returns its share of the step's loss."""
+        raise NotImplementedError
+
+    def _optimizer_step(self) -> None:
+        """Apply the accumulated gradients (optimizer, schedule, zero the gradients)."""
+        raise NotImplementedError
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def train(self):
+        """Run optimizer steps until ``max_steps``, with eval, checkpoints and progress."""
+        spec, state, data, device = self.spec, self.state, self.data, self.placement.device
+        rank, world = self.rank, self.world
+        self.engine.train()
+        n_rows = len(data.train)
+        rows_per_micro = spec.batch_size * world
+        watch = Stopwatch()
+        watch.total = seconds_at_start = state.train_seconds
+        window_tokens, window_start = 0, time.perf_counter()
+        while state.step < spec.max_steps:
+            with watch:
+                micro = [rows_for(n_rows, spec.seed, state.rows_consumed + m * rows_per_micro, rows_per_micro)
+                         for m in range(spec.grad_accum)]
+                step_targets = sum(data.train.targets[i] for rows in micro for i in rows)
+                loss_total = 0.0
+                for index, rows in enumerate(micro):
+                    mine = rows[rank * spec.batch_size:(rank + 1) * spec.batch_size]
+                    loss_total += self._micro_step(make_batch(data.train, mine, device), step_targets,
+                                                   last=index == len(micro) - 1)
+                    step_tokens = sum(data.train.lengths[i] for i in mine)
+                    window_tokens += step_tokens
+                    state.tokens_seen += step_tokens * world
+                self._optimizer_step()
+            state.step += 1
+            state.rows_consumed += rows_per_micro * spec.grad_accum
+            state.train_seconds = watch.total
+            if world > 1:
+                loss_total = all_reduce_sum(loss_total, device)
+            state.losses.append((state.step, round(loss_total, 6)))
+            eval_loss = None
+            if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.max_steps:
+                eval_loss = self.evaluate()
+                state.evals.append((state.step, eval_loss))
+            saved = None
+            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps:
+                saved = self.checkpoints.save(self._write_checkpoint, state.step,
+                                              {"step": state.step, "loss": loss_total})
+            elapsed = time.perf_counter() - window_start
+            per_step = (watch.total - seconds_at_start) / (state.step - (self.resumed_from or 0))
+            self.progress.on_step(StepEvent(
+                tenant=self.job.tenant, step=state.step, max_steps=spec.max_steps, loss=loss_total,
+                learning_rate=self.scheduler.get_last_lr()[0],
+                tokens_per_s=window_tokens * world / elapsed if elapsed > 0 else 0.0,
+                eta_s=per_step * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
+            window_tokens, window_start = 0, time.perf_counter()
+            # Fault injection for the resume tests: fail once, after the checkpoint of that step.
+            fail_at = os.environ.get("FARM_FAIL_AT_STEP")
+            if fail_at and state.step == int(fail_at) and self.resumed_from is None:
+                raise RuntimeError(f"FARM_FAIL_AT_STEP: injected failure after step {state.step}")
+        return self
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """Sum a Python number over all workers of the process group."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor)
+
+
 # -- progress --------------------------------------------------------------------------------
 
 

@@ -31,10 +31,9 @@ from farm.data import TenantData, load_tenant_data
 from farm.models import (Placement, build_peft_model, count_parameters, load_base_model,
                          load_tokenizer, select_device, select_placement)
 from farm.spec import TenantJob
-from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress,
-                               StepEvent, Stopwatch, TrainState, build_optimizer, build_scheduler,
-                               evaluate, load_checkpoint, make_batch, peak_memory_bytes, rows_for,
-                               summed_loss, write_checkpoint)
+from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepLoop,
+                               TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
+                               peak_memory_bytes, summed_loss, write_checkpoint)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -81,7 +80,7 @@ def _adapter_state(model) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-class LoraRecipe:
+class LoraRecipe(StepLoop):
     """One tenant's LoRA fine-tune: ``setup()``, ``train()``, ``save()``.
 
     ``train_tenant`` runs all three; tests and the co-training recipe use the steps and the
@@ -143,65 +142,20 @@ class LoraRecipe:
         return evaluate(self.model, self.data.eval, self.spec.batch_size, self.placement.device,
                         self.placement.autocast)
 
-    # -- train ---------------------------------------------------------------------------------
-    def train(self) -> "LoraRecipe":
-        """Run optimizer steps until ``max_steps``, with eval, checkpoints and progress."""
-        spec, state, data, placement = self.spec, self.state, self.data, self.placement
-        rank, world = self.rank, self.world
-        self.model.train()
-        n_rows = len(data.train)
-        rows_per_micro = spec.batch_size * world
-        watch = Stopwatch()
-        watch.total = seconds_at_start = state.train_seconds
-        window_tokens, window_start = 0, time.perf_counter()
-        while state.step < spec.max_steps:
-            with watch:
-                micro = [rows_for(n_rows, spec.seed, state.rows_consumed + m * rows_per_micro, rows_per_micro)
-                         for m in range(spec.grad_accum)]
-                # Normalise by the target tokens of the whole step, over all micro-batches and
-                # workers; every worker counts them from the shared, deterministic data order.
-                step_targets = sum(data.train.targets[i] for rows in micro for i in rows)
-                loss_total = 0.0
-                for index, rows in enumerate(micro):
-                    mine = rows[rank * spec.batch_size:(rank + 1) * spec.batch_size]
-                    batch = make_batch(data.train, mine, placement.device)
-                    last = index == len(micro) - 1
-                    with self.engine.no_sync() if (world > 1 and not last) else nullcontext():
-                        loss = summed_loss(self.engine, batch, placement.autocast) / step_targets
-                        (loss * world).backward()  # DDP averages gradients over workers
-                    loss_total += float(loss.detach())
-                    step_tokens = sum(data.train.lengths[i] for i in mine)
-                    window_tokens += step_tokens
-                    state.tokens_seen += step_tokens * world
-                if spec.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.rows_consumed += rows_per_micro * spec.grad_accum
-            state.train_seconds = watch.total
-            if world > 1:
-                loss_total = _all_reduce_sum(loss_total, placement.device)
-            state.losses.append((state.step, round(loss_total, 6)))
-            eval_loss = None
-            if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.max_steps:
-                eval_loss = self.evaluate()
-                state.evals.append((state.step, eval_loss))
-            saved = None
-            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps:
-                saved = self.checkpoints.save(self._write_checkpoint, state.step,
-                                              {"step": state.step, "loss": loss_total})
-            elapsed = time.perf_counter() - window_start
-            steps_this_run = state.step - (self.resumed_from or 0)
-            per_step = (watch.total - seconds_at_start) / steps_this_run
-            self.progress.on_step(StepEvent(
-                tenant=self.job.tenant, step=state.step, max_steps=spec.max_steps, loss=loss_total,
-                learning_rate=self.scheduler.get_last_lr()[0],
-                tokens_per_s=window_tokens * world / elapsed if elapsed > 0 else 0.0,
-                eta_s=per_step * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
-            window_tokens, window_start = 0, time.perf_counter()
-        return self
+    # -- train (the loop is StepLoop.train) --------------------------------------------------
+    def _micro_step(self, batch: dict[str, torch.Tensor], step_targets: int, last: bool) -> float:
+        # DDP syncs gradients on the last micro-batch of a step only.
+        with self.engine.no_sync() if (self.world > 1 and not last) else nullcontext():
+            loss = summed_loss(self.engine, batch, self.placement.autocast) / step_targets
+            (loss * self.world).backward()  # DDP averages gradients over workers
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        if self.spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _write_checkpoint(self, folder: Path) -> None:
         write_checkpoint(folder, _adapter_state(self.model), self.optimizer, self.scheduler, self.state)
@@ -279,9 +233,3 @@ def save_adapter(model, out: Path) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
-
-
-def _all_reduce_sum(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor)

@@ -31,8 +31,14 @@ class RayCheckpoints:
     listed size) is what a restart resumes from.
     """
 
-    def __init__(self, keep: int, rank: int, run_dir: str | None = None):
+    def __init__(self, keep: int, rank: int, run_dir: str | None = None, sharded: bool = False,
+                 artifacts: tuple[str, ...] = (FINAL_ADAPTER, FINAL_RESULT)):
         self.keep, self.rank, self.run_dir = keep, rank, run_dir
+        #: sharded: every rank writes part of each checkpoint (DeepSpeed ZeRO) and Ray Train
+        #: merges the parts into one folder; otherwise only rank 0 writes.
+        self.sharded = sharded
+        #: what the final checkpoint carries besides the resumable state (files or folders of ``out``)
+        self.artifacts = artifacts
 
     @contextmanager
     def latest(self) -> Iterator[Path | None]:
@@ -85,11 +91,16 @@ class RayCheckpoints:
         return None
 
     def finish(self, out: Path, write: Callable[[Path], None], step: int, metrics: dict) -> None:
-        """Report the final checkpoint: resumable state plus ``adapter/`` and ``result.json``."""
+        """Report the final checkpoint: resumable state plus the artifacts (``adapter/`` and
+        ``result.json`` by default) that the writing rank has in ``out``."""
 
         def write_final(folder: Path) -> None:
-            shutil.copytree(out / FINAL_ADAPTER, folder / FINAL_ADAPTER)
-            shutil.copy2(out / FINAL_RESULT, folder / FINAL_RESULT)
+            for name in self.artifacts:
+                source = out / name
+                if source.is_dir():
+                    shutil.copytree(source, folder / name)
+                elif source.is_file():
+                    shutil.copy2(source, folder / name)
             write(folder)  # state.json last, as for every checkpoint
 
         self._report(write_final, step, {**metrics, "final": True})
@@ -98,8 +109,8 @@ class RayCheckpoints:
         import ray.train
 
         # Every worker must call report the same number of times (it is a barrier);
-        # only rank 0 hands over files.
-        if self.rank != 0:
+        # only rank 0 hands over files, unless every rank holds a shard.
+        if self.rank != 0 and not self.sharded:
             ray.train.report(metrics)
             return
         folder = Path(tempfile.mkdtemp(prefix="farm-ckpt-"))

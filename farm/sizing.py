@@ -1,0 +1,173 @@
+"""Size every trainer of a sweep with the memory planner (``farm.plan``) before anything starts.
+
+The sweep asks three questions here:
+
+- how much memory one tenant's LoRA worker needs, and therefore how many LoRA jobs share one
+  GPU (``resources.gpus_per_worker: auto`` becomes ``1/k``) or, on CPU nodes, how much of Ray's
+  ``memory`` resource each worker reserves (so Ray packs CPU workers by memory too);
+- how many workers a full fine-tuning baseline needs (``baseline.workers: null``);
+- whether a job fits anywhere at all: if not, that tenant is refused with the numbers, before
+  it starts, and the other tenants go on.
+
+A device is a GPU on GPU clusters (its memory from ``resources.device_memory_gb``, else probed
+on a GPU node) and a node's memory on CPU clusters (Ray's ``memory`` resource of the largest node).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from farm.plan import GiB, MemoryPlan, PlanRequest, jobs_per_device, load_shape, plan_memory
+from farm.spec import BaselineSpec, ResourceSpec, TenantJob
+
+#: More than this many LoRA jobs on one GPU rarely pays: they contend for its compute.
+MAX_JOBS_PER_DEVICE = 8
+MIN_BASELINE_WORKERS = 2  # one worker would not exercise ZeRO's sharding at all
+
+
+class DoesNotFit(ValueError):
+    """A job that no device of the cluster can hold; the message gives the numbers."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one device of the cluster holds, and how many there are."""
+
+    kind: str                 # "gpu" or "cpu"
+    device_bytes: int | None  # None: unknown (no GPU node to probe and none given in the spec)
+    devices: int              # GPUs in the cluster, or CPU worker slots
+    source: str               # where device_bytes came from
+
+    def describe(self) -> str:
+        size = f"{self.device_bytes / GiB:.1f} GB" if self.device_bytes else "unknown size"
+        return f"{self.devices} {self.kind} device(s) of {size} ({self.source})"
+
+
+def _probe_gpu_memory(accelerator_type: str | None) -> int | None:
+    """Total memory of one GPU, read on a GPU node by a short Ray task (None if that fails)."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0, max_retries=0)
+    def total_memory() -> int:
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+
+    options = {"accelerator_type": accelerator_type} if accelerator_type else {}
+    try:
+        return ray.get(total_memory.options(**options).remote(), timeout=120)
+    except Exception:  # no schedulable GPU right now, or no CUDA there
+        return None
+
+
+def cluster_capacity(resources: ResourceSpec) -> Capacity:
+    """The capacity of the connected Ray cluster as the spec's resources will use it."""
+    import ray
+
+    total = ray.cluster_resources()
+    wants_gpu = resources.gpus_per_worker == "auto" and total.get("GPU", 0) > 0 or \
+        resources.gpus_per_worker not in ("auto", 0, 0.0)
+    if wants_gpu:
+        if resources.device_memory_gb:
+            return Capacity("gpu", int(resources.device_memory_gb * GiB), int(total.get("GPU", 0)),
+                            "resources.device_memory_gb")
+        probed = _probe_gpu_memory(resources.accelerator_type) if total.get("GPU", 0) else None
+        return Capacity("gpu", probed, int(total.get("GPU", 0)), "probed on a GPU node" if probed else "unknown")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    memory = max((int(n["Resources"].get("memory", 0)) for n in nodes), default=0) or None
+    slots = int(total.get("CPU", 0) // resources.cpus_per_worker)
+    return Capacity("cpu", memory, slots, "Ray memory resource of the largest node")
+
+
+def lora_request(job: TenantJob, capacity: Capacity) -> PlanRequest:
+    """The planner request of one tenant's LoRA worker."""
+    settings = job.settings
+    targets = settings.lora.target_modules
+    return PlanRequest(method="lora", rank=settings.lora.rank,
+                       target_modules="all-linear" if targets == "all-linear" else tuple(targets),
+                       batch=settings.train.batch_size, seq_len=settings.data.max_seq_len,
+                       grad_accum=settings.train.grad_accum,
+                       gradient_checkpointing=settings.train.gradient_checkpointing,
+                       precision=_precision(job, capacity))
+
+
+def _precision(job: TenantJob, capacity: Capacity) -> str:
+    wanted = job.settings.train.precision
+    if wanted == "auto":
+        return "bf16" if capacity.kind == "gpu" else "fp32"
+    return wanted
+
+
+def _breakdown(plan: MemoryPlan) -> str:
+    return ", ".join(f"{line.name} {line.bytes / GiB:.2f}" for line in plan.lines)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """A tenant's trainer resources as the planner set them."""
+
+    resources: ResourceSpec     # gpus_per_worker resolved to a number
+    planned_bytes: int          # per worker
+    note: str                   # one line for the sweep's log
+
+
+def size_lora(job: TenantJob, resources: ResourceSpec, capacity: Capacity) -> Sizing:
+    """Resources of one tenant's LoRA trainer; raises ``DoesNotFit`` with the numbers."""
+    plan = plan_memory(load_shape(job.base_model.name_or_path), lora_request(job, capacity))
+    device = capacity.device_bytes
+    if device is not None and plan.total_bytes > device:
+        raise DoesNotFit(f"tenant {job.tenant!r}: a LoRA worker needs {plan.total_gb:.2f} GB "
+                         f"({_breakdown(plan)}), more than the largest device holds: {capacity.describe()}")
+    updates: dict = {}
+    note = f"planned {plan.total_gb:.2f} GB per worker"
+    if capacity.kind == "gpu" and resources.gpus_per_worker == "auto":
+        per_device = 1 if device is None or resources.workers > 1 else \
+            max(1, min(MAX_JOBS_PER_DEVICE, jobs_per_device(plan, device)))
+        updates["gpus_per_worker"] = round(1 / per_device, 4)
+        note += f"; {per_device} job(s) per GPU"
+    elif resources.gpus_per_worker == "auto":
+        updates["gpus_per_worker"] = 0.0
+    if capacity.kind == "cpu" and resources.memory_per_worker is None:
+        updates["memory_per_worker"] = plan.total_bytes
+    return Sizing(resources.model_copy(update=updates), plan.total_bytes, note)
+
+
+def size_baseline(job: TenantJob, baseline: BaselineSpec, capacity: Capacity,
+                  lora_workers: int = 1) -> tuple[int, MemoryPlan]:
+    """Workers of a tenant's full fine-tuning baseline and the plan per worker.
+
+    ``baseline.workers`` wins when given; otherwise the fewest workers (at least two, splitting
+    the rows evenly) whose ZeRO partitions and share of the rows fit one device each. Raises
+    ``DoesNotFit`` when no count up to the cluster's devices fits.
+    """
+    shape = load_shape(job.base_model.name_or_path)
+    settings = job.settings
+    rows = settings.train.batch_size * lora_workers  # rows per micro-batch, split over the workers
+
+    def request(workers: int) -> PlanRequest:
+        return PlanRequest(method="full", zero_stage=baseline.zero_stage, offload=baseline.offload, devices=workers,
+                           batch=max(1, rows // workers), seq_len=settings.data.max_seq_len,
+                           gradient_checkpointing=settings.train.gradient_checkpointing,
+                           precision=_precision(job, capacity))
+
+    device = capacity.device_bytes
+    if baseline.workers is not None:
+        plan = plan_memory(shape, request(baseline.workers))
+        if device is not None and plan.total_bytes > device:
+            raise DoesNotFit(f"tenant {job.tenant!r}: a full fine-tune with ZeRO-{baseline.zero_stage} on "
+                             f"{baseline.workers} workers needs {plan.total_gb:.2f} GB per worker ({_breakdown(plan)}); "
+                             f"devices hold {device / GiB:.1f} GB")
+        return baseline.workers, plan
+    if device is None:
+        return MIN_BASELINE_WORKERS, plan_memory(shape, request(MIN_BASELINE_WORKERS))
+    # More workers shrink both the ZeRO partitions and each worker's share of the rows; only
+    # counts that split the rows evenly keep the LoRA run's batch.
+    for workers in range(MIN_BASELINE_WORKERS, max(capacity.devices, MIN_BASELINE_WORKERS) + 1):
+        if rows % workers == 0:
+            plan = plan_memory(shape, request(workers))
+            if plan.total_bytes <= device:
+                return workers, plan
+    most = plan_memory(shape, request(max(capacity.devices, MIN_BASELINE_WORKERS)))
+    raise DoesNotFit(f"tenant {job.tenant!r}: a full fine-tune with ZeRO-{baseline.zero_stage} does not fit even "
+                     f"on all {capacity.devices} devices: {most.total_gb:.2f} GB per worker ({_breakdown(most)}); "
+                     f"devices hold {device / GiB:.1f} GB")
