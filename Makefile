@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv if missing, builds the tiny base model, trains the sample tenants
 #   make test   creates .venv if missing and runs the test suite
+#   make baseline  the full fine-tuning baseline (DeepSpeed ZeRO-3, 2 CPU workers) of sample
+#                  tenant acme next to its LoRA run, with the comparison table
 #
 # torch is installed before the package so that pip never picks a build by itself:
 #   - CPU hosts: TORCH_SPEC=torch==2.13.0 (the CPU build where the host provides it, for
@@ -24,7 +26,7 @@ BASE_MODEL ?= .farm/base-model
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.farm-installed
 
-.PHONY: setup demo test base-model samples clean bench
+.PHONY: setup demo test base-model samples clean bench baseline
 
 setup: $(STAMP)
 
@@ -47,6 +49,10 @@ samples: $(STAMP)
 demo: $(STAMP) base-model
 	$(BIN)/farm spec validate jobs/configs/demo.yaml
 	bash jobs/run_demo.sh
+
+baseline: $(STAMP) base-model
+	FARM_DEMO_JOB=jobs/full_ft_baseline.py FARM_DEMO_ARGS="--tenants acme --zero-stage 3 --workers 2" \
+		bash jobs/run_demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -4,11 +4,14 @@
 # stop the Ray head it started. Needs `make setup base-model` first (make demo does both).
 #
 #   FARM_DEMO_SPEC=jobs/configs/demo.yaml FARM_DASHBOARD_PORT=8265 bash jobs/run_demo.sh
+#   FARM_DEMO_JOB=jobs/full_ft_baseline.py FARM_DEMO_ARGS="--tenants acme" bash jobs/run_demo.sh  # make baseline
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 SPEC="${FARM_DEMO_SPEC:-jobs/configs/demo.yaml}"
 PORT="${FARM_DASHBOARD_PORT:-8265}"
+JOB="${FARM_DEMO_JOB:-jobs/tenant_sweep.py}"
+read -r -a EXTRA <<< "${FARM_DEMO_ARGS:-}"
 SWEEP_ID="demo-$(date +%Y%m%d-%H%M%S)"
 export PATH="$ROOT/.venv/bin:$PATH"       # `python` in the job is the project's interpreter
 # Token authentication: the Jobs API runs arbitrary code, so nothing talks to it without the token.
@@ -27,7 +30,7 @@ echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWE
 
 status=0
 ray job submit --address "http://127.0.0.1:$PORT" --working-dir . -- \
-  python jobs/tenant_sweep.py --config "$SPEC" --sweep-id "$SWEEP_ID" \
+  python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
   --base-model "$ROOT/.farm/base-model" --output-dir "$ROOT/.farm/runs" \
   --registry-store "$ROOT/.farm/registry" || status=$?
 
