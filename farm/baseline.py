@@ -76,7 +76,7 @@ def run_baseline(job: TenantJob, baseline: BaselineSpec, run: BaselineRun) -> di
             ray_full_loop,
             train_loop_config={"job": job.model_dump(), "baseline": baseline.model_dump(),
                                "threads": resources.torch_threads, "run_dir": f"{run.storage.rstrip('/')}/{name}"},
-            scaling_config=resources.scaling_config(),
+            scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
             run_config=RunConfig(name=name, storage_path=run.storage,
                                  failure_config=FailureConfig(max_failures=run.max_retries),
                                  checkpoint_config=CheckpointConfig(num_to_keep=job.settings.train.keep_checkpoints)),

@@ -25,10 +25,12 @@ base_model_app = typer.Typer(help="Build or inspect base models.", no_args_is_he
 samples_app = typer.Typer(help="Sample tenant datasets.", no_args_is_help=True)
 spec_app = typer.Typer(help="Sweep specs.", no_args_is_help=True)
 data_app = typer.Typer(help="Tenant datasets.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Cluster definitions (cluster/*.yaml).", no_args_is_help=True)
 app.add_typer(base_model_app, name="base-model")
 app.add_typer(samples_app, name="samples")
 app.add_typer(spec_app, name="spec")
 app.add_typer(data_app, name="data")
+app.add_typer(cluster_app, name="cluster")
 from farm.registry_cli import export_app, registry_app  # noqa: E402
 app.add_typer(registry_app, name="registry")
 app.add_typer(export_app, name="export")
@@ -126,6 +128,29 @@ def data_check(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
                       str(len(data.train)), str(len(data.eval)), f"{data.train.padding_share:.1%}", detail)
     console.print(table)
     if failed:
+        raise typer.Exit(1)
+
+
+@cluster_app.command("validate")
+def cluster_validate(files: list[Path] = typer.Argument(..., help="Ray launcher configs or KubeRay RayCluster manifests")) -> None:
+    """Validate cluster files: Ray's schema, then scale to zero, token auth, private dashboard.
+
+    Exit code 1 when any file has a problem.
+    """
+    from rich.text import Text
+
+    from farm.cluster_files import check_cluster_file
+
+    reports = [check_cluster_file(path) for path in files]
+    table = Table("file", "kind", "status", "problems")
+    for report in reports:
+        prefix = f"{report.path}: "
+        # The table's file column already names the file: show the rest of each problem.
+        problems = "\n".join(p[len(prefix):] if p.startswith(prefix) else p for p in report.problems)
+        status = "[green]ok[/green]" if report.ok else f"[red]{len(report.problems)} problem(s)[/red]"
+        table.add_row(str(report.path), report.kind, status, Text(problems))  # Text: no markup in problems
+    console.print(table)
+    if not all(report.ok for report in reports):
         raise typer.Exit(1)
 
 

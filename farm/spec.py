@@ -119,6 +119,8 @@ class ResourceSpec(StrictModel):
     device_memory_gb: Optional[float] = Field(None, gt=0, description="memory of one GPU, for the planner; null: probed on a GPU node")
     memory_per_worker: Optional[int] = Field(None, gt=0, description="bytes of Ray's memory resource each worker reserves; null: the planner's estimate on CPU clusters")
     accelerator_type: Optional[str] = Field(None, description="Ray accelerator type, for example A100")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="collective backend; auto: NCCL when workers have GPUs, gloo otherwise")
+    request_up_front: bool = Field(True, description="ask the autoscaler for the sweep's whole demand at the start (released at the end)")
     max_retries: int = Field(2, ge=0, description="worker-group restarts before a tenant fails")
 
 

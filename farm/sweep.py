@@ -66,6 +66,7 @@ class TrainerResources:
     resources_per_worker: dict[str, float]
     accelerator_type: str | None
     torch_threads: int
+    backend: str = "auto"
 
     def scaling_config(self):
         from ray.train import ScalingConfig
@@ -73,6 +74,21 @@ class TrainerResources:
         return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
                              resources_per_worker=self.resources_per_worker,
                              accelerator_type=self.accelerator_type)
+
+    def torch_config(self):
+        """NCCL when the workers have GPUs, gloo otherwise, unless the spec names one (a cluster
+        whose GPUs are only logical, like the fake autoscaling cluster of the tests, needs gloo)."""
+        from ray.train.torch import TorchConfig
+
+        backend = self.backend if self.backend != "auto" else ("nccl" if self.use_gpu else "gloo")
+        return TorchConfig(backend=backend)
+
+    def demand(self) -> list[dict[str, float]]:
+        """The bundles this trainer's workers ask for, as the autoscaler sees them."""
+        bundle = {k: v for k, v in self.resources_per_worker.items() if k in ("CPU", "GPU")}
+        if self.accelerator_type:
+            bundle[f"accelerator_type:{self.accelerator_type}"] = 0.001  # Ray's own marker resource
+        return [dict(bundle) for _ in range(self.num_workers)]
 
 
 def trainer_resources(resources: ResourceSpec) -> TrainerResources:
@@ -95,7 +111,7 @@ def trainer_resources(resources: ResourceSpec) -> TrainerResources:
         per_worker["memory"] = resources.memory_per_worker  # Ray packs workers by memory too
     return TrainerResources(num_workers=resources.workers, use_gpu=gpus > 0,
                             resources_per_worker=per_worker, accelerator_type=resources.accelerator_type,
-                            torch_threads=max(1, int(resources.cpus_per_worker)))
+                            torch_threads=max(1, int(resources.cpus_per_worker)), backend=resources.backend)
 
 
 def sweep_dir(sweep: ResolvedSweep, sweep_id: str) -> Path:
@@ -207,7 +223,7 @@ def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
             ray_train_loop,
             train_loop_config={"job": job, "board": board, "threads": resources.torch_threads,
                                "run_dir": f"{storage.rstrip('/')}/{name}"},
-            scaling_config=resources.scaling_config(),
+            scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=max_retries),
                                  checkpoint_config=CheckpointConfig(num_to_keep=keep)),
@@ -216,6 +232,20 @@ def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
     except Exception as exc:  # TrainingFailedError after the retries, or set-up errors
         return {"ok": False, "error": error_summary(exc), "trace": traceback.format_exc()[-4000:]}
     return {"ok": True, "checkpoint": result.checkpoint, "result": result.return_value}
+
+
+def _request_resources(bundles: list[dict], console: Console) -> None:
+    """Tell the autoscaler the sweep's demand (an empty list releases it). Only a hint: on a
+    cluster without an autoscaler it changes nothing."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=bundles)
+    except Exception as exc:  # no autoscaler support here; the trainers' own requests still count
+        console.print(f"autoscaler demand not sent: {exc}", markup=False, highlight=False)
+        return
+    if bundles:
+        console.print(f"asked the autoscaler for {len(bundles)} worker bundle(s) up front", markup=False, highlight=False)
 
 
 def _progress_board():
@@ -309,10 +339,16 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             continue
         console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
 
+    limit = options.max_concurrent or len(pending) or 1
+    if sweep.spec.resources.request_up_front and pending:
+        # The autoscaler sees queued work only as it is submitted; asking for the whole first
+        # wave at once lets it add every node it needs in one go.
+        demand = [bundle for name in pending[:limit] for bundle in resources[name].demand()]
+        _request_resources(demand, console)
+
     board = _progress_board() if pending else None
     task = ray.remote(num_cpus=0, max_retries=0)(_run_tenant).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
-    limit = options.max_concurrent or len(pending) or 1
     running: dict = {}
     submitted: dict[str, float] = {}
     printed: dict[str, int] = {}
@@ -355,6 +391,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                                                error=outcome["error"])
                 console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
 
+    if sweep.spec.resources.request_up_front and pending:
+        _request_resources([], console)  # release: idle nodes may now be removed
     comparison = []
     if sweep.spec.baseline is not None:
         comparison = run_baselines(sweep, [n for n in names if n in sweep.spec.baseline.tenants], out, storage,

@@ -13,6 +13,7 @@ the spec itself is invalid.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,11 +24,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tenants", help="comma-separated subset of the spec's tenants")
     parser.add_argument("--sweep-id", help="sweep id (default: the spec's name); reuse it to resume")
     parser.add_argument("--max-concurrent", type=int, help="tenants training at once (default: all)")
-    parser.add_argument("--storage", help="Ray Train storage root shared by all nodes (folder or s3://...)")
+    # On a cluster these come from the environment its definition sets (cluster/*.yaml).
+    parser.add_argument("--storage", default=os.environ.get("FARM_STORAGE"),
+                        help="Ray Train storage root shared by all nodes (folder or s3://...); default $FARM_STORAGE")
     parser.add_argument("--base-model", help="override base_model.name_or_path (hub id or folder)")
     parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--registry-store", help="override registry.store (folder or s3://...)")
-    parser.add_argument("--registry-catalog", help="override registry.catalog (SQLAlchemy URL)")
+    parser.add_argument("--registry-store", default=os.environ.get("FARM_REGISTRY_STORE"),
+                        help="override registry.store (folder or s3://...); default $FARM_REGISTRY_STORE")
+    parser.add_argument("--registry-catalog", default=os.environ.get("FARM_REGISTRY_CATALOG"),
+                        help="override registry.catalog (SQLAlchemy URL); default $FARM_REGISTRY_CATALOG")
     parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
     return parser.parse_args(argv)
 

@@ -1,0 +1,420 @@
+"""Validate the farm's cluster definitions: ``farm cluster validate cluster/*.yaml``.
+
+Two kinds of file are understood:
+
+* a Ray cluster launcher config (``ray up FILE``; it has a ``provider:``), checked against Ray's own
+  schema (``ray/autoscaler/ray-schema.json``, the file ``ray up`` validates with) and Ray's own
+  preparation (defaults filled in, then ``validate_config``), then against the farm's rules;
+* a KubeRay ``RayCluster`` manifest (``kind: RayCluster``), checked with a pydantic model of only
+  the fields the farm relies on (everything else is passed through), then the same rules.
+
+The farm's rules, in both kinds: GPU workers scale to zero and have a ceiling, at least one
+worker type has a GPU, idle nodes are reclaimed, token authentication is on everywhere Ray
+starts, the dashboard / Jobs API (which runs arbitrary code) is not exposed, and checkpoints go
+to shared storage (``FARM_STORAGE``).
+
+Every problem is one string, ``"<file>: <key.path>: <reason>"``; an empty list means valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+LAUNCHER = "ray launcher"
+KUBERAY = "kuberay"
+UNKNOWN = "unknown"
+
+TOP = "(top level)"
+
+# Providers that run "nodes" as local processes (tests): no shared storage to configure, and no
+# `ray start` commands (the test starts the head itself).
+_FAKE_PROVIDERS = {"fake_multinode", "fake_multinode_docker"}
+# EC2 families with NVIDIA GPUs, for node types whose GPUs Ray autodetects from the instance type.
+_GPU_INSTANCE = re.compile(r"^(g4dn|g5|g6|g6e|gr6|p3|p3dn|p4d|p4de|p5|p5e|p5en)\.", re.IGNORECASE)
+_RAY_START = re.compile(r"\bray\s+start\b")
+_TOKEN_MODE = re.compile(r"""\bRAY_AUTH_MODE=["']?token\b""")
+_DASHBOARD_HOST = re.compile(r"""--dashboard-host(?:=|\s+)["']?([^\s"';]+)""")
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+_FARM_STORAGE = re.compile(r"\bFARM_STORAGE=\S")
+
+
+@dataclass
+class ClusterFileReport:
+    """The outcome of validating one file: its kind and its problems (empty: valid)."""
+
+    path: Path
+    kind: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when the file has no problems."""
+        return not self.problems
+
+
+def validate_cluster_file(path: Path) -> list[str]:
+    """Return the problems of one cluster file, each ``"<file>: <key.path>: <reason>"``."""
+    return check_cluster_file(path).problems
+
+
+def check_cluster_file(path: Path) -> ClusterFileReport:
+    """Read one cluster file, detect its kind and validate it."""
+    path = Path(path)
+    report = ClusterFileReport(path=path, kind=UNKNOWN)
+
+    def problem(key: str, reason: str) -> None:
+        report.problems.append(f"{path}: {key}: {reason}")
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem(TOP, f"cannot read the file ({exc})")
+        return report
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else TOP
+        reason = getattr(exc, "problem", None) or str(exc)
+        problem(where, f"not valid YAML: {reason}")
+        return report
+
+    if isinstance(data, dict) and data.get("kind") == "RayCluster":
+        report.kind = KUBERAY
+        _check_kuberay(data, problem)
+    elif isinstance(data, dict) and "provider" in data:
+        report.kind = LAUNCHER
+        _check_launcher(data, problem)
+    else:
+        problem(TOP, "not a Ray cluster launcher config (no `provider:`) or a KubeRay RayCluster "
+                     "(no `kind: RayCluster`)")
+    return report
+
+
+def _key_path(parts: Any) -> str:
+    """``("a", 0, "b")`` -> ``a[0].b``: the path notation used in every problem."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or TOP
+
+
+def _join(base: str, key: str) -> str:
+    return key if base == TOP else f"{base}.{key}"
+
+
+# --- Ray cluster launcher configs ---------------------------------------------------------
+
+def ray_schema() -> dict[str, Any]:
+    """Ray's cluster config schema, read from the installed Ray (the file ``ray up`` uses)."""
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def _schema_problems(config: dict[str, Any], problem) -> bool:
+    """Check ``config`` against Ray's schema, reporting every error (Ray stops at the first)."""
+    import jsonschema
+
+    schema = ray_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    for error in errors:
+        where = _key_path(error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            # Name each unknown key in the path rather than quoting jsonschema's sentence.
+            known = set(error.schema.get("properties", {}))
+            patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
+            for key in error.instance:
+                if key not in known and not any(p.search(key) for p in patterns):
+                    problem(_join(where, str(key)), "unknown key: Ray's cluster config schema does not allow it")
+            continue
+        message = error.message if len(error.message) <= 200 else error.message[:200] + "..."
+        problem(where, f"{message} (Ray's cluster config schema)")
+    return bool(errors)
+
+
+def _prepared(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as ``ray up`` sees it: the provider's defaults filled in, setup commands merged.
+
+    The Ray 2.60 wheel ships no defaults file for the fake multi-node provider
+    (``fake_multi_node/example.yaml``), so such a file must be complete on its own; it is then
+    prepared without defaults.
+    """
+    from ray.autoscaler._private.util import fill_node_type_min_max_workers, merge_setup_commands, prepare_config
+
+    try:
+        # Ray's CLI logger prints a Docker-only warning for file mounts that are files (the
+        # token); the farm uses no Docker, so keep it off the validator's output.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return prepare_config(copy.deepcopy(config))
+    except FileNotFoundError:
+        prepared = copy.deepcopy(config)
+        for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+            prepared.setdefault(key, [])
+        merge_setup_commands(prepared)
+        fill_node_type_min_max_workers(prepared)
+        return prepared
+
+
+def _ray_checks(config: dict[str, Any], problem) -> Optional[dict[str, Any]]:
+    """Ray's own preparation and ``validate_config``; returns the prepared config, or None."""
+    import jsonschema
+    from ray.autoscaler._private.util import validate_config
+
+    try:
+        prepared = _prepared(config)
+        validate_config(prepared)
+    except jsonschema.ValidationError as exc:
+        problem(_key_path(exc.absolute_path), f"{exc.message} (Ray's cluster config schema)")
+        return None
+    except (ValueError, RuntimeError, NotImplementedError, KeyError, AssertionError, TypeError) as exc:
+        message = str(exc) or type(exc).__name__
+        # Ray's messages name the key they are about; use it as the path where there is one.
+        key = next((k for k in ("head_node_type", "max_workers", "provider") if k in message), TOP)
+        problem(key, f"{message} (Ray's config validation)")
+        return None
+    return prepared
+
+
+def _check_launcher(config: dict[str, Any], problem) -> None:
+    if _schema_problems(config, problem):
+        return  # the farm's rules below assume Ray's shape
+    prepared = _ray_checks(config, problem)
+    if prepared is None:
+        return
+    provider = config["provider"].get("type", "")
+    head_type = prepared["head_node_type"]
+    node_types: dict[str, Any] = prepared["available_node_types"]
+
+    # Idle GPU nodes must be reclaimed by a deliberate choice, not Ray's default.
+    if "idle_timeout_minutes" not in config:
+        problem("idle_timeout_minutes", "must be set so idle GPU nodes are terminated (missing)")
+
+    # Scale to zero, with a ceiling, on every worker type.
+    has_gpu = False
+    for name, node in node_types.items():
+        if name == head_type:
+            continue
+        where = f"available_node_types.{name}"
+        min_workers = node.get("min_workers", 0)
+        if min_workers != 0:
+            problem(f"{where}.min_workers", f"must be 0 so the type scales to zero (got {min_workers})")
+        max_workers = node.get("max_workers", 0)
+        if max_workers < 1:
+            problem(f"{where}.max_workers",
+                    f"must be at least 1 or the autoscaler never launches this type (got {max_workers})")
+        # Declared GPUs win; otherwise Ray autodetects them from the instance type at `ray up`.
+        declared = node.get("resources", {}).get("GPU")
+        instance = str(node.get("node_config", {}).get("InstanceType", ""))
+        if (declared >= 1) if declared is not None else bool(_GPU_INSTANCE.match(instance)):
+            has_gpu = True
+    if not has_gpu:
+        problem("available_node_types", "no worker node type has a GPU: declare `resources: {GPU: n}` or use "
+                                        "a GPU instance type (g4dn, g5, g6, p4d, p5...)")
+
+    # Token authentication and a private dashboard. The rules apply to the `ray start` commands
+    # the effective config has: a fake_multinode file has none (the test starts the head), while
+    # a file that omits the lists gets Ray's defaults, which have neither token nor a private
+    # dashboard, and is reported for them.
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        origin = "" if key in config else f" (Ray's default for provider {provider}, as the file sets none)"
+        for i, command in enumerate(prepared.get(key, [])):
+            if not _RAY_START.search(command):
+                continue
+            if not _TOKEN_MODE.search(command):
+                problem(f"{key}[{i}]", "`ray start` without RAY_AUTH_MODE=token: token authentication is off "
+                                       f"on these nodes{origin}")
+            host = _DASHBOARD_HOST.search(command)
+            if key == "head_start_ray_commands" and host and host.group(1) not in _LOCAL_HOSTS:
+                problem(f"{key}[{i}]", f"--dashboard-host={host.group(1)} exposes the dashboard and Jobs API; "
+                                       f"use 127.0.0.1 and `ray dashboard FILE` (SSH port-forward){origin}")
+
+    # Shared storage for Ray Train checkpoints: the sweep driver runs on the head and hands
+    # FARM_STORAGE to Ray Train as storage_path, so the head's commands must set it.
+    if provider not in _FAKE_PROVIDERS:
+        head_commands = [*prepared.get("initialization_commands", []), *prepared.get("head_setup_commands", []),
+                         *prepared.get("head_start_ray_commands", [])]
+        if not any(_FARM_STORAGE.search(c) for c in head_commands):
+            problem("setup_commands", "FARM_STORAGE is not set on the head node: export it (e.g. in "
+                                      "/etc/profile.d/farm.sh) so checkpoints go to shared storage")
+
+
+# --- KubeRay RayCluster manifests ---------------------------------------------------------
+
+class _Model(BaseModel):
+    # Only the fields the farm relies on are modelled; the rest of the manifest is KubeRay's.
+    model_config = ConfigDict(extra="allow")
+
+
+class EnvVar(_Model):
+    """One container env entry."""
+
+    name: str
+    value: Optional[str] = None
+    valueFrom: Optional[dict[str, Any]] = None
+
+
+class Resources(_Model):
+    """Container resource requests and limits."""
+
+    requests: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+
+
+class Container(_Model):
+    """A pod template container."""
+
+    name: str
+    image: str
+    env: list[EnvVar] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+
+    def env_value(self, name: str) -> Optional[str]:
+        """The literal value of env var ``name``, ``""`` when it comes from ``valueFrom``, else None."""
+        for var in self.env:
+            if var.name == name:
+                return var.value if var.value is not None else ("" if var.valueFrom else None)
+        return None
+
+
+class PodSpec(_Model):
+    """A pod spec: at least one container, the first being Ray's."""
+
+    containers: list[Container] = Field(min_length=1)
+
+
+class PodTemplate(_Model):
+    """A pod template."""
+
+    spec: PodSpec
+
+
+class HeadGroupSpec(_Model):
+    """``spec.headGroupSpec``."""
+
+    rayStartParams: dict[str, Any]
+    template: PodTemplate
+    serviceType: Optional[str] = None
+
+
+class WorkerGroupSpec(_Model):
+    """One of ``spec.workerGroupSpecs``."""
+
+    groupName: str
+    replicas: Optional[StrictInt] = None
+    minReplicas: StrictInt = 0      # KubeRay's default
+    maxReplicas: Optional[StrictInt] = None  # KubeRay's default is int32 max: no ceiling
+    rayStartParams: dict[str, Any] = Field(default_factory=dict)
+    template: PodTemplate
+
+
+class AutoscalerOptions(_Model):
+    """``spec.autoscalerOptions``."""
+
+    idleTimeoutSeconds: Optional[StrictInt] = None
+
+
+class AuthOptions(_Model):
+    """``spec.authOptions`` (KubeRay >= 1.5.1)."""
+
+    mode: Optional[str] = None
+
+
+class RayClusterSpec(_Model):
+    """``spec``."""
+
+    rayVersion: Optional[str] = None
+    enableInTreeAutoscaling: Optional[StrictBool] = None
+    autoscalerOptions: AutoscalerOptions = Field(default_factory=AutoscalerOptions)
+    authOptions: Optional[AuthOptions] = None
+    headGroupSpec: HeadGroupSpec
+    workerGroupSpecs: list[WorkerGroupSpec] = Field(min_length=1)
+
+
+class RayClusterManifest(_Model):
+    """A KubeRay ``RayCluster`` (``ray.io/v1``)."""
+
+    apiVersion: Literal["ray.io/v1"]
+    kind: Literal["RayCluster"]
+    spec: RayClusterSpec
+
+
+def _gpu_count(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _check_kuberay(data: dict[str, Any], problem) -> None:
+    try:
+        manifest = RayClusterManifest.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            problem(_key_path(error["loc"]), error["msg"])
+        return
+    spec = manifest.spec
+
+    if spec.enableInTreeAutoscaling is not True:
+        problem("spec.enableInTreeAutoscaling",
+                f"must be true so the Ray autoscaler scales the worker groups (got {spec.enableInTreeAutoscaling})")
+    idle = spec.autoscalerOptions.idleTimeoutSeconds
+    if idle is None or idle <= 0:
+        problem("spec.autoscalerOptions.idleTimeoutSeconds",
+                f"must be a positive number of seconds so idle GPU pods are removed (got {idle})")
+
+    service = spec.headGroupSpec.serviceType
+    if service not in (None, "ClusterIP"):
+        problem("spec.headGroupSpec.serviceType",
+                f"must be ClusterIP (or absent) so the dashboard / Jobs API stays private; operators use "
+                f"`kubectl port-forward` (got {service})")
+
+    # Token authentication on every container of every Ray pod; the token itself comes from
+    # authOptions (KubeRay's generated Secret) or from RAY_AUTH_TOKEN set by hand.
+    templates = [("spec.headGroupSpec", spec.headGroupSpec.template)]
+    templates += [(f"spec.workerGroupSpecs[{i}]", g.template) for i, g in enumerate(spec.workerGroupSpecs)]
+    token_from_operator = spec.authOptions is not None and spec.authOptions.mode == "token"
+    if spec.authOptions is not None and spec.authOptions.mode != "token":
+        problem("spec.authOptions.mode", f"must be token (got {spec.authOptions.mode})")
+    for where, template in templates:
+        for j, container in enumerate(template.spec.containers):
+            at = f"{where}.template.spec.containers[{j}].env"
+            mode = container.env_value("RAY_AUTH_MODE")
+            if mode != "token":
+                problem(at, f"RAY_AUTH_MODE=token is missing: token authentication must be on (got {mode})")
+            elif not token_from_operator and container.env_value("RAY_AUTH_TOKEN") is None:
+                problem(at, "no token: set spec.authOptions.mode: token or RAY_AUTH_TOKEN from a Secret")
+
+    head = spec.headGroupSpec.template.spec.containers[0]
+    if not any(var.name == "FARM_STORAGE" and (var.value or var.valueFrom) for var in head.env):
+        problem("spec.headGroupSpec.template.spec.containers[0].env",
+                "FARM_STORAGE is not set: the sweep driver needs shared storage for checkpoints")
+
+    has_gpu = False
+    for i, group in enumerate(spec.workerGroupSpecs):
+        where = f"spec.workerGroupSpecs[{i}]"
+        if group.minReplicas != 0:
+            problem(f"{where}.minReplicas", f"must be 0 so the group scales to zero (got {group.minReplicas})")
+        if group.maxReplicas is None or group.maxReplicas < 1:
+            problem(f"{where}.maxReplicas",
+                    f"must be set and at least 1: the group's ceiling (got {group.maxReplicas})")
+        elif group.replicas is not None and group.replicas > group.maxReplicas:
+            problem(f"{where}.replicas", f"must not exceed maxReplicas {group.maxReplicas} (got {group.replicas})")
+        if any(_gpu_count(c.resources.limits.get("nvidia.com/gpu")) >= 1 for c in group.template.spec.containers):
+            has_gpu = True
+    if not has_gpu:
+        problem("spec.workerGroupSpecs", "no worker group requests a GPU (`nvidia.com/gpu` in a container's limits)")
