@@ -1,0 +1,369 @@
+"""Recipe: co-train several tenants' LoRA adapters on one shared, frozen copy of the base model.
+
+    farm cotrain --spec jobs/configs/demo.yaml --tenants acme,globex,initech --slots 2
+
+Small tenants waste a worker each: its own copy of the base, its own start-up, a device that
+mostly idles. Here one process holds the base once and up to ``slots`` tenants' adapters at a
+time. Every optimizer step takes one micro-batch from each active tenant, runs **one** forward
+and backward pass through the base for all their rows, and routes every row through its own
+tenant's adapter only (PEFT's mixed-adapter batch path: each LoRA layer adds adapter *t*'s
+update to the rows of tenant *t*). The loss is the sum over tenants of each tenant's loss
+normalised by its own target tokens, so each adapter receives exactly the gradient its
+isolated training would compute; then each tenant's own optimizer, schedule, clipping, step
+count, eval and checkpoint move on as in ``farm.train.lora``. A tenant that reaches its
+``max_steps`` is saved and removed, and the next waiting tenant takes its slot: the base and
+the process stay.
+
+Exactness: in fp32 with ``lora.dropout: 0`` (dropout masks are random draws, which no two
+schedules share), every co-trained adapter equals the one ``farm train`` produces after the
+same steps, to float rounding; ``tests/train/test_cotrain.py`` checks 1e-5.
+
+Tenants that share a pack must share the base model and the row layout (``max_seq_len`` and
+``packing``), so that their rows stack into one batch; ``pack_key`` says which can. PEFT
+refuses ``adapter_names`` in training mode at the model level (its mixed batches are meant for
+inference, and DoRA cannot take them); the LoRA layers themselves are autograd-safe, so the
+router below passes the names to the layers directly, for plain LoRA only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from farm.data import IGNORE_INDEX, DataError, TenantData, load_tenant_data
+from farm.models import Placement, count_parameters, load_base_model, load_tokenizer, select_placement
+from farm.spec import TenantJob
+from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepEvent, Stopwatch,
+                               TrainState, build_optimizer, build_scheduler, load_checkpoint, make_batch,
+                               peak_memory_bytes, rows_for, target_count, write_checkpoint)
+from farm.train.lora import ADAPTER_DIR, CHECKPOINT_DIR, RESULT_FILE, TrainResult
+
+
+def pack_key(job: TenantJob) -> tuple:
+    """Tenants with equal keys can share a pack: same base, same row layout, plain LoRA."""
+    data = job.settings.data
+    return (job.base_model.name_or_path, job.base_model.revision, data.max_seq_len, data.packing,
+            job.settings.method, job.settings.train.precision)
+
+
+@dataclass
+class Slot:
+    """One active tenant in the pack: its data, optimizer, schedule, progress and checkpoints."""
+
+    job: TenantJob
+    data: TenantData
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: TrainState
+    checkpoints: CheckpointIO
+    trainable: int
+    resumed_from: int | None
+    started: float
+    watch: Stopwatch
+
+    @property
+    def name(self) -> str:
+        return self.job.tenant
+
+
+class AdapterRouter:
+    """Sends each row of a batch through its own tenant's adapter.
+
+    A forward pre-hook on every LoRA layer injects ``adapter_names`` (one name per row) into
+    the layer's call; ``route(names)`` sets them for the duration of one forward pass.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.names: list[str] | None = None
+        self._hooked: set[int] = set()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Hook LoRA layers created since the last call (a new tenant may target new modules)."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+                module.register_forward_pre_hook(self._inject, with_kwargs=True)
+                self._hooked.add(id(module))
+
+    def _inject(self, module, args, kwargs):
+        if self.names is not None:
+            kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    @contextmanager
+    def route(self, names: list[str]):
+        self.names = names
+        try:
+            yield
+        finally:
+            self.names = None
+
+
+def _stack(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate tenants' batches row-wise; unpacked rows are right-padded to one width
+    (pad tokens carry no loss and are masked out of attention)."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "attention_mask": 0}
+    keys = batches[0].keys()
+    return {key: torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=fill[key]) for b in batches])
+            for key in keys}
+
+
+class CoTrainer:
+    """Co-train the adapters of ``jobs`` (all in one pack), ``slots`` of them at a time.
+
+    ``checkpoints_for(job)`` says where a tenant's checkpoints go (default: its output
+    folder, as ``farm train``). ``run()`` returns tenant -> ``TrainResult`` for the tenants that
+    finished and tenant -> error message for those that failed.
+    """
+
+    def __init__(self, jobs: list[TenantJob], slots: int, progress: Progress | None = None, resume: bool = True,
+                 checkpoints_for: Callable[[TenantJob], CheckpointIO] | None = None):
+        if not jobs:
+            raise ValueError("co-training needs at least one tenant")
+        keys = {pack_key(job) for job in jobs}
+        if len(keys) > 1:
+            raise ValueError(f"tenants {', '.join(j.tenant for j in jobs)} cannot share a pack: they differ in "
+                             "base model, max_seq_len, packing, method or precision")
+        if jobs[0].settings.method != "lora":
+            raise ValueError(f"co-training supports LoRA adapters only, not {jobs[0].settings.method!r}")
+        self.jobs, self.slots = list(jobs), max(1, slots)
+        self.progress = progress or ConsoleProgress(every=jobs[0].settings.train.log_every)
+        self.resume = resume
+        self.checkpoints_for = checkpoints_for or (
+            lambda job: LocalCheckpoints(Path(job.output_dir) / CHECKPOINT_DIR, job.settings.train.keep_checkpoints))
+        self.results: dict[str, TrainResult] = {}
+        self.errors: dict[str, str] = {}
+        self.packed_with: dict[str, list[str]] = {}  # tenant -> tenants it shared steps with
+        self.model = None
+
+    # -- set-up --------------------------------------------------------------------------------
+    def setup(self) -> "CoTrainer":
+        first = self.jobs[0]
+        self.placement: Placement = select_placement(first.settings.train.precision)
+        self.tokenizer = load_tokenizer(first.base_model)
+        self.base = load_base_model(first.base_model, self.placement)
+        return self
+
+    def _admit(self, job: TenantJob) -> Slot:
+        """Load a tenant's data, add its adapter (seeded as ``farm train`` seeds it), build its
+        optimizer and schedule, and resume it from its newest checkpoint."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        from farm.methods import method_info
+
+        data = load_tenant_data(job.tenant, job.settings.data, self.tokenizer)
+        spec = job.settings.train
+        config = method_info("lora").to_peft_config(job.settings.lora)
+        torch.manual_seed(spec.seed)  # the same adapter init as isolated training
+        if self.model is None:
+            self.model = get_peft_model(self.base, config, adapter_name=job.tenant)
+            self.router = AdapterRouter(self.model)
+        else:
+            self.model.add_adapter(job.tenant, config)
+            self.router.refresh()
+        params = [p for name, p in self.model.named_parameters()
+                  if f"lora_A.{job.tenant}." in name or f"lora_B.{job.tenant}." in name]
+        for param in params:
+            param.requires_grad_(True)
+        optimizer = build_optimizer(params, spec)
+        scheduler = build_scheduler(optimizer, spec)
+        state, resumed_from = TrainState(), None
+        checkpoints = self.checkpoints_for(job)
+        if self.resume:
+            with checkpoints.latest() as checkpoint:
+                if checkpoint is not None:
+                    tensors, state = load_checkpoint(checkpoint, optimizer, scheduler)
+                    set_peft_model_state_dict(self.model, tensors, adapter_name=job.tenant)
+                    resumed_from = state.step
+        slot = Slot(job=job, data=data, params=params, optimizer=optimizer, scheduler=scheduler, state=state,
+                    checkpoints=checkpoints, trainable=sum(p.numel() for p in params), resumed_from=resumed_from,
+                    started=time.perf_counter(), watch=Stopwatch())
+        slot.watch.total = state.train_seconds
+        if state.eval_loss_before is None:
+            state.eval_loss_before = self._evaluate(slot)
+        return slot
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, TrainResult | str]:
+        """Train every tenant; slots freed by finished tenants go to waiting ones."""
+        if self.model is None and not hasattr(self, "base"):
+            self.setup()
+        waiting = list(self.jobs)
+        active: dict[str, Slot] = {}
+        finished: list[str] = []  # adapters still in the model; PEFT cannot remove its last one
+        while waiting or active:
+            while waiting and len(active) < self.slots:
+                job = waiting.pop(0)
+                try:
+                    active[job.tenant] = self._admit(job)
+                except DataError as exc:  # this tenant's data, nobody else's problem
+                    self.errors[job.tenant] = str(exc)
+                    print(f"[{job.tenant}] not started: {exc}", flush=True)
+            for name in list(finished):
+                if len(self.model.peft_config) > 1:
+                    self.model.delete_adapter(name)
+                    finished.remove(name)
+            if not active:
+                break
+            # Adding or deleting an adapter makes PEFT mark only its "active" one trainable.
+            for slot in active.values():
+                for param in slot.params:
+                    param.requires_grad_(True)
+            for name in active:
+                self.packed_with[name] = sorted(set(self.packed_with.get(name, [])) | (set(active) - {name}))
+            self._step(list(active.values()))
+            for name in [n for n, s in active.items() if s.state.step >= s.job.settings.train.max_steps]:
+                self.results[name] = self._finish(active.pop(name))
+                finished.append(name)
+        return {**self.results, **self.errors}
+
+    def _step(self, slots: list[Slot]) -> None:
+        """One optimizer step for every active tenant: shared forward and backward per micro-batch."""
+        device, autocast = self.placement.device, self.placement.autocast
+        self.model.train()
+        accum = max(s.job.settings.train.grad_accum for s in slots)
+        plans = {}
+        for slot in slots:
+            spec = slot.job.settings.train
+            micro = [rows_for(len(slot.data.train), spec.seed, slot.state.rows_consumed + m * spec.batch_size,
+                              spec.batch_size) for m in range(spec.grad_accum)]
+            plans[slot.name] = (micro, sum(slot.data.train.targets[i] for rows in micro for i in rows))
+        losses = {slot.name: 0.0 for slot in slots}
+        started = time.perf_counter()
+        for m in range(accum):
+            members = [s for s in slots if m < s.job.settings.train.grad_accum]
+            batches = [make_batch(s.data.train, plans[s.name][0][m], device) for s in members]
+            batch = _stack(batches)
+            names = [s.name for s, b in zip(members, batches) for _ in range(b["input_ids"].shape[0])]
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with self.router.route(names), torch.autocast(device_type=device.type, dtype=autocast,
+                                                          enabled=autocast is not None):
+                logits = self.model(**inputs, use_cache=False).logits
+            total = 0.0
+            start = 0
+            for slot, part in zip(members, batches):
+                rows = part["input_ids"].shape[0]
+                mine = logits[start:start + rows, :-1].float()
+                labels = batch["labels"][start:start + rows, 1:]
+                summed = F.cross_entropy(mine.reshape(-1, mine.size(-1)), labels.reshape(-1),
+                                         ignore_index=IGNORE_INDEX, reduction="sum")
+                loss = summed / plans[slot.name][1]  # normalised by this tenant's own step tokens
+                total = total + loss
+                losses[slot.name] += float(loss.detach())
+                slot.state.tokens_seen += sum(slot.data.train.lengths[i] for i in plans[slot.name][0][m])
+                start += rows
+            total.backward()  # adapters are disjoint: each gets exactly its own tenant's gradient
+        elapsed = time.perf_counter() - started
+        for slot in slots:
+            spec = slot.job.settings.train
+            if spec.grad_clip:
+                torch.nn.utils.clip_grad_norm_(slot.params, spec.grad_clip)
+            slot.optimizer.step()
+            slot.scheduler.step()
+            slot.optimizer.zero_grad(set_to_none=True)
+            slot.watch.total += elapsed
+            state = slot.state
+            state.step += 1
+            state.rows_consumed += spec.batch_size * spec.grad_accum
+            state.train_seconds = slot.watch.total
+            state.losses.append((state.step, round(losses[slot.name], 6)))
+            eval_loss = None
+            if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.max_steps:
+                eval_loss = self._evaluate(slot)
+                state.evals.append((state.step, eval_loss))
+            saved = None
+            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps:
+                saved = slot.checkpoints.save(lambda folder, s=slot: self._write_checkpoint(s, folder), state.step,
+                                              {"step": state.step, "loss": losses[slot.name]})
+            tokens = sum(slot.data.train.lengths[i] for rows in plans[slot.name][0] for i in rows)
+            self.progress.on_step(StepEvent(
+                tenant=slot.name, step=state.step, max_steps=spec.max_steps, loss=losses[slot.name],
+                learning_rate=slot.scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed if elapsed else 0.0,
+                eta_s=elapsed * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
+
+    @torch.no_grad()
+    def _evaluate(self, slot: Slot) -> float:
+        """Mean eval loss per target token of one tenant's adapter."""
+        was_training = self.model.training
+        self.model.eval()
+        rows, size = slot.data.eval, slot.job.settings.train.batch_size
+        total, count = 0.0, 0
+        for start in range(0, len(rows), size):
+            batch = make_batch(rows, list(range(start, min(start + size, len(rows)))), self.placement.device)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with self.router.route([slot.name] * batch["input_ids"].shape[0]):
+                logits = self.model(**inputs, use_cache=False).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += target_count(batch["labels"])
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    def _adapter_state(self, slot: Slot) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, adapter_name=slot.name)
+
+    def _write_checkpoint(self, slot: Slot, folder: Path) -> None:
+        write_checkpoint(folder, self._adapter_state(slot), slot.optimizer, slot.scheduler, slot.state)
+
+    def _finish(self, slot: Slot) -> TrainResult:
+        """Final eval, the tenant's adapter saved as a normal PEFT adapter, its result."""
+        state = slot.state
+        eval_after = self._evaluate(slot)
+        state.evals.append((state.step, eval_after))
+        out = Path(slot.job.output_dir)
+        adapter_dir = self._save_adapter(slot, out)
+        _, total = count_parameters(self.model)
+        result = TrainResult(
+            tenant=slot.name, method="lora", steps=state.step, tokens=state.tokens_seen,
+            train_seconds=round(state.train_seconds, 3), wall_seconds=round(time.perf_counter() - slot.started, 3),
+            tokens_per_s=round(state.tokens_seen / state.train_seconds, 1) if state.train_seconds else 0.0,
+            eval_loss_before=state.eval_loss_before, eval_loss_after=eval_after, trainable_params=slot.trainable,
+            total_params=total, adapter_dir=str(adapter_dir),
+            adapter_bytes=sum(f.stat().st_size for f in adapter_dir.iterdir()),
+            peak_memory_bytes=peak_memory_bytes(self.placement.device), precision=self.placement.precision,
+            device=str(self.placement.device), padding_share=round(slot.data.train.padding_share, 4),
+            dataset_fingerprint=slot.data.report.fingerprint, data_summary=slot.data.report.summary(),
+            resumed_from_step=slot.resumed_from, losses=state.losses, evals=state.evals)
+        (out / RESULT_FILE).write_text(json.dumps({**asdict(result), "packed_with": self.packed_with.get(slot.name, [])},
+                                                  indent=2) + "\n")
+        slot.checkpoints.finish(out, lambda folder: self._write_checkpoint(slot, folder), state.step,
+                                {"step": state.step, "eval_loss": eval_after})
+        return result
+
+    def _save_adapter(self, slot: Slot, out: Path) -> Path:
+        """PEFT's own save of this tenant's adapter (it lands in a sub-folder named after the
+        adapter), moved to ``out/adapter`` through a temporary name."""
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
+        self.model.save_pretrained(str(tmp), selected_adapters=[slot.name], safe_serialization=True)
+        saved = tmp / slot.name if (tmp / slot.name).is_dir() else tmp
+        final = out / ADAPTER_DIR
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(saved, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+def cotrain(jobs: list[TenantJob], slots: int, progress: Progress | None = None,
+            resume: bool = True) -> dict[str, TrainResult | str]:
+    """Co-train ``jobs`` (one pack) ``slots`` at a time in this process; see ``CoTrainer``."""
+    return CoTrainer(jobs, slots, progress, resume).setup().run()
