@@ -30,6 +30,8 @@ class TenantOutcome:
     resumed_from_step: int | None = None
     first_step_delay_s: float | None = None   # from submission to the first training step
     baseline_error: str | None = None         # why the full fine-tuning baseline did not run
+    pack: str | None = None                   # the co-training pack it trained in (packing: auto)
+    packed_with: list[str] = field(default_factory=list)  # tenants that shared its steps
     losses: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -64,12 +66,13 @@ def _size(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
 
-_COLUMNS = ("tenant", "status", "steps", "tokens", "wall s", "eval before", "eval after", "adapter",
+_COLUMNS = ("tenant", "status", "pack", "steps", "tokens", "wall s", "eval before", "eval after", "adapter",
             "registry", "error")
 
 
 def _cells(o: TenantOutcome) -> list[str]:
-    return [o.tenant, o.status, str(o.steps or ""), f"{o.tokens:,}" if o.tokens else "",
+    pack = f"{o.pack} (with {', '.join(o.packed_with)})" if o.pack and o.packed_with else (o.pack or "")
+    return [o.tenant, o.status, pack, str(o.steps or ""), f"{o.tokens:,}" if o.tokens else "",
             f"{o.wall_seconds:.1f}" if o.wall_seconds else "", _fmt(o.eval_loss_before),
             _fmt(o.eval_loss_after), _size(o.adapter_bytes) if o.adapter_bytes else "", o.serve_name or "",
             o.error or ""]

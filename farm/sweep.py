@@ -20,6 +20,7 @@ Layout of ``<output_dir>/<sweep_id>/``::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -36,7 +37,7 @@ from rich.console import Console
 from farm.data import DataError, load_tenant_data
 from farm.models import load_tokenizer
 from farm.report import SweepReport, TenantOutcome, print_report, write_report
-from farm.sizing import Capacity, DoesNotFit, cluster_capacity, size_baseline, size_lora
+from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_lora
 from farm.spec import ResolvedSweep, ResourceSpec, TenantJob
 
 RESULT_FILE = "result.json"
@@ -248,6 +249,37 @@ def _request_resources(bundles: list[dict], console: Console) -> None:
         console.print(f"asked the autoscaler for {len(bundles)} worker bundle(s) up front", markup=False, highlight=False)
 
 
+def _run_pack(jobs: list[dict], slots: int, resources: TrainerResources, storage: str, name: str,
+              max_retries: int, board) -> dict:
+    """Ray task body: one co-training pack's TorchTrainer (one worker); returns each finished
+    tenant's final folder (as a Ray ``Checkpoint``) and the tenants that failed (never raises)."""
+    from ray.train import Checkpoint, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from farm.train.cotrain import ray_cotrain_loop
+    from farm.train.ray_support import FINAL_DIR, storage_fs
+
+    pack_dir = f"{storage.rstrip('/')}/{name}"
+    errors: dict = {}
+    failure = None
+    try:
+        trainer = TorchTrainer(
+            ray_cotrain_loop,
+            train_loop_config={"jobs": jobs, "slots": slots, "board": board, "threads": resources.torch_threads,
+                               "pack_dir": pack_dir},
+            scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
+            run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_retries)))
+        errors = (trainer.fit().return_value or {}).get("errors", {})
+    except Exception as exc:  # the pack's retries ran out; tenants that finished before still count
+        failure = error_summary(exc)
+    finals = {}
+    for job in jobs:
+        fs, path = storage_fs(f"{pack_dir}/{job['tenant']}/{FINAL_DIR}")
+        if fs.get_file_info(f"{path}/{RESULT_FILE}").is_file:
+            finals[job["tenant"]] = Checkpoint(path=path, filesystem=fs)
+    return {"finals": finals, "errors": errors, "error": failure}
+
+
 def _progress_board():
     import ray
 
@@ -339,12 +371,6 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             continue
         console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
 
-    limit = options.max_concurrent or len(pending) or 1
-    if sweep.spec.resources.request_up_front and pending:
-        # The autoscaler sees queued work only as it is submitted; asking for the whole first
-        # wave at once lets it add every node it needs in one go.
-        demand = [bundle for name in pending[:limit] for bundle in resources[name].demand()]
-        _request_resources(demand, console)
 
     board = _progress_board() if pending else None
     task = ray.remote(num_cpus=0, max_retries=0)(_run_tenant).options(
@@ -352,17 +378,64 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     running: dict = {}
     submitted: dict[str, float] = {}
     printed: dict[str, int] = {}
-    queue = list(pending)
+    # Work units: a tenant alone, or a pack of tenants co-trained by one worker (packing: auto).
+    units: list[tuple[str, object]] = [("tenant", name) for name in pending]
+    packs: dict[str, Pack] = {}
+    if sweep.spec.resources.packing == "auto":
+        packable = [n for n in pending if sweep.job(n).settings.method == "lora" and sweep.spec.resources.workers == 1]
+        if len(packable) > 1:
+            for pack in plan_packs([sweep.job(n) for n in packable], capacity):
+                packs[pack.name] = pack
+                console.print(pack.note, markup=False, highlight=False)
+            units = [("tenant", n) for n in pending if n not in packable] + [("pack", p) for p in packs.values()]
+    pack_task = ray.remote(num_cpus=0, max_retries=0)(_run_pack).options(
+        runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
+
+    def finish_tenant(name: str, result: dict, wall: float, delay: float | None, pack: str | None = None) -> None:
+        outcomes[name] = TenantOutcome(
+            tenant=name, status="trained", steps=result["steps"], tokens=result["tokens"],
+            wall_seconds=round(wall, 2), eval_loss_before=result["eval_loss_before"],
+            eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
+            adapter_dir=result["adapter_dir"], resumed_from_step=result.get("resumed_from_step"),
+            first_step_delay_s=round(delay, 2) if delay is not None else None,
+            losses=[tuple(x) for x in result["losses"]], pack=pack, packed_with=result.get("packed_with", []))
+        console.print(f"[green]{name}[/green]: done, eval loss "
+                      f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
+        hand_off(name, outcomes[name])
+
+    limit = options.max_concurrent or len(units) or 1
+    if sweep.spec.resources.request_up_front and units:
+        # The autoscaler sees queued work only as it is submitted; asking for the whole first
+        # wave at once lets it add every node it needs in one go.
+        demand = [bundle for kind, item in units[:limit]
+                  for bundle in resources[item if kind == "tenant" else item.tenants[0]].demand()]
+        _request_resources(demand, console)
+
+    queue = list(units)
     while queue or running:
         while queue and len(running) < limit:
-            name = queue.pop(0)
-            job: TenantJob = sweep.job(name)
-            ref = task.remote(job.model_dump(), resources[name], storage, name, sweep.spec.resources.max_retries,
-                              job.settings.train.keep_checkpoints, board)
-            running[ref] = name
+            kind, item = queue.pop(0)
+            if kind == "tenant":
+                name = item
+                job: TenantJob = sweep.job(name)
+                ref = task.remote(job.model_dump(), resources[name], storage, name, sweep.spec.resources.max_retries,
+                                  job.settings.train.keep_checkpoints, board)
+                console.print(f"{name}: submitted ({resources[name].num_workers} worker(s), "
+                              f"{resources[name].resources_per_worker} each)")
+            else:
+                pack = item
+                name = pack.name
+                first = resources[pack.tenants[0]]
+                per_worker = dict(first.resources_per_worker)
+                if "memory" in per_worker:
+                    per_worker["memory"] = pack.planned_bytes
+                pack_resources = dataclasses.replace(first, resources_per_worker=per_worker)
+                ref = pack_task.remote([sweep.job(t).model_dump() for t in pack.tenants], pack.slots, pack_resources,
+                                       storage, name, sweep.spec.resources.max_retries, board)
+                console.print(f"{name}: submitted ({', '.join(pack.tenants)}; {pack.slots} at a time, "
+                              f"{per_worker} per worker)", markup=False, highlight=False)
+            running[ref] = (kind, item)
             submitted[name] = time.time()
-            console.print(f"{name}: submitted ({resources[name].num_workers} worker(s), "
-                          f"{resources[name].resources_per_worker} each)")
         ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
         events, first_step = ray.get(board.snapshot.remote())
         for tenant, event in sorted(events.items()):
@@ -370,26 +443,30 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                 printed[tenant] = event["step"]
                 console.print(_progress_line(tenant, event), markup=False, highlight=False)
         for ref in ready:
-            name = running.pop(ref)
+            kind, item = running.pop(ref)
             outcome = ray.get(ref)
+            name = item if kind == "tenant" else item.name
             wall = time.time() - submitted[name]
-            delay = first_step.get(name, time.time()) - submitted[name] if name in first_step else None
-            if outcome["ok"]:
-                result = _publish_adapter(outcome["checkpoint"], out / name)
-                outcomes[name] = TenantOutcome(
-                    tenant=name, status="trained", steps=result["steps"], tokens=result["tokens"],
-                    wall_seconds=round(wall, 2), eval_loss_before=result["eval_loss_before"],
-                    eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
-                    adapter_dir=result["adapter_dir"], resumed_from_step=result.get("resumed_from_step"),
-                    first_step_delay_s=round(delay, 2) if delay is not None else None,
-                    losses=[tuple(x) for x in result["losses"]])
-                console.print(f"[green]{name}[/green]: done, eval loss "
-                              f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
-                hand_off(name, outcomes[name])
-            else:
-                outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
-                                               error=outcome["error"])
-                console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
+            if kind == "tenant":
+                delay = first_step[name] - submitted[name] if name in first_step else None
+                if outcome["ok"]:
+                    finish_tenant(name, _publish_adapter(outcome["checkpoint"], out / name), wall, delay)
+                else:
+                    outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
+                                                   error=outcome["error"])
+                    console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
+                continue
+            for tenant in item.tenants:  # a pack: hand off what finished, report the rest
+                delay = first_step[tenant] - submitted[name] if tenant in first_step else None
+                final = outcome.get("finals", {}).get(tenant)
+                if final is not None:
+                    finish_tenant(tenant, _publish_adapter(final, out / tenant), wall, delay, pack=name)
+                    continue
+                error = outcome.get("errors", {}).get(tenant) or outcome.get("error") or "pack ended without it"
+                status = "invalid" if tenant in outcome.get("errors", {}) else "failed"
+                outcomes[tenant] = TenantOutcome(tenant=tenant, status=status, wall_seconds=round(wall, 2),
+                                                 error=error, pack=name)
+                console.print(f"{tenant}: {status}: {error}", markup=False, highlight=False)
 
     if sweep.spec.resources.request_up_front and pending:
         _request_resources([], console)  # release: idle nodes may now be removed

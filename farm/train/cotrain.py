@@ -149,6 +149,8 @@ class CoTrainer:
         self.results: dict[str, TrainResult] = {}
         self.errors: dict[str, str] = {}
         self.packed_with: dict[str, list[str]] = {}  # tenant -> tenants it shared steps with
+        self.step_seconds = 0.0  # time in training steps (all tenants), for throughput figures
+        self.step_tokens = 0
         self.model = None
 
     # -- set-up --------------------------------------------------------------------------------
@@ -269,6 +271,7 @@ class CoTrainer:
                 start += rows
             total.backward()  # adapters are disjoint: each gets exactly its own tenant's gradient
         elapsed = time.perf_counter() - started
+        self.step_seconds += elapsed
         for slot in slots:
             spec = slot.job.settings.train
             if spec.grad_clip:
@@ -291,6 +294,7 @@ class CoTrainer:
                 saved = slot.checkpoints.save(lambda folder, s=slot: self._write_checkpoint(s, folder), state.step,
                                               {"step": state.step, "loss": losses[slot.name]})
             tokens = sum(slot.data.train.lengths[i] for rows in plans[slot.name][0] for i in rows)
+            self.step_tokens += tokens
             self.progress.on_step(StepEvent(
                 tenant=slot.name, step=state.step, max_steps=spec.max_steps, loss=losses[slot.name],
                 learning_rate=slot.scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed if elapsed else 0.0,
@@ -367,3 +371,55 @@ def cotrain(jobs: list[TenantJob], slots: int, progress: Progress | None = None,
             resume: bool = True) -> dict[str, TrainResult | str]:
     """Co-train ``jobs`` (one pack) ``slots`` at a time in this process; see ``CoTrainer``."""
     return CoTrainer(jobs, slots, progress, resume).setup().run()
+
+
+class _PackProgress:
+    """Forwards every tenant's step events to the sweep's progress board."""
+
+    def __init__(self, board):
+        from farm.train.ray_support import BoardProgress
+
+        self.board = board
+        self.per_tenant: dict[str, BoardProgress] = {}
+        self._make = BoardProgress
+
+    def on_step(self, event: StepEvent) -> None:
+        if event.tenant not in self.per_tenant:
+            self.per_tenant[event.tenant] = self._make(self.board, event.tenant)
+        self.per_tenant[event.tenant].on_step(event)
+
+
+def ray_cotrain_loop(config: dict) -> dict:
+    """Ray Train ``train_loop_per_worker`` of a co-training pack (one worker).
+
+    ``config`` holds the pack's ``jobs`` (dicts), its ``slots``, the torch ``threads``, the
+    ``board`` actor and ``pack_dir``, the pack's folder on shared storage. Each tenant's
+    checkpoints and final adapter go to ``<pack_dir>/<tenant>/`` (``StorageCheckpoints``); a
+    restarted worker group skips tenants whose final adapter is there and resumes the others
+    from their newest complete checkpoint.
+    """
+    import tempfile
+
+    from farm.train.ray_support import FINAL_DIR, StorageCheckpoints, storage_fs
+
+    torch.set_num_threads(config.get("threads", 1))
+    local = tempfile.mkdtemp(prefix="farm-pack-")
+    pack_dir = config["pack_dir"].rstrip("/")
+    jobs = [TenantJob.model_validate(raw) for raw in config["jobs"]]
+    jobs = [job.model_copy(update={"output_dir": f"{local}/{job.tenant}"}) for job in jobs]
+
+    def finished(job: TenantJob) -> bool:
+        fs, path = storage_fs(f"{pack_dir}/{job.tenant}/{FINAL_DIR}/{RESULT_FILE}")
+        return fs.get_file_info(path).is_file
+
+    pending = [job for job in jobs if not finished(job)]
+    try:
+        if not pending:
+            return {"errors": {}, "packed_with": {}}
+        trainer = CoTrainer(pending, config["slots"], progress=_PackProgress(config.get("board")),
+                            checkpoints_for=lambda job: StorageCheckpoints(f"{pack_dir}/{job.tenant}",
+                                                                           job.settings.train.keep_checkpoints))
+        trainer.setup().run()
+        return {"errors": trainer.errors, "packed_with": trainer.packed_with}
+    finally:
+        shutil.rmtree(local, ignore_errors=True)

@@ -44,7 +44,7 @@ class RayCheckpoints:
     def latest(self) -> Iterator[Path | None]:
         import ray.train
 
-        on_storage = self._newest_on_storage()
+        on_storage = newest_on_storage(self.run_dir) if self.run_dir else None
         registered = ray.train.get_checkpoint()
         if on_storage is None and registered is None:
             yield None
@@ -52,39 +52,11 @@ class RayCheckpoints:
         if on_storage is not None and (registered is None or
                                        Path(on_storage[1]).name >= Path(registered.path).name):
             fs, path = on_storage
-            yield from self._local_copy(fs, path)
+            yield from local_copy(fs, path)
             return
         with registered.as_directory() as folder:
             yield Path(folder)
 
-    def _newest_on_storage(self):
-        import pyarrow.fs as pafs
-
-        from farm.train.common import newest_complete_checkpoint
-
-        if not self.run_dir:
-            return None
-        if "://" in self.run_dir:
-            fs, root = pafs.FileSystem.from_uri(self.run_dir)
-        else:
-            fs, root = pafs.LocalFileSystem(), self.run_dir
-        found = newest_complete_checkpoint(fs, root)
-        return (fs, found) if found else None
-
-    @staticmethod
-    def _local_copy(fs, path: str) -> Iterator[Path]:
-        import pyarrow.fs as pafs
-
-        if isinstance(fs, pafs.LocalFileSystem):
-            yield Path(path)
-            return
-        folder = Path(tempfile.mkdtemp(prefix="farm-resume-"))
-        try:
-            pafs.copy_files(path, str(folder), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     def save(self, write: Callable[[Path], None], step: int, metrics: dict) -> Path | None:
         self._report(write, step, metrics)
@@ -118,6 +90,104 @@ class RayCheckpoints:
             write(folder)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=checkpoint_name(step))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def storage_fs(uri: str):
+    """(pyarrow file system, path) of a local folder or a URI such as ``s3://bucket/prefix``."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri
+
+
+def newest_on_storage(root: str):
+    """(fs, path) of the newest complete checkpoint directly under ``root``, or None."""
+    from farm.train.common import newest_complete_checkpoint
+
+    fs, path = storage_fs(root)
+    found = newest_complete_checkpoint(fs, path)
+    return (fs, found) if found else None
+
+
+def local_copy(fs, path: str) -> Iterator[Path]:
+    """Yield a local folder with the contents of ``path`` (the folder itself when it is local)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(path)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="farm-resume-"))
+    try:
+        pafs.copy_files(path, str(folder), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def upload(folder: Path, destination: str) -> None:
+    """Copy a local folder to ``destination`` (a folder or a URI) and replace what was there."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage_fs(destination)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(folder), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+FINAL_DIR = "final"
+
+
+class StorageCheckpoints:
+    """One tenant's checkpoints written straight to shared storage (``root`` = a folder or URI).
+
+    A co-training pack is one Ray Train run carrying many tenants, each with its own
+    checkpoint stream, which ``ray.train.report`` (one stream per run) cannot hold. Each
+    checkpoint is complete only once every file its ``state.json`` lists is there at the listed
+    size, so an upload cut short is never resumed from; the final adapter and result land in
+    ``<root>/final/``, where the sweep's driver picks them up.
+    """
+
+    def __init__(self, root: str, keep: int):
+        self.root, self.keep = root.rstrip("/"), keep
+
+    @contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        found = newest_on_storage(self.root)
+        if found is None:
+            yield None
+            return
+        yield from local_copy(*found)
+
+    def save(self, write: Callable[[Path], None], step: int, metrics: dict) -> Path | None:
+        folder = Path(tempfile.mkdtemp(prefix="farm-ckpt-"))
+        try:
+            write(folder)
+            upload(folder, f"{self.root}/{checkpoint_name(step)}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._prune()
+        return None
+
+    def _prune(self) -> None:
+        import pyarrow.fs as pafs
+
+        fs, path = storage_fs(self.root)
+        names = sorted(e.base_name for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                       if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint-"))
+        for name in names[:-self.keep]:
+            fs.delete_dir(f"{path}/{name}")
+
+    def finish(self, out: Path, write: Callable[[Path], None], step: int, metrics: dict) -> None:
+        """Upload the final adapter and result (resumable state too) to ``<root>/final``."""
+        folder = Path(tempfile.mkdtemp(prefix="farm-final-"))
+        try:
+            shutil.copytree(out / FINAL_ADAPTER, folder / FINAL_ADAPTER)
+            shutil.copy2(out / FINAL_RESULT, folder / FINAL_RESULT)
+            write(folder)
+            upload(folder, f"{self.root}/{FINAL_DIR}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

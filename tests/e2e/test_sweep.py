@@ -94,6 +94,29 @@ def test_sweep_isolates_a_bad_tenant_reports_and_does_not_retrain(tmp_path, base
     assert registry.search()[1] == 2  # nothing published twice
 
 
+def _sweep_killing_a_worker(spec: Path, sweep_id: str, ready) -> tuple[int | None, int, str]:
+    """Run a sweep and SIGKILL one of its Ray Train workers as soon as ``ready()`` is true;
+    returns (killed pid or None, the sweep's exit code, its output)."""
+    proc = subprocess.Popen(SWEEP + ["--config", str(spec), "--sweep-id", sweep_id], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                workers = _train_workers(proc.pid)
+                if workers:
+                    killed = workers[0].pid
+                    os.kill(killed, signal.SIGKILL)
+                    break
+            time.sleep(0.1)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return killed, proc.returncode, output
+
+
 def _train_workers(root_pid: int) -> list:
     import psutil
 
@@ -115,27 +138,11 @@ def test_sigkilled_worker_is_restarted_and_resumes_to_the_same_adapter(tmp_path,
 
     tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
     spec = _spec(tmp_path, base_model_dir, tenants, max_steps=40, checkpoint_every=5)
-    proc = subprocess.Popen(SWEEP + ["--config", str(spec), "--sweep-id", "kill"], env=_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = tmp_path / "runs" / "kill" / ".ray" / "hooli" / "checkpoint-0000005"
-    killed = None
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if checkpoint.is_dir():
-                workers = _train_workers(proc.pid)
-                if workers:
-                    killed = workers[0].pid
-                    os.kill(killed, signal.SIGKILL)
-                    break
-            time.sleep(0.1)
-        output, _ = proc.communicate(timeout=600)
-        (tmp_path / "sweep.log").write_text(output)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    killed, returncode, output = _sweep_killing_a_worker(spec, "kill", checkpoint.is_dir)
+    (tmp_path / "sweep.log").write_text(output)
     assert killed is not None, "the worker was never seen running after its first checkpoint"
-    assert proc.returncode == 0, output[-4000:]
+    assert returncode == 0, output[-4000:]
     result = json.loads((tmp_path / "runs" / "kill" / "hooli" / "result.json").read_text())
     assert result["resumed_from_step"] is not None and 5 <= result["resumed_from_step"] < 40
     assert result["steps"] == 40
@@ -153,3 +160,48 @@ def test_sigkilled_worker_is_restarted_and_resumes_to_the_same_adapter(tmp_path,
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff < 1e-5, diff
+
+
+def test_packed_sweep_co_trains_survives_a_killed_worker_and_matches_isolated_training(tmp_path, base_model_dir):
+    """packing: auto puts the three small tenants in one co-training pack; the pack's worker is
+    SIGKILLed after a checkpoint; Ray Train restarts it, every tenant resumes from its own
+    checkpoint on storage, and each adapter still equals the one trained alone (fp32, no dropout)."""
+    from safetensors.torch import load_file
+
+    from farm.spec import load_spec
+    from farm.train.lora import train_tenant
+
+    names = ["hooli", "acme", "globex"]
+    tenants = [{"name": n, "data": {"path": str(REPO / f"jobs/data/{n}.jsonl")}} for n in names]
+    spec = _spec(tmp_path, base_model_dir, tenants, max_steps=12, checkpoint_every=4, precision="fp32")
+    raw = yaml.safe_load(spec.read_text())
+    raw["defaults"]["lora"]["dropout"] = 0.0
+    raw["resources"]["packing"] = "auto"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    pack_dir = tmp_path / "runs" / "packed" / ".ray" / "pack-1"
+    killed, returncode, output = _sweep_killing_a_worker(
+        spec, "packed", lambda: any((pack_dir / n / "checkpoint-0000004" / "state.json").is_file() for n in names))
+    assert killed is not None, "the pack's worker was never seen running after a checkpoint"
+    assert returncode == 0, output[-4000:]
+    assert "pack-1: hooli, acme, globex (3 at a time" in output
+    report = json.loads((tmp_path / "runs" / "packed" / "report.json").read_text())
+    by_name = {t["tenant"]: t for t in report["tenants"]}
+    assert all(by_name[n]["status"] == "trained" and by_name[n]["pack"] == "pack-1" for n in names)
+    assert sorted(by_name["hooli"]["packed_with"]) == ["acme", "globex"]
+    assert any(by_name[n]["resumed_from_step"] for n in names)  # the restart resumed, not restarted
+    assert "| pack-1 (with" in (tmp_path / "runs" / "packed" / "report.md").read_text()
+
+    sweep = load_spec(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in names:
+            job = sweep.job(name).model_copy(update={"output_dir": str(tmp_path / "alone" / name)})
+            alone = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
+            a = load_file(str(Path(alone.adapter_dir) / "adapter_model.safetensors"))
+            b = load_file(str(tmp_path / "runs" / "packed" / name / "adapter" / "adapter_model.safetensors"))
+            assert a.keys() == b.keys()
+            assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+    finally:
+        torch.set_num_threads(threads)

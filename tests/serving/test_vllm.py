@@ -41,6 +41,7 @@ from farm.serving.vllm_plugin import (
     source_from_env,
 )
 
+from ..conftest import REPO
 from ..registry.conftest import make_lora_adapter
 
 PROMPT = "The customer asked"
@@ -338,6 +339,20 @@ class VllmServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
+def co_trained_adapter(base_model_dir: Path, root: Path) -> Path:
+    """hooli's adapter from a pack co-trained with acme (rank 8, q/k/v/o, a few strong steps)."""
+    from farm.spec import parse_spec
+    from farm.train.cotrain import cotrain
+
+    sweep = parse_spec({
+        "name": "c", "base_model": {"name_or_path": str(base_model_dir)}, "output_dir": str(root),
+        "defaults": {"lora": {"rank": 8, "dropout": 0.0}, "data": {"max_seq_len": 128},
+                     "train": {"max_steps": 10, "batch_size": 4, "learning_rate": 3e-2, "checkpoint_every": 100}},
+        "tenants": [{"name": n, "data": {"path": str(REPO / "jobs" / "data" / f"{n}.jsonl")}} for n in ("hooli", "acme")]})
+    results = cotrain(list(sweep.jobs.values()), slots=2, resume=False)
+    return Path(results["hooli"].adapter_dir)
+
+
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory, base_model_dir):
     """ONE vLLM server for every real-server test, started as `farm serve --run` starts it."""
@@ -354,6 +369,9 @@ def vllm_server(tmp_path_factory, base_model_dir):
         info = registry.publish(tenant, adapter, folder, base_model=base, aliases=aliases)
         adapters[info.serve_name] = folder
     assert not registry.resolve("initech.small.v1").servable_by_vllm
+    # One adapter of a co-training pack: published and served like any other.
+    folder = co_trained_adapter(base_model_dir, root / "cotrain")
+    adapters[registry.publish("hooli", "cotrained", folder, base_model=base).serve_name] = folder
     servable, _ = registry.search(base_model=base, servable=True, status=None, limit=500)
     api_key = secrets.token_urlsafe(24)
     port = _free_port()
@@ -416,6 +434,13 @@ class TestRealServer:
             assert ids != base_ids, f"{name} answers like the base model"
             seen[name] = ids
         assert len({tuple(ids) for ids in seen.values()}) == len(seen)  # each adapter its own answer
+
+    def test_a_co_trained_adapter_is_served_like_any_other(self, vllm_server, base_model_dir):
+        _, base_ids = vllm_server.greedy("base")
+        expected_prompt, expected = peft_greedy(base_model_dir, vllm_server.adapters["hooli.cotrained.v1"])
+        assert expected != base_ids  # the co-trained adapter changes the answer ...
+        prompt_ids, ids = vllm_server.greedy("hooli.cotrained.v1")
+        assert (prompt_ids, ids) == (expected_prompt, expected)  # ... and vLLM applies it as PEFT does
 
     def test_an_adapter_published_after_start_is_served_without_restart(self, vllm_server, base_model_dir, tmp_path):
         folder = make_lora_adapter(base_model_dir, tmp_path / "late", seed=4)
