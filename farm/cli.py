@@ -189,6 +189,34 @@ def train(
                   f"({result.eval_loss_after / result.eval_loss_before:.2f}x)")
 
 
+@app.command("cotrain")
+def cotrain_cmd(
+    spec_file: Path = typer.Option(..., "--spec", help="sweep spec YAML"),
+    tenants: str = typer.Option(..., help="comma-separated tenants to co-train (one pack)"),
+    slots: int = typer.Option(4, help="tenants trained at once on the shared base"),
+    fresh: bool = typer.Option(False, help="ignore existing checkpoints and start over"),
+) -> None:
+    """Co-train several tenants' adapters on one base in this process, with progress."""
+    from farm.train.cotrain import cotrain
+
+    sweep = _load(spec_file)
+    try:
+        jobs = [sweep.job(name.strip()) for name in tenants.split(",")]
+        results = cotrain(jobs, slots, resume=not fresh)
+    except (KeyError, ValueError) as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    table = Table("tenant", "status", "steps", "eval before", "eval after", "adapter / error")
+    for name, result in results.items():
+        if isinstance(result, str):
+            table.add_row(name, "[red]failed[/red]", "", "", "", result)
+        else:
+            table.add_row(name, "[green]trained[/green]", str(result.steps), f"{result.eval_loss_before:.4f}",
+                          f"{result.eval_loss_after:.4f}", result.adapter_dir)
+    console.print(table)
+    if any(isinstance(result, str) for result in results.values()):
+        raise typer.Exit(1)
+
+
 @app.command("plan")
 def plan(
     model: str = typer.Option(..., help="preset (llama-3.1-8b, llama-3.1-70b) or a config.json / model folder"),

@@ -78,9 +78,17 @@ class TrainSpec(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 elsewhere")
     seed: int = Field(0, description="seed for adapter init, dropout and data order")
     eval_every: Optional[int] = Field(None, ge=1, description="steps between eval passes; null: only before and after")
+    early_stop_patience: Optional[int] = Field(None, ge=1, description="stop after this many eval passes without improvement (needs eval_every); null: never")
+    early_stop_min_delta: float = Field(0.0, ge=0, description="how much lower an eval loss must be to count as an improvement")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between progress lines")
+
+    @model_validator(mode="after")
+    def _early_stop_needs_eval(self):
+        if self.early_stop_patience is not None and self.eval_every is None:
+            raise ValueError("early_stop_patience needs eval_every (early stopping watches the periodic eval loss)")
+        return self
 
 
 class JobSettings(StrictModel):
@@ -120,7 +128,7 @@ class ResourceSpec(StrictModel):
     memory_per_worker: Optional[int] = Field(None, gt=0, description="bytes of Ray's memory resource each worker reserves; null: the planner's estimate on CPU clusters")
     accelerator_type: Optional[str] = Field(None, description="Ray accelerator type, for example A100")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="collective backend; auto: NCCL when workers have GPUs, gloo otherwise")
-    packing: Literal["auto", "off"] = Field("off", description="auto: co-train small LoRA tenants in packs on one base per worker (the planner sizes the packs)")
+    packing: Literal["auto", "off"] = Field("auto", description="auto: co-train small LoRA tenants in packs on one base per worker (the planner sizes the packs); off: one trainer per tenant")
     request_up_front: bool = Field(True, description="ask the autoscaler for the sweep's whole demand at the start (released at the end)")
     max_retries: int = Field(2, ge=0, description="worker-group restarts before a tenant fails")
 

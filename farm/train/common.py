@@ -8,6 +8,7 @@ a half-written checkpoint that a resume would pick up.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,11 +34,13 @@ from farm.spec import TrainSpec
 # -- data order ------------------------------------------------------------------------------
 
 
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    """The order of rows in one epoch: a fixed permutation per (seed, epoch)."""
+@functools.lru_cache(maxsize=256)
+def epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The order of rows in one epoch: a fixed permutation per (seed, epoch). Cached: every
+    step asks for it, and shuffling the whole epoch each time showed up in profiles."""
     order = list(range(n_rows))
     random.Random(f"order:{seed}:{epoch}").shuffle(order)
-    return order
+    return tuple(order)
 
 
 def rows_for(n_rows: int, seed: int, start: int, count: int) -> list[int]:
@@ -150,6 +153,20 @@ class TrainState:
     eval_loss_before: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
+    best_eval: float | None = None     # early stopping: the lowest periodic eval loss so far
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+    def record_eval(self, step: int, eval_loss: float, spec: TrainSpec) -> None:
+        """Record a periodic eval; stop early after ``early_stop_patience`` evals without an
+        improvement of at least ``early_stop_min_delta``."""
+        self.evals.append((step, eval_loss))
+        if self.best_eval is None or eval_loss < self.best_eval - spec.early_stop_min_delta:
+            self.best_eval, self.evals_since_best = eval_loss, 0
+        else:
+            self.evals_since_best += 1
+        if spec.early_stop_patience is not None and self.evals_since_best >= spec.early_stop_patience:
+            self.stopped_early = True
 
 
 def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
@@ -365,7 +382,7 @@ class StepLoop:
         watch = Stopwatch()
         watch.total = seconds_at_start = state.train_seconds
         window_tokens, window_start = 0, time.perf_counter()
-        while state.step < spec.max_steps:
+        while state.step < spec.max_steps and not state.stopped_early:
             with watch:
                 micro = [rows_for(n_rows, spec.seed, state.rows_consumed + m * rows_per_micro, rows_per_micro)
                          for m in range(spec.grad_accum)]
@@ -388,9 +405,9 @@ class StepLoop:
             eval_loss = None
             if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.max_steps:
                 eval_loss = self.evaluate()
-                state.evals.append((state.step, eval_loss))
+                state.record_eval(state.step, eval_loss, spec)
             saved = None
-            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps:
+            if state.step % spec.checkpoint_every == 0 and state.step < spec.max_steps and not state.stopped_early:
                 saved = self.checkpoints.save(self._write_checkpoint, state.step,
                                               {"step": state.step, "loss": loss_total})
             elapsed = time.perf_counter() - window_start

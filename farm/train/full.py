@@ -211,7 +211,7 @@ class FullRecipe(StepLoop):
             peak_memory_bytes=max(peaks), precision=self.placement.precision, device=str(self.placement.device),
             padding_share=round(self.data.train.padding_share, 4), dataset_fingerprint=self.data.report.fingerprint,
             data_summary=self.data.report.summary(), resumed_from_step=self.resumed_from,
-            losses=state.losses, evals=state.evals, zero_stage=self.baseline.zero_stage, offload=self.baseline.offload,
+            stopped_early=state.stopped_early, losses=state.losses, evals=state.evals, zero_stage=self.baseline.zero_stage, offload=self.baseline.offload,
             workers=self.world, model_dir=str(model_dir),
             model_bytes=sum(f.stat().st_size for f in model_dir.iterdir()) if self.rank == 0 else 0,
             peak_memory_per_worker=peaks)

@@ -64,6 +64,7 @@ class TrainResult:
     dataset_fingerprint: str
     data_summary: str
     resumed_from_step: int | None = None
+    stopped_early: bool = False  # early_stop_patience evals without improvement ended it before max_steps
     losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
 
@@ -180,7 +181,8 @@ class LoraRecipe(StepLoop):
             peak_memory_bytes=peak_memory_bytes(placement.device), precision=placement.precision,
             device=str(placement.device), padding_share=round(self.data.train.padding_share, 4),
             dataset_fingerprint=self.data.report.fingerprint, data_summary=self.data.report.summary(),
-            resumed_from_step=self.resumed_from, losses=state.losses, evals=state.evals,
+            resumed_from_step=self.resumed_from, stopped_early=state.stopped_early,
+            losses=state.losses, evals=state.evals,
         )
         if self.rank == 0:
             (self.out / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")

@@ -128,7 +128,7 @@ def test_sweep_scales_gpu_nodes_up_from_zero_and_back_down(tmp_path, base_model_
         "name": "scale", "base_model": {"name_or_path": str(base_model_dir)},
         "output_dir": str(tmp_path / "runs"), "defaults": defaults,
         "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1, "backend": "gloo",
-                      "max_retries": 1},
+                      "max_retries": 1, "packing": "off"},  # one trainer, one GPU per tenant
         "tenants": [{"name": t, "data": {"path": str(REPO / "jobs" / "data" / f"{t}.jsonl")}} for t in tenants],
     }, sort_keys=False))
 

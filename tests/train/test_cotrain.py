@@ -76,6 +76,32 @@ def test_co_trained_adapters_equal_isolated_ones(tmp_path, base_model_dir, isola
         assert packed["acme"] == ["globex"] and "initech" in packed["globex"]
 
 
+def test_the_batched_path_for_tenants_of_one_shape_stays_within_rounding(tmp_path, base_model_dir, isolated):
+    """Same rank, targets and rows per step: with ``batched`` (what bf16 runs use) every layer
+    adds all tenants' updates with one bmm pair. bmm sums in another order, so the contract
+    here is float rounding amplified by Adam over a few steps (1e-4), not the fp32 path's 1e-5."""
+    from farm.train import cotrain as module
+
+    calls = {"bmm": 0}
+    real_bmm = module.torch.bmm
+
+    def counting_bmm(*args, **kwargs):
+        calls["bmm"] += 1
+        return real_bmm(*args, **kwargs)
+
+    sweep = _sweep(tmp_path, base_model_dir)
+    same = [sweep.jobs["acme"], sweep.jobs["hooli"]]  # both r=8 on all linear layers
+    module.torch.bmm = counting_bmm
+    try:
+        results = CoTrainer(same, 2, resume=False, batched=True).setup().run()  # as bf16 runs do
+    finally:
+        module.torch.bmm = real_bmm
+    assert calls["bmm"] > 0
+    for job in same:
+        assert results[job.tenant].steps == {"acme": 4, "hooli": 5}[job.tenant]
+        assert _max_difference(_adapter(isolated, job.tenant), _adapter(tmp_path, job.tenant)) < 1e-4
+
+
 def test_a_bad_tenant_stops_alone_and_an_interrupted_pack_resumes_exactly(tmp_path, base_model_dir, isolated):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": 7}\n')
@@ -105,3 +131,21 @@ def test_a_bad_tenant_stops_alone_and_an_interrupted_pack_resumes_exactly(tmp_pa
     assert any(step for step in resumed), resumed  # at least one tenant continued from a checkpoint
     for name, *_ in TENANTS:
         assert _max_difference(_adapter(isolated, name), _adapter(tmp_path / "runs", name)) < 1e-5
+
+
+def test_early_stop_ends_one_tenant_and_its_slot_goes_on(tmp_path, base_model_dir):
+    """A tenant whose eval stops improving (here: a min_delta no step can beat) stops after
+    ``early_stop_patience`` evals, alone, exactly where isolated training stops it too."""
+    stop = {"eval_every": 1, "early_stop_patience": 1, "early_stop_min_delta": 10.0}
+    sweep = _sweep(tmp_path / "co", base_model_dir)
+    acme = sweep.jobs["acme"]
+    acme = acme.model_copy(update={"settings": acme.settings.model_copy(update={
+        "train": acme.settings.train.model_copy(update=stop)})})
+    results = cotrain([acme, sweep.jobs["globex"], sweep.jobs["hooli"]], slots=2, resume=False)
+    assert results["acme"].stopped_early and results["acme"].steps == 2  # best at step 1, no better at 2
+    assert not results["globex"].stopped_early and results["globex"].steps == 6
+    assert "hooli" in json.loads((tmp_path / "co" / "c" / "globex" / "result.json").read_text())["packed_with"]
+    alone = train_tenant(acme.model_copy(update={"output_dir": str(tmp_path / "alone")}), resume=False)
+    assert alone.stopped_early and alone.steps == 2
+    a = load_file(str(tmp_path / "alone" / "adapter" / "adapter_model.safetensors"))
+    assert _max_difference(a, _adapter(tmp_path / "co", "acme")) < 1e-5
