@@ -371,7 +371,6 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             continue
         console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
 
-
     board = _progress_board() if pending else None
     task = ray.remote(num_cpus=0, max_retries=0)(_run_tenant).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
@@ -382,7 +381,10 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     units: list[tuple[str, object]] = [("tenant", name) for name in pending]
     packs: dict[str, Pack] = {}
     if sweep.spec.resources.packing == "auto":
-        packable = [n for n in pending if sweep.job(n).settings.method == "lora" and sweep.spec.resources.workers == 1]
+        # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
+        compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
+        packable = [n for n in pending if sweep.job(n).settings.method == "lora" and sweep.spec.resources.workers == 1
+                    and n not in compared]
         if len(packable) > 1:
             for pack in plan_packs([sweep.job(n) for n in packable], capacity):
                 packs[pack.name] = pack
