@@ -249,6 +249,22 @@ def _request_resources(bundles: list[dict], console: Console) -> None:
         console.print(f"asked the autoscaler for {len(bundles)} worker bundle(s) up front", markup=False, highlight=False)
 
 
+def _pack_resources(single: TrainerResources, pack: Pack, packs: int) -> TrainerResources:
+    """A pack's worker request: the planner's memory for all its slots and the CPUs of the
+    trainers it replaces (``slots`` x CPUs per worker), within one node and a fair share of the
+    cluster's CPUs among the packs, so the shared forward pass has threads to run on."""
+    import ray
+
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    cpus = single.resources_per_worker["CPU"]
+    share = max(cpus, int(ray.cluster_resources().get("CPU", 0) // max(packs, 1)))
+    pack_cpus = max(cpus, min(cpus * pack.slots, max(nodes, default=cpus), share))
+    per_worker = {**single.resources_per_worker, "CPU": pack_cpus}
+    if "memory" in per_worker:
+        per_worker["memory"] = pack.planned_bytes
+    return dataclasses.replace(single, resources_per_worker=per_worker, torch_threads=max(1, int(pack_cpus)))
+
+
 def _run_pack(jobs: list[dict], slots: int, resources: TrainerResources, storage: str, name: str,
               max_retries: int, board) -> dict:
     """Ray task body: one co-training pack's TorchTrainer (one worker); returns each finished
@@ -427,11 +443,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             else:
                 pack = item
                 name = pack.name
-                first = resources[pack.tenants[0]]
-                per_worker = dict(first.resources_per_worker)
-                if "memory" in per_worker:
-                    per_worker["memory"] = pack.planned_bytes
-                pack_resources = dataclasses.replace(first, resources_per_worker=per_worker)
+                pack_resources = _pack_resources(resources[pack.tenants[0]], pack, len(packs))
+                per_worker = pack_resources.resources_per_worker
                 ref = pack_task.remote([sweep.job(t).model_dump() for t in pack.tenants], pack.slots, pack_resources,
                                        storage, name, sweep.spec.resources.max_retries, board)
                 console.print(f"{name}: submitted ({', '.join(pack.tenants)}; {pack.slots} at a time, "

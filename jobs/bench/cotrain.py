@@ -73,7 +73,7 @@ def child(args) -> None:
 
     from farm.train.cotrain import CoTrainer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     quiet = type("Quiet", (), {"on_step": lambda self, event: None})()
     with tempfile.TemporaryDirectory() as tmp:
         jobs = _jobs(args.base_model, args.k, args.tokens, Path(tmp))
@@ -84,9 +84,9 @@ def child(args) -> None:
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def _run_child(base_model: str, k: int, tokens: int, slots: int) -> dict:
+def _run_child(base_model: str, k: int, tokens: int, slots: int, threads: int = 1) -> dict:
     command = [sys.executable, __file__, "--child", "--base-model", base_model, "--k", str(k),
-               "--tokens", str(tokens), "--slots", str(slots)]
+               "--tokens", str(tokens), "--slots", str(slots), "--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -113,7 +113,7 @@ def _sweep_wall(base_model: str, packing: str, workdir: Path) -> float:
     return wall
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +127,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("tenants co-trained at once (K)")
     ax.set_ylabel("tokens/s, co-trained / sequential")
     ax.set_xticks(list(KS))
-    ax.set_title("co-training speedup against K (tiny Llama, LoRA r=8, 1 CPU thread)")
+    ax.set_title(f"co-training speedup against K (tiny Llama, LoRA r=8, {threads} CPU thread(s))")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -140,6 +140,7 @@ def main() -> int:
     parser.add_argument("--base-model", default=str(REPO / ".farm" / "base-model"))
     parser.add_argument("--out", default=str(REPO / "bench-results" / "cotrain.json"))
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (a worker's CPUs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
@@ -155,8 +156,8 @@ def main() -> int:
     rows = []
     for tokens in TOKENS:
         for k in KS:
-            sequential = _run_child(args.base_model, k, tokens, slots=1)
-            together = _run_child(args.base_model, k, tokens, slots=k)
+            sequential = _run_child(args.base_model, k, tokens, slots=1, threads=args.threads)
+            together = _run_child(args.base_model, k, tokens, slots=k, threads=args.threads)
             rows.append({"k": k, "tokens": tokens, "sequential_tok_s": round(sequential["tokens_per_s"], 1),
                          "cotrained_tok_s": round(together["tokens_per_s"], 1),
                          "speedup": round(together["tokens_per_s"] / sequential["tokens_per_s"], 3),
@@ -182,7 +183,7 @@ def main() -> int:
         goals.append(("packed sweep of 8 / one trainer per tenant", "<= 0.4x", f"{sweep['ratio']}x", sweep["ratio"] <= 0.4))
 
     table = Table("K", "micro-batch tokens", "sequential tok/s", "co-trained tok/s", "speedup",
-                  title="co-training vs stepping tenants one by one (one process, 1 thread)")
+                  title=f"co-training vs stepping tenants one by one (one process, {args.threads} thread(s))")
     for r in rows:
         table.add_row(str(r["k"]), str(r["tokens"]), f"{r['sequential_tok_s']:,.0f}", f"{r['cotrained_tok_s']:,.0f}",
                       f"{r['speedup']:.2f}x")
@@ -197,8 +198,9 @@ def main() -> int:
     out = Path(args.out)
     png = out.with_name("cotrain_speedup.png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _plot(rows, png)
+    _plot(rows, png, args.threads)
     write_json({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
+                "threads": args.threads,
                 "throughput": rows, "memory": memory, "sweep": sweep,
                 "goals": [{"figure": n, "goal": g, "measured": v, "met": m} for n, g, v, m in goals],
                 "plot": str(png)}, out)

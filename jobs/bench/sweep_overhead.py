@@ -145,6 +145,7 @@ def write_sweep_spec(spec_path: str, tenants: list[str], steps: int, output_dir:
     if name_or_path.startswith(("./", "../", "/", "~")) or (source.parent / name_or_path).is_dir():
         raw["base_model"]["name_or_path"] = absolute(name_or_path)
     raw["output_dir"] = str(output_dir)
+    raw.pop("baseline", None)  # the plain loop trains LoRA only; so must the sweep it is compared with
     # Publishing to a registry is not part of the comparison: the plain loop does not publish.
     raw.pop("registry", None)
     target.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
