@@ -395,17 +395,17 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     printed: dict[str, int] = {}
     # Work units: a tenant alone, or a pack of tenants co-trained by one worker (packing: auto).
     units: list[tuple[str, object]] = [("tenant", name) for name in pending]
-    packs: dict[str, Pack] = {}
+    packs: list[Pack] = []
     if sweep.spec.resources.packing == "auto":
         # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
         compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
         packable = [n for n in pending if sweep.job(n).settings.method == "lora" and sweep.spec.resources.workers == 1
                     and n not in compared]
         if len(packable) > 1:
-            for pack in plan_packs([sweep.job(n) for n in packable], capacity):
-                packs[pack.name] = pack
+            packs = plan_packs([sweep.job(n) for n in packable], capacity)
+            for pack in packs:
                 console.print(pack.note, markup=False, highlight=False)
-            units = [("tenant", n) for n in pending if n not in packable] + [("pack", p) for p in packs.values()]
+            units = [("tenant", n) for n in pending if n not in packable] + [("pack", p) for p in packs]
     pack_task = ray.remote(num_cpus=0, max_retries=0)(_run_pack).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
 

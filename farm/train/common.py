@@ -91,9 +91,13 @@ def summed_loss(model, batch: dict[str, torch.Tensor], autocast: torch.dtype | N
     with torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast,
                         enabled=autocast is not None):
         logits = model(**inputs, use_cache=False).logits
+    return next_token_loss(logits, batch["labels"])
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of each position's logits against the next token (fp32)."""
     logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -44,8 +45,8 @@ from farm.data import IGNORE_INDEX, DataError, TenantData, load_tenant_data
 from farm.models import Placement, count_parameters, load_base_model, load_tokenizer, select_placement
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepEvent, Stopwatch,
-                               TrainState, build_optimizer, build_scheduler, load_checkpoint, make_batch,
-                               peak_memory_bytes, rows_for, target_count, write_checkpoint)
+                               TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint, make_batch,
+                               next_token_loss, peak_memory_bytes, rows_for, write_checkpoint)
 from farm.train.lora import ADAPTER_DIR, CHECKPOINT_DIR, RESULT_FILE, TrainResult
 
 
@@ -90,8 +91,8 @@ class AdapterRouter:
     with exactly the arithmetic PEFT's own LoRA forward does on those rows (the fp32 exactness
     contract). ``bmm`` accumulates in another order, so its adapters differ from isolated
     training by float rounding amplified through Adam (about 1e-5 after a few steps): the
-    co-trainer turns it on for bf16 runs, where runs are not bit-comparable anyway, and measured
-    only 1.05x more on the 2-CPU machine, where the shared base matmuls are what pays.
+    co-trainer turns it on for bf16 runs, where runs are not bit-comparable anyway; on CPUs the
+    shared base matmuls, not the adapter updates, are what co-training saves.
     """
 
     def __init__(self, model, batched: bool = False):
@@ -311,10 +312,7 @@ class CoTrainer:
             start = 0
             for slot, part in zip(members, batches):
                 rows = part["input_ids"].shape[0]
-                mine = logits[start:start + rows, :-1].float()
-                labels = batch["labels"][start:start + rows, 1:]
-                summed = F.cross_entropy(mine.reshape(-1, mine.size(-1)), labels.reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="sum")
+                summed = next_token_loss(logits[start:start + rows], batch["labels"][start:start + rows])
                 loss = summed / plans[slot.name][1]  # normalised by this tenant's own step tokens
                 total = total + loss
                 losses[slot.name] += float(loss.detach())
@@ -351,24 +349,11 @@ class CoTrainer:
                 learning_rate=slot.scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed if elapsed else 0.0,
                 eta_s=elapsed * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
 
-    @torch.no_grad()
     def _evaluate(self, slot: Slot) -> float:
-        """Mean eval loss per target token of one tenant's adapter."""
-        was_training = self.model.training
-        self.model.eval()
-        rows, size = slot.data.eval, slot.job.settings.train.batch_size
-        total, count = 0.0, 0
-        for start in range(0, len(rows), size):
-            batch = make_batch(rows, list(range(start, min(start + size, len(rows)))), self.placement.device)
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            with self.router.route([(slot.name, 0, batch["input_ids"].shape[0])]):
-                logits = self.model(**inputs, use_cache=False).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                           ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += target_count(batch["labels"])
-        self.model.train(was_training)
-        return total / max(count, 1)
+        """Mean eval loss per target token of one tenant's adapter (every row routed to it)."""
+        with self.router.route([(slot.name, 0, sys.maxsize)]):
+            return evaluate(self.model, slot.data.eval, slot.job.settings.train.batch_size,
+                            self.placement.device, self.placement.autocast)
 
     def _adapter_state(self, slot: Slot) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
