@@ -67,7 +67,7 @@ def run_baseline(job: TenantJob, baseline: BaselineSpec, run: BaselineRun) -> di
 
     from farm.sweep import error_summary
     from farm.train.full import MODEL_DIR, PROBE_FILE, ray_full_loop
-    from farm.train.lora import RESULT_FILE
+    from farm.train.adapter import RESULT_FILE
 
     resources = baseline_worker_resources(run.resources, run.workers)
     name = f"{job.tenant}-full"
@@ -135,21 +135,33 @@ def planned_peak(job: TenantJob, result: dict) -> int:
     CUDA context; on CPU the measured peak RSS includes the interpreter and libraries, which the
     planner's CPU runtime line stands for.
     """
+    from farm.methods import method_info
     from farm.plan import PlanRequest, load_shape, plan_memory
 
     settings = job.settings
     full = result["method"] == "full"
+    shape = load_shape(job.base_model.name_or_path)
+    method_fields = {"method": "full", "zero_stage": result.get("zero_stage", 0),
+                     "offload": result.get("offload", "none")} if full else \
+        method_info(settings.method).plan_fields(settings.method_settings(), shape)
     request = PlanRequest(
-        method="full" if full else "lora", zero_stage=result.get("zero_stage", 0) if full else 0,
-        offload=result.get("offload", "none") if full else "none", devices=result.get("workers", 1),
-        rank=settings.lora.rank,
-        target_modules="all-linear" if settings.lora.target_modules == "all-linear" else tuple(settings.lora.target_modules),
+        **method_fields, devices=result.get("workers", 1),
         batch=settings.train.batch_size,  # per worker (a baseline job carries its own split)
         seq_len=settings.data.max_seq_len, grad_accum=settings.train.grad_accum,
         gradient_checkpointing=settings.train.gradient_checkpointing,
         precision="bf16" if result.get("precision") == "bf16" else "fp32",
         runtime_bytes=0 if str(result.get("device", "")).startswith("cuda") else None)
-    return plan_memory(load_shape(job.base_model.name_or_path), request).total_bytes
+    return plan_memory(shape, request).total_bytes
+
+
+def method_label(job: TenantJob) -> str:
+    """``lora r8``, ``ia3``, ``prefix 16 tokens``: a run's method as a table shows it."""
+    settings = job.settings.method_settings()
+    if hasattr(settings, "rank"):
+        return f"{job.settings.method} r{settings.rank}"
+    if hasattr(settings, "num_virtual_tokens"):
+        return f"{job.settings.method} {settings.num_virtual_tokens} tokens"
+    return job.settings.method
 
 
 def comparison_row(job: TenantJob, result: dict, lora_workers: int = 1) -> ComparisonRow:
@@ -157,7 +169,7 @@ def comparison_row(job: TenantJob, result: dict, lora_workers: int = 1) -> Compa
     full = result["method"] == "full"
     return ComparisonRow(
         tenant=result["tenant"], run=f"full ZeRO-{result['zero_stage']}" + (" offload" if result.get("offload") == "cpu" else "")
-        if full else f"{result['method']} r{job.settings.lora.rank}",
+        if full else method_label(job),
         workers=result.get("workers", lora_workers), steps=result["steps"],
         eval_loss_before=result["eval_loss_before"], eval_loss_after=result["eval_loss_after"],
         wall_seconds=result["wall_seconds"], train_seconds=result["train_seconds"],

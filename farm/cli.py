@@ -95,9 +95,11 @@ def _load(spec_file: Path):
 def spec_validate(spec_file: Path = typer.Argument(..., help="sweep spec YAML")) -> None:
     """Validate a sweep spec; every problem is printed with its key path."""
     sweep = _load(spec_file)
-    table = Table("tenant", "method", "rank", "steps", "data")
+    from farm.baseline import method_label
+
+    table = Table("tenant", "method", "steps", "data")
     for name, job in sweep.jobs.items():
-        table.add_row(name, job.settings.method, str(job.settings.lora.rank),
+        table.add_row(name, method_label(job),
                       str(job.settings.train.max_steps), job.settings.data.path)
     console.print(table)
     console.print(f"[green]ok[/green]: {spec_file} ({len(sweep.jobs)} tenants)")
@@ -164,7 +166,7 @@ def train(
 ) -> None:
     """Train one tenant's adapter in this process, with progress; resumes from checkpoints."""
     from farm.data import DataError
-    from farm.train.lora import train_tenant
+    from farm.train.adapter import train_tenant
 
     sweep = _load(spec_file)
     try:

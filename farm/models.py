@@ -62,26 +62,74 @@ def load_tokenizer(base: BaseModelSpec):
     return tokenizer
 
 
-def load_base_model(base: BaseModelSpec, placement: Placement):
-    """Load the frozen base model on ``placement`` (safetensors only, no remote code)."""
+def load_base_model(base: BaseModelSpec, placement: Placement, settings: JobSettings | None = None):
+    """Load the frozen base model on ``placement`` (safetensors only, no remote code).
+
+    When the job's method quantises the base (QLoRA), the weights are loaded in 4-bit straight
+    onto the worker's CUDA device and prepared for k-bit training; such a method on a worker
+    without CUDA is an error that says why.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per load would drown the sweep's own progress
+    info = method_info(settings.method) if settings is not None else None
+    if info is not None and info.needs_cuda and placement.device.type != "cuda":
+        raise ValueError(f"method {info.name}: {info.needs_cuda}; this worker has {placement.device}")
+    quantized = info is not None and info.quantization is not None
+    extra = {}
+    if quantized:
+        extra = {"quantization_config": info.quantization(settings.method_settings()),
+                 "device_map": {"": placement.device.index or 0}}  # bitsandbytes quantises on load
     model = AutoModelForCausalLM.from_pretrained(
         base.name_or_path, revision=base.revision, dtype=placement.dtype,
-        trust_remote_code=False, use_safetensors=True,
+        trust_remote_code=False, use_safetensors=True, **extra,
     )
     model.config.use_cache = False  # training never decodes; a cache also disables packing masks
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and head in fp32, input grads enabled; checkpointing stays the spec's choice.
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.train.gradient_checkpointing)
     return model.to(placement.device)
 
 
-def build_peft_model(model, settings: JobSettings):
-    """Wrap ``model`` with the adapter of the job's PEFT method (from ``farm.methods``)."""
+def build_peft_model(model, settings: JobSettings, base_model: str):
+    """Wrap ``model`` with the adapter of the job's PEFT method (from ``farm.methods``).
+
+    ``base_model`` is the base's name or path (prompt tuning's text initialisation tokenises
+    with it).
+    """
     from peft import get_peft_model
 
     info = method_info(settings.method)
-    return get_peft_model(model, info.to_peft_config(settings.method_settings()))
+    return get_peft_model(model, info.to_peft_config(settings.method_settings(), base_model))
+
+
+def trainable_state(model) -> dict:
+    """The trainable tensors of a PEFT model by parameter name (what a checkpoint holds).
+
+    Method-agnostic and exact: unlike PEFT's saved adapter, it keeps what only training uses
+    (for example prefix tuning's projection MLP), so a resumed run continues the same weights.
+    """
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict) -> None:
+    """Copy checkpoint ``tensors`` (from ``trainable_state``) into ``model``; every trainable
+    parameter must be there with its shape, or the checkpoint belongs to another setup."""
+    own = trainable_state(model)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match this adapter: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (settings changed since it was written?)")
+    with torch.no_grad():
+        for name, param in own.items():
+            if param.shape != tensors[name].shape:
+                raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensors[name].shape)}, "
+                                 f"adapter has {tuple(param.shape)}")
+            param.copy_(tensors[name].to(param.device, param.dtype))
 
 
 def count_parameters(model) -> tuple[int, int]:

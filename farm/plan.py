@@ -170,6 +170,10 @@ class PlanRequest:
     precision: Literal["bf16", "fp32"] = "bf16"  # fp32 is what CPU runs use
     optimizer: Literal["adamw", "adamw-bf16"] = "adamw"
     runtime_bytes: int | None = None  # framework overhead per device; None: see module docstring
+    # Other PEFT methods (farm.methods.MethodInfo.plan_fields says which fields each sets):
+    dora: bool = False  # DoRA: LoRA + magnitudes, and a weight-sized B·A product per adapted linear
+    adapter_params: int | None = None  # IA3, prefix, prompt: their trainable count (None: LoRA's formula)
+    extra_tokens: int = 0  # virtual tokens prefix and prompt tuning add to every row
 
 
 @dataclass(frozen=True)
@@ -260,7 +264,7 @@ def _activation_line(model: ModelShape, r: PlanRequest, a: int, lora_targets: in
         + i          # silu(gate) * up: input of down_proj
         + r.rank * lora_targets  # each adapter's A x, input of B (LoRA only)
     )
-    tokens = r.batch * r.seq_len
+    tokens = r.batch * (r.seq_len + r.extra_tokens)
     # Logits at a, their fp32 copy for the loss (none when already fp32), the fp32 gradient.
     head = tokens * model.vocab * (a + (4 if a < 4 else 0) + 4)
     if r.gradient_checkpointing:
@@ -312,10 +316,22 @@ def _full_states(model: ModelShape, r: PlanRequest, b: int, notes: list[str]) ->
     return lines + [MemoryLine("gradients", g, g_note), MemoryLine("optimizer states", o, o_note)], host
 
 
+def adapter_parameters(model: ModelShape, r: PlanRequest, targets: tuple[str, ...]) -> int:
+    """Trainable parameters of the request's adapter (LoRA's formula unless it gives a count;
+    DoRA adds one magnitude per output feature of each adapted linear)."""
+    if r.adapter_params is not None:
+        return r.adapter_params
+    count = lora_parameters(model, r.rank, targets)
+    if r.dora:
+        shapes = model.linear_shapes()
+        count += model.layers * sum(shapes[t][1] for t in targets)
+    return count
+
+
 def _adapter_states(model: ModelShape, r: PlanRequest, b: int, targets: tuple[str, ...],
                     notes: list[str]) -> tuple[list[MemoryLine], int]:
     """Frozen (maybe quantised) weights plus the fp32 adapter's weights, grads, Adam states."""
-    p, a = model.parameters(), lora_parameters(model, r.rank, targets)
+    p, a = model.parameters(), adapter_parameters(model, r, targets)
     if r.method == "qlora":
         quantised = model.layers * model.layer_linear_parameters()
         w = math.ceil(quantised * NF4_BYTES_PER_PARAM) + (p - quantised) * b
@@ -333,9 +349,10 @@ def _adapter_states(model: ModelShape, r: PlanRequest, b: int, targets: tuple[st
     notes.append("lora_dropout = 0: with dropout each adapter also keeps its dropped input")
     if r.zero_stage or r.devices > 1:
         notes.append("ZeRO does not apply to LoRA: every rank holds a full replica")
+    what = (f"r={r.rank} on {len(targets)} linears x {model.layers} layers" if r.adapter_params is None
+            else "the method's own count")
     return [MemoryLine("weights", w, w_note),
-            MemoryLine("adapter", 4 * a, f"4 B x {a} (r={r.rank} on {len(targets)} linears x "
-                                         f"{model.layers} layers)"),
+            MemoryLine("adapter", 4 * a, f"4 B x {a} ({what})"),
             MemoryLine("gradients", 4 * a, f"4 B x {a} adapter params"),
             MemoryLine("optimizer states", o, o_note)], host
 
@@ -358,10 +375,18 @@ def plan_memory(model: ModelShape, request: PlanRequest) -> MemoryPlan:
         lines, host = _full_states(model, r, b, notes)
         trainable = model.parameters()
     else:
-        targets = _targets(model, r.target_modules)
+        targets = () if r.adapter_params is not None else _targets(model, r.target_modules)
         lines, host = _adapter_states(model, r, b, targets, notes)
-        trainable = lora_parameters(model, r.rank, targets)
+        trainable = adapter_parameters(model, r, targets)
     lines.append(_activation_line(model, r, b, len(targets)))
+    if r.dora:
+        shapes = model.linear_shapes()
+        product = sum(shapes[t][0] * shapes[t][1] for t in targets) * 4
+        kept = 1 if r.gradient_checkpointing else model.layers
+        lines.append(MemoryLine("dora products", kept * product,
+                                f"{kept} layer(s) x B·A of {len(targets)} linears in fp32, kept for backward"))
+        notes.append("DoRA normalises W + B·A per output feature: one weight-sized fp32 product per "
+                     "adapted linear lives until backward")
     notes.append(f"activations {'with' if r.gradient_checkpointing else 'without'} gradient "
                  f"checkpointing; the loss head's peak and a recomputed layer's do not overlap")
     if r.runtime_bytes is not None:

@@ -365,6 +365,8 @@ def publish_cmd(
     adapter: str = typer.Option(..., help="adapter name"),
     base_model: str = typer.Option(..., help="base model the adapter was trained on"),
     base_architecture: Optional[str] = typer.Option(None, help="e.g. LlamaForCausalLM"),
+    method: Optional[str] = typer.Option(None, help="PEFT method the trainer used (needed for qlora); "
+                                                    "default: what adapter_config.json shows"),
     metrics: Optional[str] = typer.Option(None, help='JSON object, e.g. \'{"eval_loss": 1.2}\''),
     training: Optional[str] = typer.Option(None, help="JSON object"),
     lineage: Optional[str] = typer.Option(None, help="JSON object"),
@@ -385,7 +387,7 @@ def publish_cmd(
         if parsed[key] is not None and not isinstance(parsed[key], dict):
             _fail(f"--{key}: expected a JSON object")
     info = _guarded(lambda: _backend(url, token, store, catalog).publish(
-        tenant, adapter, folder, base_model=base_model, base_architecture=base_architecture,
+        tenant, adapter, folder, base_model=base_model, base_architecture=base_architecture, method=method,
         aliases=tuple(alias) if alias else ("latest",), **parsed))
     if as_json:
         _print_json(info)

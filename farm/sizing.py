@@ -2,8 +2,8 @@
 
 The sweep asks three questions here:
 
-- how much memory one tenant's LoRA worker needs, and therefore how many LoRA jobs share one
-  GPU (``resources.gpus_per_worker: auto`` becomes ``1/k``) or, on CPU nodes, how much of Ray's
+- how much memory one tenant's adapter worker (LoRA or any other method of ``farm.methods``)
+  needs, and therefore how many adapter jobs share one GPU (``resources.gpus_per_worker: auto`` becomes ``1/k``) or, on CPU nodes, how much of Ray's
   ``memory`` resource each worker reserves (so Ray packs CPU workers by memory too);
 - how many workers a full fine-tuning baseline needs (``baseline.workers: null``);
 - whether a job fits anywhere at all: if not, that tenant is refused with the numbers, before
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from farm.plan import GiB, MemoryPlan, PlanRequest, jobs_per_device, load_shape, plan_memory
+from farm.methods import method_info
+from farm.plan import GiB, MemoryPlan, ModelShape, PlanRequest, jobs_per_device, load_shape, plan_memory
 from farm.spec import BaselineSpec, ResourceSpec, TenantJob
 
 #: More than this many LoRA jobs on one GPU rarely pays: they contend for its compute.
@@ -79,12 +80,12 @@ def cluster_capacity(resources: ResourceSpec) -> Capacity:
     return Capacity("cpu", memory, slots, "Ray memory resource of the largest node")
 
 
-def lora_request(job: TenantJob, capacity: Capacity) -> PlanRequest:
-    """The planner request of one tenant's LoRA worker."""
+def adapter_request(job: TenantJob, capacity: Capacity, shape: ModelShape | None = None) -> PlanRequest:
+    """The planner request of one tenant's adapter worker (its method says what it trains)."""
     settings = job.settings
-    targets = settings.lora.target_modules
-    return PlanRequest(method="lora", rank=settings.lora.rank,
-                       target_modules="all-linear" if targets == "all-linear" else tuple(targets),
+    shape = shape or load_shape(job.base_model.name_or_path)
+    method_fields = method_info(settings.method).plan_fields(settings.method_settings(), shape)
+    return PlanRequest(**method_fields,
                        batch=settings.train.batch_size, seq_len=settings.data.max_seq_len,
                        grad_accum=settings.train.grad_accum,
                        gradient_checkpointing=settings.train.gradient_checkpointing,
@@ -111,12 +112,12 @@ class Sizing:
     note: str                   # one line for the sweep's log
 
 
-def size_lora(job: TenantJob, resources: ResourceSpec, capacity: Capacity) -> Sizing:
-    """Resources of one tenant's LoRA trainer; raises ``DoesNotFit`` with the numbers."""
-    plan = plan_memory(load_shape(job.base_model.name_or_path), lora_request(job, capacity))
+def size_adapter(job: TenantJob, resources: ResourceSpec, capacity: Capacity) -> Sizing:
+    """Resources of one tenant's adapter trainer; raises ``DoesNotFit`` with the numbers."""
+    plan = plan_memory(load_shape(job.base_model.name_or_path), adapter_request(job, capacity))
     device = capacity.device_bytes
     if device is not None and plan.total_bytes > device:
-        raise DoesNotFit(f"tenant {job.tenant!r}: a LoRA worker needs {plan.total_gb:.2f} GB "
+        raise DoesNotFit(f"tenant {job.tenant!r}: a {job.settings.method} worker needs {plan.total_gb:.2f} GB "
                          f"({_breakdown(plan)}), more than the largest device holds: {capacity.describe()}")
     updates: dict = {}
     note = f"planned {plan.total_gb:.2f} GB per worker"
@@ -212,7 +213,7 @@ def plan_packs(jobs: list[TenantJob], capacity: Capacity) -> list[Pack]:
     packs: list[Pack] = []
     for group in groups.values():
         shape = load_shape(group[0].base_model.name_or_path)
-        plans = {job.tenant: plan_memory(shape, lora_request(job, capacity)) for job in group}
+        plans = {job.tenant: plan_memory(shape, adapter_request(job, capacity, shape)) for job in group}
         biggest = max(plans.values(), key=lambda plan: plan.total_bytes)
         tokens = max(job.settings.train.batch_size * job.settings.data.max_seq_len for job in group)
         slots = max(1, min(MAX_SLOTS, len(group), STEP_TOKEN_BUDGET[capacity.kind] // tokens))

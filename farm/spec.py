@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from farm.methods import LoraSettings, MethodName, StrictModel, method_info
+from farm.methods import METHODS, MethodName, StrictModel, method_info
 
 #: Tenant (and later adapter) names: lower-case, digits, '-' and '_'; they become path parts
 #: and serve names, so nothing that could traverse or confuse a path is allowed.
@@ -55,7 +55,7 @@ class DataSpec(StrictModel):
     path: Optional[str] = Field(None, description="JSONL, Parquet or saved `datasets` folder; local path or URI (s3://...)")
     format: Literal["auto", "chat", "sharegpt", "alpaca", "text"] = Field("auto", description="record schema; auto detects it from the first record")
     max_seq_len: int = Field(512, ge=8, le=131072, description="tokens per training row")
-    packing: bool = Field(True, description="pack several examples into each row (no cross-example attention)")
+    packing: bool = Field(True, description="pack several examples into each row (no cross-example attention); prefix and prompt tuning always train one example per row")
     train_on: Literal["completions", "all"] = Field("completions", description="which tokens carry loss: assistant answers only, or everything")
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or skip and report bad records")
     too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="what to do with an example longer than max_seq_len")
@@ -91,17 +91,36 @@ class TrainSpec(StrictModel):
         return self
 
 
-class JobSettings(StrictModel):
-    """Everything that can differ from one tenant to another: method, its settings, training, data."""
+class _JobSettingsFields(StrictModel):
+    """Everything that can differ from one tenant to another: method, its settings, training, data.
 
-    method: MethodName = Field("lora", description="PEFT method")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    Each method of ``farm.methods.METHODS`` adds one field of its settings class, named after
+    it (``lora``, ``ia3``, ...); see ``JobSettings`` below.
+    """
+
+    method: MethodName = Field("lora", description=f"PEFT method: {', '.join(METHODS)} (see farm/methods.py)")
     train: TrainSpec = Field(default_factory=TrainSpec)
     data: DataSpec = Field(default_factory=DataSpec)
 
     def method_settings(self) -> StrictModel:
         """The settings object of the chosen method (for example ``self.lora``)."""
         return getattr(self, method_info(self.method).name)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unpacked_rows_for_prompt_methods(cls, value, handler):
+        # PEFT drops or shifts position ids for prompt-learning methods, so packed examples
+        # would attend to each other: those methods train on one example per row.
+        settings = handler(value)
+        if settings.data.packing and not method_info(settings.method).packs_rows:
+            settings = settings.model_copy(update={"data": settings.data.model_copy(update={"packing": False})})
+        return settings
+
+
+JobSettings = create_model(
+    "JobSettings", __base__=_JobSettingsFields, __module__=__name__, __doc__=_JobSettingsFields.__doc__,
+    **{name: (info.settings, Field(default_factory=info.settings, description=f"settings of method {name}"))
+       for name, info in METHODS.items()})
 
 
 class BaseModelSpec(StrictModel):
@@ -155,16 +174,13 @@ class BaselineSpec(StrictModel):
     learning_rate: float = Field(5e-5, gt=0, description="peak learning rate of the full fine-tune")
 
 
-class TenantEntry(StrictModel):
+class _TenantEntryFields(StrictModel):
     """One tenant as written in the spec: a name, its data, and overrides of the defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     data: dict[str, Any]
     adapter: Optional[str] = None
     method: Optional[str] = None
-    lora: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("adapter")
@@ -180,6 +196,12 @@ class TenantEntry(StrictModel):
         if not NAME_PATTERN.match(value):
             raise ValueError(f"{value!r} is not a valid tenant name (pattern {NAME_PATTERN.pattern})")
         return value
+
+
+#: A tenant entry may override the settings of every method (``lora: {rank: 16}``, ``ia3: ...``).
+TenantEntry = create_model(
+    "TenantEntry", __base__=_TenantEntryFields, __module__=__name__, __doc__=_TenantEntryFields.__doc__,
+    **{name: (dict[str, Any], Field(default_factory=dict)) for name in METHODS})
 
 
 class SweepSpec(StrictModel):
@@ -389,7 +411,8 @@ def reference_markdown() -> str:
     sections = [("top level", SweepSpec, ""), ("base_model", BaseModelSpec, "base_model."),
                 ("resources", ResourceSpec, "resources."), ("registry", RegistrySpec, "registry."),
                 ("baseline", BaselineSpec, "baseline."),
-                ("defaults / tenants[i]", JobSettings, ""), ("lora", LoraSettings, "lora."),
+                ("defaults / tenants[i]", JobSettings, ""),
+                *((name, info.settings, f"{name}.") for name, info in METHODS.items()),
                 ("train", TrainSpec, "train."), ("data", DataSpec, "data.")]
     lines: list[str] = []
     for title, model, prefix in sections:
@@ -397,7 +420,7 @@ def reference_markdown() -> str:
         for name, info in model.model_fields.items():
             if model is SweepSpec and name in ("base_model", "resources", "registry", "defaults", "baseline"):
                 continue
-            if model is JobSettings and name in ("lora", "train", "data"):
+            if model is JobSettings and name in ("train", "data", *METHODS):
                 continue
             annotation = _type_name(info.annotation)
             if info.is_required():
@@ -410,7 +433,8 @@ def reference_markdown() -> str:
             description = info.description or ""
             if model is SweepSpec and name == "tenants":
                 description = ("list of `{name, data: {path, ...}}`, optional `adapter` (registry name, "
-                               "default: the sweep's name) and any `method`/`lora`/`train` override")
+                               "default: the sweep's name) and any `method`, `train` or method-settings "
+                               f"({', '.join(f'`{m}`' for m in METHODS)}) override")
             lines.append(f"| `{prefix}{name}` | {annotation} | {default} | {description} |")
         lines.append("")
     return "\n".join(lines)

@@ -37,8 +37,9 @@ from rich.console import Console
 from farm.data import DataError, load_tenant_data
 from farm.models import load_tokenizer
 from farm.report import SweepReport, TenantOutcome, print_report, write_report
-from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_lora
-from farm.spec import ResolvedSweep, ResourceSpec, TenantJob
+from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
+from farm.methods import method_info
+from farm.spec import ResolvedSweep, ResourceSpec, SpecError, TenantJob
 
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
@@ -148,8 +149,8 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str) -> st
                                             "peak_memory_bytes", "padding_share") if key in result}
     info = registry.publish(
         job.tenant, job.adapter, folder / ADAPTER_DIR, base_model=job.base_model.name_or_path,
-        metrics=metrics,
-        training={"method": job.settings.method, "lora": job.settings.lora.model_dump(),
+        metrics=metrics, method=job.settings.method,
+        training={"method": job.settings.method, "method_settings": job.settings.method_settings().model_dump(),
                   "train": job.settings.train.model_dump(), "data": job.settings.data.model_dump(),
                   "precision": result.get("precision"), "device": result.get("device")},
         lineage={"dataset_fingerprint": result.get("dataset_fingerprint"), "sweep_id": sweep_id,
@@ -159,6 +160,20 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str) -> st
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, result_file)
     return info.serve_name
+
+
+def check_methods_can_run(sweep: ResolvedSweep, tenants: list[str], capacity: Capacity) -> None:
+    """Refuse the spec (``SpecError``) when a tenant's method needs CUDA and its trainers
+    would get no GPU (QLoRA on a CPU cluster, or with ``gpus_per_worker: 0``)."""
+    problems = []
+    for name in tenants:
+        info = method_info(sweep.job(name).settings.method)
+        if info.needs_cuda and capacity.kind != "gpu":
+            problems.append(f"tenant {name!r}: method {info.name}: {info.needs_cuda}, and this sweep's "
+                            f"workers get no GPU ({capacity.describe()}; resources.gpus_per_worker "
+                            f"{sweep.spec.resources.gpus_per_worker!r})")
+    if problems:
+        raise SpecError(sweep.source, problems)
 
 
 def validate_tenants(sweep: ResolvedSweep, tenants: list[str]) -> dict[str, str]:
@@ -217,7 +232,7 @@ def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from farm.train.lora import ray_train_loop
+    from farm.train.adapter import ray_train_loop
 
     try:
         trainer = TorchTrainer(
@@ -366,6 +381,10 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                 hand_off(name, done)
         else:
             pending.append(name)
+    # What the cluster offers decides whether methods that need CUDA can run at all: if not,
+    # the whole spec is refused here, before any tenant's data is read or any trainer starts.
+    capacity = cluster_capacity(sweep.spec.resources)
+    check_methods_can_run(sweep, pending, capacity)
     for name, error in validate_tenants(sweep, pending).items():
         outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
         console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
@@ -373,12 +392,11 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
 
     # The planner sizes every trainer before anything starts; a tenant no device can hold is
     # refused with the numbers, and the others go on.
-    capacity = cluster_capacity(sweep.spec.resources)
     console.print(f"cluster: {capacity.describe()}", markup=False, highlight=False)
     resources: dict[str, TrainerResources] = {}
     for name in list(pending):
         try:
-            sizing = size_lora(sweep.job(name), sweep.spec.resources, capacity)
+            sizing = size_adapter(sweep.job(name), sweep.spec.resources, capacity)
             resources[name] = trainer_resources(sizing.resources)
         except (DoesNotFit, ValueError) as exc:
             outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=str(exc))
@@ -399,8 +417,9 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     if sweep.spec.resources.packing == "auto":
         # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
         compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
-        packable = [n for n in pending if sweep.job(n).settings.method == "lora" and sweep.spec.resources.workers == 1
-                    and n not in compared]
+        # Only co-trainable methods (farm.methods) share a batch; the others train alone.
+        packable = [n for n in pending if method_info(sweep.job(n).settings.method).co_trainable
+                    and sweep.spec.resources.workers == 1 and n not in compared]
         if len(packable) > 1:
             packs = plan_packs([sweep.job(n) for n in packable], capacity)
             for pack in packs:

@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None, extra_overrides: dict | None = None) -> 
     options = SweepOptions(sweep_id=args.sweep_id or sweep.spec.name, tenants=tenants,
                            max_concurrent=args.max_concurrent, storage=args.storage,
                            progress_every_s=args.progress_every)
-    report = run_sweep(sweep, options)
+    try:
+        report = run_sweep(sweep, options)
+    except SpecError as exc:  # refused up front (a method this cluster cannot run): nothing started
+        print(exc, file=sys.stderr)
+        return 2
     return 0 if report.ok else 1
 
 

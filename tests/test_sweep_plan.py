@@ -68,24 +68,24 @@ def _job(base_model_dir, **train):
 
 def test_planner_packs_lora_jobs_per_gpu_and_refuses_what_cannot_fit(base_model_dir):
     from farm.plan import GiB, PlanRequest, load_shape, plan_memory
-    from farm.sizing import Capacity, DoesNotFit, size_lora
+    from farm.sizing import Capacity, DoesNotFit, size_adapter
 
     job = _job(base_model_dir)
     planned = plan_memory(load_shape(str(base_model_dir)), PlanRequest(
         method="lora", rank=8, batch=8, seq_len=256, precision="bf16", gradient_checkpointing=False)).total_bytes
     # auto: as many jobs per GPU as fit, capped at 8 (tiny jobs), each asking 1/k of a GPU
-    big = size_lora(job, ResourceSpec(gpus_per_worker="auto"), Capacity("gpu", 80 * GiB, 4, "spec"))
+    big = size_adapter(job, ResourceSpec(gpus_per_worker="auto"), Capacity("gpu", 80 * GiB, 4, "spec"))
     assert big.resources.gpus_per_worker == 0.125 and big.planned_bytes == planned
     # a device that holds exactly three such jobs gets three
-    three = size_lora(job, ResourceSpec(gpus_per_worker="auto"), Capacity("gpu", 3 * planned + 1, 4, "spec"))
+    three = size_adapter(job, ResourceSpec(gpus_per_worker="auto"), Capacity("gpu", 3 * planned + 1, 4, "spec"))
     assert three.resources.gpus_per_worker == round(1 / 3, 4)
     assert trainer_resources(three.resources).resources_per_worker["GPU"] == round(1 / 3, 4)
     # CPU clusters: no GPU, and Ray's memory resource reserves the plan per worker
-    cpu = size_lora(job, ResourceSpec(gpus_per_worker="auto"), Capacity("cpu", 16 * GiB, 2, "ray"))
+    cpu = size_adapter(job, ResourceSpec(gpus_per_worker="auto"), Capacity("cpu", 16 * GiB, 2, "ray"))
     assert trainer_resources(cpu.resources).resources_per_worker == {"CPU": 1.0, "memory": cpu.planned_bytes}
     # a job no device can hold is refused with the numbers
-    with pytest.raises(DoesNotFit, match=r"tenant 'acme': a LoRA worker needs .* GB \(weights .*\), more than"):
-        size_lora(job, ResourceSpec(gpus_per_worker=1), Capacity("gpu", planned // 2, 4, "spec"))
+    with pytest.raises(DoesNotFit, match=r"tenant 'acme': a lora worker needs .* GB \(weights .*\), more than"):
+        size_adapter(job, ResourceSpec(gpus_per_worker=1), Capacity("gpu", planned // 2, 4, "spec"))
 
 
 def test_planner_picks_baseline_workers_and_refuses_a_baseline_that_cannot_fit(base_model_dir):

@@ -516,6 +516,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                       "description": f"{validate.CONFIG_FILE}, {validate.WEIGHTS_FILE}, optionally README.md"},
             "base_model": {"type": "string", "description": "base model the adapter was trained on"},
             "base_architecture": {"type": "string", "description": "e.g. LlamaForCausalLM (for servability)"},
+            "method": {"type": "string", "description": "PEFT method the trainer used (lora, dora, ia3, prefix, "
+                                                        "prompt, qlora); default: what adapter_config.json shows"},
             "metrics": {"type": "string", "description": "JSON object, e.g. {\"eval_loss\": 1.2}"},
             "training": {"type": "string", "description": "JSON object"},
             "lineage": {"type": "string", "description": "JSON object (sweep_id, dataset_fingerprint, ...)"},
@@ -556,6 +558,9 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                 base_architecture = fields.get("base_architecture") or None
                 if base_architecture is not None:
                     _check_text("base_architecture", base_architecture, 200)
+                method = fields.get("method") or None
+                if method is not None:
+                    _check_text("method", method, 32)
                 metrics = _json_object("metrics", fields.get("metrics"))
                 for key in metrics:
                     _check_text("metric name", key, 100)
@@ -590,7 +595,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                 return registry.publish(tenant, adapter, paths, base_model=base_model,
                                         base_architecture=base_architecture, metrics=metrics, training=training,
                                         lineage=lineage, aliases=aliases, max_file_bytes=max_upload_bytes,
-                                        detect_architecture=False)
+                                        detect_architecture=False, method=method)
 
             try:
                 info = await run_in_threadpool(save_and_publish)

@@ -158,12 +158,16 @@ class RegistryClient:
     def publish(self, tenant: str, adapter: str, folder: Path, base_model: str, metrics: dict | None = None,
                 training: dict | None = None, lineage: dict | None = None,
                 aliases: tuple[str, ...] | list[str] = ("latest",), base_architecture: str | None = None,
-                timeout: float | None = None) -> dict:
-        """Upload every file of ``folder`` (top level) as the next version; returns it."""
+                timeout: float | None = None, method: str | None = None) -> dict:
+        """Upload every file of ``folder`` (top level) as the next version; returns it.
+
+        ``method``: the PEFT method the trainer used (see ``Registry.publish``)."""
         folder = Path(folder)
         data = {"base_model": base_model, "aliases": ",".join(aliases)}
         if base_architecture:
             data["base_architecture"] = base_architecture
+        if method:
+            data["method"] = method
         for key, value in (("metrics", metrics), ("training", training), ("lineage", lineage)):
             if value:
                 data[key] = json.dumps(value)

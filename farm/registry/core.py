@@ -131,8 +131,12 @@ class Registry:
                 training: dict | None = None, lineage: dict | None = None,
                 aliases: tuple[str, ...] = ("latest",),
                 max_file_bytes: int = validate.DEFAULT_MAX_FILE_BYTES,
-                detect_architecture: bool = True) -> VersionInfo:
+                detect_architecture: bool = True, method: str | None = None) -> VersionInfo:
         """Validate and publish an adapter folder as the next version of ``tenant/adapter``.
+
+        ``method`` is the PEFT method the trainer used (``farm.methods``); it must agree with
+        the adapter's config, and is needed only where the config cannot tell (``qlora``
+        saves plain LoRA weights). Default: the method the config shows.
 
         ``detect_architecture`` reads a local base model's config.json when no architecture
         is given; the HTTP API turns it off (it never reads paths a caller names).
@@ -148,11 +152,13 @@ class Registry:
         validate.check_safetensors(files[validate.WEIGHTS_FILE])
         if base_architecture is None and detect_architecture:
             base_architecture = _architecture_of(base_model)
-        check = validate.check_config(files[validate.CONFIG_FILE].read_bytes(), base_model, base_architecture)
+        check = validate.check_config(files[validate.CONFIG_FILE].read_bytes(), base_model, base_architecture,
+                                      method)
         number = self.catalog.reserve_number(tenant, adapter)
         settings = {k: v for k, v in check.config.items()
                     if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora",
-                             "num_virtual_tokens", "feedforward_modules", "peft_type", "task_type")}
+                             "num_virtual_tokens", "feedforward_modules", "prefix_projection",
+                             "encoder_hidden_size", "prompt_tuning_init", "peft_type", "task_type")}
         manifest = {
             "schema": 1, "tenant": tenant, "adapter": adapter, "version": number,
             "serve_name": serve_name(tenant, adapter, number), "created_at": utcnow().isoformat(),

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm.methods import method_for_peft_type
+from farm.methods import method_for_config
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -91,8 +91,13 @@ def check_safetensors(path: Path) -> None:
         raise PublishError(f"{WEIGHTS_FILE}: not a valid safetensors file ({exc})") from None
 
 
-def check_config(raw: bytes, base_model: str, base_architecture: str | None) -> AdapterCheck:
-    """Schema-check adapter_config.json and decide vLLM servability."""
+def check_config(raw: bytes, base_model: str, base_architecture: str | None,
+                 method: str | None = None) -> AdapterCheck:
+    """Schema-check adapter_config.json, settle its method and decide vLLM servability.
+
+    ``method`` is what the trainer declares (``qlora`` saves the same kind of weights as
+    ``lora``, so only the trainer can say); it must agree with the config.
+    """
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -109,9 +114,10 @@ def check_config(raw: bytes, base_model: str, base_architecture: str | None) -> 
     if not isinstance(library, str) or not library.startswith("transformers."):
         # PEFT imports this module when loading with AutoPeftModel: only transformers' own.
         raise PublishError(f"{CONFIG_FILE}: 'auto_mapping' names {library!r}; only transformers classes are accepted")
-    info = method_for_peft_type(peft_type, config)
-    if info is None:
-        raise PublishError(f"{CONFIG_FILE}: peft_type {peft_type!r} is not a method the farm knows")
+    try:
+        info = method_for_config(config, method)
+    except ValueError as exc:
+        raise PublishError(f"{CONFIG_FILE}: {exc}") from None
     if peft_type == "LORA":
         rank = config.get("r")
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 65536:
@@ -119,11 +125,14 @@ def check_config(raw: bytes, base_model: str, base_architecture: str | None) -> 
         targets = config.get("target_modules")
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise PublishError(f"{CONFIG_FILE}: field 'target_modules' must be a list of names")
-    method = "dora" if config.get("use_dora") else info.name
+    if peft_type in ("PREFIX_TUNING", "PROMPT_TUNING"):
+        tokens = config.get("num_virtual_tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 65536:
+            raise PublishError(f"{CONFIG_FILE}: field 'num_virtual_tokens' must be an integer in 1..65536, got {tokens!r}")
     reason = info.vllm_blocker(config, base_architecture)
     declared = config.get("base_model_name_or_path")
     if reason is None and declared != base_model:
         reason = (f"adapter_config base_model_name_or_path {declared!r} differs from the base model "
                   f"{base_model!r} the server is started with")
-    return AdapterCheck(config=config, peft_type=peft_type, method=method,
+    return AdapterCheck(config=config, peft_type=peft_type, method=info.name,
                         servable_by_vllm=reason is None, not_servable_reason=reason)

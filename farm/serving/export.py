@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from farm.methods import MERGEABLE_METHODS
+from farm.methods import METHODS, mergeable_methods
 from farm.registry.core import Registry, VersionInfo
 
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
@@ -45,9 +45,10 @@ def export_merged(registry: Registry, reference: str, out: Path) -> tuple[Versio
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = registry.resolve(reference)
-    if info.method not in MERGEABLE_METHODS:
+    if info.method not in METHODS or not METHODS[info.method].mergeable:
         raise ExportError(f"{info.serve_name}: a {info.method} adapter cannot be merged into the base "
-                          f"weights (mergeable: {', '.join(sorted(MERGEABLE_METHODS))})")
+                          f"weights (it adds virtual tokens or prefixes, not weight updates); mergeable "
+                          f"methods: {', '.join(mergeable_methods())}")
     tmp = _atomic_folder(out)
     with tempfile.TemporaryDirectory(prefix="farm-export-") as work:
         registry.download(info.serve_name, Path(work) / "adapter")

@@ -75,7 +75,9 @@ def make_batch(rows: Rows, indices: list[int], device: torch.device) -> dict[str
     if rows.attention_mask is not None:
         mask = torch.tensor([rows.attention_mask[i] for i in indices], dtype=torch.long)
         width = int(mask.sum(dim=1).max())
-        batch = {k: v[:, :width] for k, v in batch.items()}
+        # Right-padded rows: the model's own positions (0, 1, ...) are the same; leaving them to
+        # the model lets PEFT's prompt-learning methods place their virtual tokens first.
+        batch = {k: v[:, :width] for k, v in batch.items() if k != "position_ids"}
         batch["attention_mask"] = mask[:, :width]
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -91,7 +93,8 @@ def summed_loss(model, batch: dict[str, torch.Tensor], autocast: torch.dtype | N
     with torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast,
                         enabled=autocast is not None):
         logits = model(**inputs, use_cache=False).logits
-    return next_token_loss(logits, batch["labels"])
+    # Prompt tuning returns logits for its virtual tokens too, ahead of the row's own.
+    return next_token_loss(logits[:, -batch["labels"].shape[1]:], batch["labels"])
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

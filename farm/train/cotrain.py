@@ -10,13 +10,19 @@ tenant's adapter only (``AdapterRouter``: each LoRA layer adds adapter *t*'s upd
 of tenant *t*, as batched matmuls when the tenants' shapes agree). The loss is the sum over tenants of each tenant's loss
 normalised by its own target tokens, so each adapter receives exactly the gradient its
 isolated training would compute; then each tenant's own optimizer, schedule, clipping, step
-count, eval and checkpoint move on as in ``farm.train.lora``. A tenant that reaches its
+count, eval and checkpoint move on as in ``farm.train.adapter``. A tenant that reaches its
 ``max_steps`` is saved and removed, and the next waiting tenant takes its slot: the base and
 the process stay.
 
 Exactness: in fp32 with ``lora.dropout: 0`` (dropout masks are random draws, which no two
 schedules share), every co-trained adapter equals the one ``farm train`` produces after the
 same steps, to float rounding; ``tests/train/test_cotrain.py`` checks 1e-5.
+
+Only methods whose entry in ``farm.methods`` is ``co_trainable`` share a batch: plain LoRA,
+whose update the router below adds per row slice. DoRA (its magnitude normalises the whole
+updated weight), IA3 (it scales whole activations), prefix and prompt tuning (they change the
+sequence itself) and QLoRA (one 4-bit base per tenant is the point of it) train one trainer
+per tenant; the sweep's planner packs only co-trainable tenants.
 
 Tenants that share a pack must share the base model and the row layout (``max_seq_len`` and
 ``packing``), so that their rows stack into one batch; ``pack_key`` says which can. PEFT's own
@@ -42,12 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from farm.data import IGNORE_INDEX, DataError, TenantData, load_tenant_data
+from farm.methods import co_trainable_methods, method_info
 from farm.models import Placement, count_parameters, load_base_model, load_tokenizer, select_placement
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepEvent, Stopwatch,
                                TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint, make_batch,
                                next_token_loss, peak_memory_bytes, rows_for, write_checkpoint)
-from farm.train.lora import ADAPTER_DIR, CHECKPOINT_DIR, RESULT_FILE, TrainResult
+from farm.train.adapter import ADAPTER_DIR, CHECKPOINT_DIR, RESULT_FILE, TrainResult
 
 
 def pack_key(job: TenantJob) -> tuple:
@@ -185,8 +192,9 @@ class CoTrainer:
         if len(keys) > 1:
             raise ValueError(f"tenants {', '.join(j.tenant for j in jobs)} cannot share a pack: they differ in "
                              "base model, max_seq_len, packing, method or precision")
-        if jobs[0].settings.method != "lora":
-            raise ValueError(f"co-training supports LoRA adapters only, not {jobs[0].settings.method!r}")
+        if not method_info(jobs[0].settings.method).co_trainable:
+            raise ValueError(f"method {jobs[0].settings.method!r} cannot be co-trained (co-trainable: "
+                             f"{', '.join(co_trainable_methods())}); train it alone with `farm train`")
         self.jobs, self.slots = list(jobs), max(1, slots)
         self.progress = progress or ConsoleProgress(every=jobs[0].settings.train.log_every)
         self.resume = resume
@@ -213,11 +221,10 @@ class CoTrainer:
         optimizer and schedule, and resume it from its newest checkpoint."""
         from peft import get_peft_model, set_peft_model_state_dict
 
-        from farm.methods import method_info
-
         data = load_tenant_data(job.tenant, job.settings.data, self.tokenizer)
         spec = job.settings.train
-        config = method_info("lora").to_peft_config(job.settings.lora)
+        config = method_info(job.settings.method).to_peft_config(job.settings.method_settings(),
+                                                                 job.base_model.name_or_path)
         torch.manual_seed(spec.seed)  # the same adapter init as isolated training
         if self.model is None:
             self.model = get_peft_model(self.base, config, adapter_name=job.tenant)
@@ -372,7 +379,7 @@ class CoTrainer:
         adapter_dir = self._save_adapter(slot, out)
         _, total = count_parameters(self.model)
         result = TrainResult(
-            tenant=slot.name, method="lora", steps=state.step, tokens=state.tokens_seen,
+            tenant=slot.name, method=self.jobs[0].settings.method, steps=state.step, tokens=state.tokens_seen,
             train_seconds=round(state.train_seconds, 3), wall_seconds=round(time.perf_counter() - slot.started, 3),
             tokens_per_s=round(state.tokens_seen / state.train_seconds, 1) if state.train_seconds else 0.0,
             eval_loss_before=state.eval_loss_before, eval_loss_after=eval_after, trainable_params=slot.trainable,

@@ -37,7 +37,7 @@ from farm.models import Placement, count_parameters, load_base_model, load_token
 from farm.spec import BaselineSpec, TenantJob
 from farm.train.common import (CheckpointIO, Progress, StepEvent, StepLoop, TrainState, evaluate, make_batch,
                                peak_memory_bytes, summed_loss)
-from farm.train.lora import RESULT_FILE, TrainResult, _world
+from farm.train.adapter import RESULT_FILE, TrainResult, _world
 
 MODEL_DIR = "model"
 PROBE_FILE = "probe.safetensors"

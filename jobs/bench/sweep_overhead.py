@@ -10,7 +10,7 @@ The same K tenants of the spec, each trained for ``--steps`` optimizer steps, go
                   default (every tenant submitted at once; the cluster's CPUs decide how many
                   train side by side). It joins a running Ray cluster or starts a local one.
   (b) plain-loop  one fresh Python process (this script, re-invoked with the hidden ``--child``
-                  option) that calls ``farm.train.lora.train_tenant`` for each tenant in turn.
+                  option) that calls ``farm.train.adapter.train_tenant`` for each tenant in turn.
 
 Both are timed from just before their process is launched until it exits, so Python imports,
 model loads and (for (a)) Ray's start-up all count. Reported per tenant: the delay from
@@ -74,7 +74,7 @@ def run_plain_loop(args) -> dict:
     child_start = time.time()
     import torch
 
-    from farm.train.lora import train_tenant
+    from farm.train.adapter import train_tenant
 
     jobs = _jobs(args.spec, args.tenant_list, args.steps, args.output_dir)
     imported = time.time()

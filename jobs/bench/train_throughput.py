@@ -5,7 +5,7 @@
 
 The same tenant, settings and number of optimizer steps go through
 
-  (a) farm     ``farm.train.lora`` (what ``farm train`` runs: ``train_tenant``'s setup, train
+  (a) farm     ``farm.train.adapter`` (what ``farm train`` runs: ``train_tenant``'s setup, train
                and save): ``batch_size`` packed rows per micro-batch, several examples per row;
   (b) hf-trainer  what a user would write instead: the same base model and tokenizer, the same
                LoRA config (``farm.models.build_peft_model``), one example per row, dynamically
@@ -135,13 +135,13 @@ def run_farm(args, workdir: str) -> dict:
     from farm.data import load_tenant_data
     from farm.models import load_tokenizer
     from farm.train.common import rows_for
-    from farm.train.lora import LoraRecipe
+    from farm.train.adapter import AdapterRecipe
 
     job = _load_job(args.spec, args.tenant, args.steps, str(Path(workdir) / "farm-out"))
     spec = job.settings.train
     start = time.perf_counter()
     # train_tenant(job, resume=False), in its three steps so memory can be read before step 1.
-    recipe = LoraRecipe(job, resume=False).setup()
+    recipe = AdapterRecipe(job, resume=False).setup()
     device = recipe.placement.device
     before, peak_before = _current_memory(device), _peak_memory(device)
     result = recipe.train().save()

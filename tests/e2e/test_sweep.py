@@ -134,7 +134,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_to_the_same_adapter(tmp_path,
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
-    from farm.train.lora import train_tenant
+    from farm.train.adapter import train_tenant
 
     tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
     spec = _spec(tmp_path, base_model_dir, tenants, max_steps=40, checkpoint_every=5)
@@ -169,7 +169,7 @@ def test_packed_sweep_co_trains_survives_a_killed_worker_and_matches_isolated_tr
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
-    from farm.train.lora import train_tenant
+    from farm.train.adapter import train_tenant
 
     names = ["hooli", "acme", "globex"]
     tenants = [{"name": n, "data": {"path": str(REPO / f"jobs/data/{n}.jsonl")}} for n in names]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from farm.spec import parse_spec
 from farm.train.cotrain import CoTrainer, cotrain
-from farm.train.lora import train_tenant
+from farm.train.adapter import train_tenant
 
 from ..conftest import REPO
 

@@ -1,6 +1,10 @@
-"""Recipe: fine-tune one tenant's LoRA adapter on the frozen base model.
+"""Recipe: fine-tune one tenant's PEFT adapter (any method of ``farm.methods``) on the frozen base.
 
     farm train --spec jobs/configs/demo.yaml --tenant acme
+
+The recipe is method-agnostic: the method decides how the base is loaded (QLoRA: 4-bit) and
+which PEFT config wraps it; training, eval, checkpoints (every trainable tensor by name) and
+saving are the same for all.
 
 Runs in one plain process (as above) or inside a Ray Train worker (the sweep); with several
 workers it is data parallel (DDP over the process group Ray Train sets up). Shape of the
@@ -29,7 +33,8 @@ import torch
 
 from farm.data import TenantData, load_tenant_data
 from farm.models import (Placement, build_peft_model, count_parameters, load_base_model,
-                         load_tokenizer, select_device, select_placement)
+                         load_tokenizer, load_trainable_state, select_device, select_placement,
+                         trainable_state)
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepLoop,
                                TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
@@ -75,14 +80,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _adapter_state(model) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
-
-
-class LoraRecipe(StepLoop):
-    """One tenant's LoRA fine-tune: ``setup()``, ``train()``, ``save()``.
+class AdapterRecipe(StepLoop):
+    """One tenant's adapter fine-tune: ``setup()``, ``train()``, ``save()``.
 
     ``train_tenant`` runs all three; tests and the co-training recipe use the steps and the
     attributes (``model``, ``data``, ``state``) directly.
@@ -102,7 +101,7 @@ class LoraRecipe(StepLoop):
         self.resumed_from: int | None = None
 
     # -- setup ---------------------------------------------------------------------------------
-    def setup(self) -> "LoraRecipe":
+    def setup(self) -> "AdapterRecipe":
         """Place the job, load data and model, build optimizer and schedule, resume if asked."""
         spec = self.spec
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -110,8 +109,8 @@ class LoraRecipe(StepLoop):
         tokenizer = load_tokenizer(self.job.base_model)
         self.data: TenantData = load_tenant_data(self.job.tenant, self.job.settings.data, tokenizer)
         torch.manual_seed(spec.seed)  # same adapter init on every worker and every run
-        self.model = build_peft_model(load_base_model(self.job.base_model, self.placement),
-                                      self.job.settings)
+        self.model = build_peft_model(load_base_model(self.job.base_model, self.placement, self.job.settings),
+                                      self.job.settings, self.job.base_model.name_or_path)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.total = count_parameters(self.model)
@@ -121,10 +120,8 @@ class LoraRecipe(StepLoop):
         if self.resume:
             with self.checkpoints.latest() as checkpoint:
                 if checkpoint is not None:
-                    from peft import set_peft_model_state_dict
-
                     adapter_tensors, self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
-                    set_peft_model_state_dict(self.model, adapter_tensors)
+                    load_trainable_state(self.model, adapter_tensors)
                     self.resumed_from = self.state.step
         if self.resumed_from is None:
             # Dropout draws differ per worker; the init above was the same everywhere.
@@ -159,7 +156,7 @@ class LoraRecipe(StepLoop):
         self.optimizer.zero_grad(set_to_none=True)
 
     def _write_checkpoint(self, folder: Path) -> None:
-        write_checkpoint(folder, _adapter_state(self.model), self.optimizer, self.scheduler, self.state)
+        write_checkpoint(folder, trainable_state(self.model), self.optimizer, self.scheduler, self.state)
 
     # -- save ----------------------------------------------------------------------------------
     def save(self) -> TrainResult:
@@ -198,7 +195,7 @@ def train_tenant(job: TenantJob, progress: Progress | None = None, resume: bool 
     Resumes from the newest checkpoint (default: ``job.output_dir/checkpoints``) unless
     ``resume`` is false. Returns the result that is also written to ``job.output_dir/result.json``.
     """
-    return LoraRecipe(job, progress, resume, checkpoints).setup().train().save()
+    return AdapterRecipe(job, progress, resume, checkpoints).setup().train().save()
 
 
 def ray_train_loop(config: dict) -> dict:
@@ -216,7 +213,7 @@ def ray_train_loop(config: dict) -> dict:
     job = TenantJob.model_validate(config["job"])
     job = job.model_copy(update={"output_dir": tempfile.mkdtemp(prefix=f"farm-{job.tenant}-")})
     rank, _ = _world()
-    recipe = LoraRecipe(job, progress=BoardProgress(config.get("board"), job.tenant),
+    recipe = AdapterRecipe(job, progress=BoardProgress(config.get("board"), job.tenant),
                         checkpoints=RayCheckpoints(job.settings.train.keep_checkpoints, rank,
                                                    config.get("run_dir")))
     try:

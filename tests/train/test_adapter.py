@@ -12,7 +12,7 @@ import torch
 
 from farm.spec import load_spec
 from farm.train.common import StepEvent, evaluate
-from farm.train.lora import LoraRecipe, train_tenant
+from farm.train.adapter import AdapterRecipe, train_tenant
 
 from ..conftest import FAST_DEFAULTS, REPO, SAMPLE_FILES
 
@@ -38,7 +38,7 @@ def trained(tmp_path_factory, base_model_dir):
     sweep = load_spec(root / "spec.yaml")
     recipes = {}
     for name, job in sweep.jobs.items():
-        recipe = LoraRecipe(job, progress=Quiet(), resume=False).setup().train()
+        recipe = AdapterRecipe(job, progress=Quiet(), resume=False).setup().train()
         recipes[name] = (recipe, recipe.save())
     return recipes
 
