@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv if missing, builds the tiny base model, trains the sample tenants
 #   make test   creates .venv if missing and runs the test suite
+#   make methods   a sweep mixing PEFT methods across the sample tenants (jobs/configs/methods.yaml)
 #   make baseline  the full fine-tuning baseline (DeepSpeed ZeRO-3, 2 CPU workers) of sample
 #                  tenant acme next to its LoRA run, with the comparison table
 #
@@ -26,7 +27,7 @@ BASE_MODEL ?= .farm/base-model
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.farm-installed
 
-.PHONY: setup demo test base-model samples clean bench baseline
+.PHONY: setup demo test base-model samples clean bench baseline methods
 
 setup: $(STAMP)
 
@@ -53,6 +54,12 @@ demo: $(STAMP) base-model
 baseline: $(STAMP) base-model
 	FARM_DEMO_JOB=jobs/full_ft_baseline.py FARM_DEMO_ARGS="--tenants acme --zero-stage 3 --workers 2" \
 		bash jobs/run_demo.sh
+
+# A sweep mixing PEFT methods (lora, dora, ia3, prefix, prompt; and qlora where there is CUDA),
+# submitted with `ray job submit` like the demo.
+METHODS_TENANTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--tenants acme,globex,initech,umbrella,hooli)
+methods: $(STAMP) base-model
+	FARM_DEMO_SPEC=jobs/configs/methods.yaml FARM_DEMO_ARGS="$(METHODS_TENANTS)" bash jobs/run_demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

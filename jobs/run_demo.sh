@@ -5,6 +5,9 @@
 #
 #   FARM_DEMO_SPEC=jobs/configs/demo.yaml FARM_DASHBOARD_PORT=8265 bash jobs/run_demo.sh
 #   FARM_DEMO_JOB=jobs/full_ft_baseline.py FARM_DEMO_ARGS="--tenants acme" bash jobs/run_demo.sh  # make baseline
+#   FARM_DEMO_SPEC=jobs/configs/methods.yaml bash jobs/run_demo.sh                               # make methods
+# Where things go (defaults under .farm/): FARM_DEMO_BASE_MODEL, FARM_DEMO_OUTPUT,
+# FARM_DEMO_REGISTRY, FARM_DEMO_SWEEP_ID; FARM_RAY_PORT (6379) and FARM_DASHBOARD_PORT (8265).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -12,7 +15,10 @@ SPEC="${FARM_DEMO_SPEC:-jobs/configs/demo.yaml}"
 PORT="${FARM_DASHBOARD_PORT:-8265}"
 JOB="${FARM_DEMO_JOB:-jobs/tenant_sweep.py}"
 read -r -a EXTRA <<< "${FARM_DEMO_ARGS:-}"
-SWEEP_ID="demo-$(date +%Y%m%d-%H%M%S)"
+SWEEP_ID="${FARM_DEMO_SWEEP_ID:-demo-$(date +%Y%m%d-%H%M%S)}"
+BASE_MODEL="${FARM_DEMO_BASE_MODEL:-$ROOT/.farm/base-model}"
+OUTPUT="${FARM_DEMO_OUTPUT:-$ROOT/.farm/runs}"
+REGISTRY="${FARM_DEMO_REGISTRY:-$ROOT/.farm/registry}"
 export PATH="$ROOT/.venv/bin:$PATH"       # `python` in the job is the project's interpreter
 # Token authentication: the Jobs API runs arbitrary code, so nothing talks to it without the token.
 export RAY_AUTH_MODE=token
@@ -22,7 +28,7 @@ if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
   (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > "$RAY_AUTH_TOKEN_PATH")
 fi
 
-ray start --head --num-cpus="$(nproc)" --include-dashboard=true --dashboard-host=127.0.0.1 \
+ray start --head --port="${FARM_RAY_PORT:-6379}" --num-cpus="$(nproc)" --include-dashboard=true --dashboard-host=127.0.0.1 \
   --dashboard-port="$PORT" --disable-usage-stats >"$ROOT/.farm/ray-start.log" 2>&1 \
   || { cat "$ROOT/.farm/ray-start.log"; exit 1; }
 trap 'ray stop >/dev/null 2>&1 || true' EXIT
@@ -31,10 +37,9 @@ echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWE
 status=0
 ray job submit --address "http://127.0.0.1:$PORT" --working-dir . -- \
   python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
-  --base-model "$ROOT/.farm/base-model" --output-dir "$ROOT/.farm/runs" \
-  --registry-store "$ROOT/.farm/registry" || status=$?
+  --base-model "$BASE_MODEL" --output-dir "$OUTPUT" --registry-store "$REGISTRY" || status=$?
 
 echo
-echo "summary: $ROOT/.farm/runs/$SWEEP_ID/report.md"
-[ -f "$ROOT/.farm/runs/$SWEEP_ID/report.md" ] && cat "$ROOT/.farm/runs/$SWEEP_ID/report.md"
+echo "summary: $OUTPUT/$SWEEP_ID/report.md"
+[ -f "$OUTPUT/$SWEEP_ID/report.md" ] && cat "$OUTPUT/$SWEEP_ID/report.md"
 exit $status
