@@ -135,7 +135,7 @@ def planned_peak(job: TenantJob, result: dict) -> int:
     CUDA context; on CPU the measured peak RSS includes the interpreter and libraries, which the
     planner's CPU runtime line stands for.
     """
-    from farm.methods import method_info
+    from farm.methods import planner_fields
     from farm.plan import PlanRequest, load_shape, plan_memory
 
     settings = job.settings
@@ -143,7 +143,7 @@ def planned_peak(job: TenantJob, result: dict) -> int:
     shape = load_shape(job.base_model.name_or_path)
     method_fields = {"method": "full", "zero_stage": result.get("zero_stage", 0),
                      "offload": result.get("offload", "none")} if full else \
-        method_info(settings.method).plan_fields(settings.method_settings(), shape)
+        planner_fields(settings.method, settings.method_settings(), shape)
     request = PlanRequest(
         **method_fields, devices=result.get("workers", 1),
         batch=settings.train.batch_size,  # per worker (a baseline job carries its own split)

@@ -222,9 +222,10 @@ def cotrain_cmd(
 @app.command("plan")
 def plan(
     model: str = typer.Option(..., help="preset (llama-3.1-8b, llama-3.1-70b) or a config.json / model folder"),
-    method: str = typer.Option("lora", help="full, lora or qlora"),
-    rank: int = typer.Option(16, help="LoRA rank"),
-    targets: str = typer.Option("all-linear", help="LoRA target modules: all-linear or a comma-separated list"),
+    method: str = typer.Option("lora", help="full, or a PEFT method: lora, dora, ia3, prefix, prompt, qlora"),
+    rank: int = typer.Option(16, help="rank (lora, dora, qlora)"),
+    targets: str = typer.Option("all-linear", help="target modules (lora, dora, qlora): all-linear or a comma-separated list"),
+    virtual_tokens: int = typer.Option(16, help="virtual tokens (prefix, prompt)"),
     batch: int = typer.Option(1, help="sequences per micro-batch per device"),
     seq_len: int = typer.Option(512, help="tokens per sequence"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step (does not change memory)"),
@@ -241,18 +242,30 @@ def plan(
 
     Exit code 1 when --gpu is given and the plan does not fit.
     """
+    from pydantic import ValidationError
+
+    from farm.methods import method_info, planner_fields
     from farm.plan import GiB, PlanError, PlanRequest, devices_needed, load_shape, parse_size, plan_memory, render_table
 
     try:
         shape = load_shape(model)
+        if method == "full":
+            method_fields: dict = {"method": "full"}
+        else:  # the method's own settings, as a spec would give them, and its planner view
+            info = method_info(method)
+            given = {"rank": rank, "target_modules": targets if targets == "all-linear" else
+                     [t.strip() for t in targets.split(",")], "num_virtual_tokens": virtual_tokens}
+            if "rank" not in info.settings.model_fields and targets == "all-linear":
+                del given["target_modules"]  # IA3 keeps its own default targets
+            settings = info.settings.model_validate({k: v for k, v in given.items() if k in info.settings.model_fields})
+            method_fields = planner_fields(method, settings, shape)
         request = PlanRequest(
-            method=method, zero_stage=zero_stage, offload=offload, devices=devices, rank=rank,
-            target_modules="all-linear" if targets == "all-linear" else tuple(t.strip() for t in targets.split(",")),
+            **method_fields, zero_stage=zero_stage, offload=offload, devices=devices,
             batch=batch, seq_len=seq_len, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
             precision=precision, optimizer=optimizer)
         result = plan_memory(shape, request)
         device = parse_size(gpu) if gpu else None
-    except (PlanError, ValueError) as exc:
+    except (PlanError, ValueError, KeyError, ValidationError) as exc:
         _fail(str(exc))
     fits = result.fits(device) if device is not None else None
     # For a full fine-tune that does not fit: how many ZeRO-3 devices would.

@@ -172,7 +172,8 @@ class MethodInfo:
     co_trainable: bool
     #: can train on packed rows (several examples per row, separated by position ids)
     packs_rows: bool
-    #: the planner's view: ``PlanRequest`` fields for these settings on a model shape
+    #: the planner's view: ``PlanRequest`` fields for these settings on a model shape (see
+    #: ``planner_fields``, which adds the label)
     plan_fields: Callable[[StrictModel, "ModelShape"], dict]
     #: why it cannot run without a CUDA device (None: it runs anywhere)
     needs_cuda: Optional[str] = None
@@ -308,7 +309,8 @@ def _prefix_plan(settings: PrefixSettings, shape: "ModelShape") -> dict:
     count = settings.num_virtual_tokens * shape.layers * 2 * kv
     if settings.projection:
         hidden = settings.projection_hidden_size or shape.hidden
-        count = settings.num_virtual_tokens * shape.hidden + shape.hidden * hidden + hidden * shape.layers * 2 * kv
+        out = shape.layers * 2 * kv
+        count = settings.num_virtual_tokens * shape.hidden + (shape.hidden + 1) * hidden + (hidden + 1) * out
     return {"method": "lora", "rank": 1, "target_modules": (), "adapter_params": count,
             "extra_tokens": settings.num_virtual_tokens}
 
@@ -359,6 +361,11 @@ METHODS: dict[str, MethodInfo] = {
 
 #: ``Literal`` of the method names, for the spec's ``method`` field.
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+def planner_fields(name: str, settings: StrictModel, shape: "ModelShape") -> dict:
+    """``farm.plan.PlanRequest`` fields for a tenant of method ``name`` with ``settings``."""
+    return {**method_info(name).plan_fields(settings, shape), "label": name}
 
 
 def method_info(name: str) -> MethodInfo:

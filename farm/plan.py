@@ -174,6 +174,7 @@ class PlanRequest:
     dora: bool = False  # DoRA: LoRA + magnitudes, and a weight-sized B·A product per adapted linear
     adapter_params: int | None = None  # IA3, prefix, prompt: their trainable count (None: LoRA's formula)
     extra_tokens: int = 0  # virtual tokens prefix and prompt tuning add to every row
+    label: str | None = None  # the PEFT method as tables show it (default: method)
 
 
 @dataclass(frozen=True)
@@ -446,7 +447,7 @@ def render_table(plan: MemoryPlan, device_bytes: int | None = None) -> Table:
     from rich.table import Table
 
     r = plan.request
-    title = f"{plan.model.name}: {r.method}"
+    title = f"{plan.model.name}: {r.label or r.method}"
     if r.method == "full" and r.zero_stage:
         title += f", ZeRO-{r.zero_stage} x {r.devices}"
     table = Table(title=title + f", {r.batch} x {r.seq_len} tokens, {r.precision}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from farm.methods import method_info
+from farm.methods import planner_fields
 from farm.plan import GiB, MemoryPlan, ModelShape, PlanRequest, jobs_per_device, load_shape, plan_memory
 from farm.spec import BaselineSpec, ResourceSpec, TenantJob
 
@@ -84,7 +84,7 @@ def adapter_request(job: TenantJob, capacity: Capacity, shape: ModelShape | None
     """The planner request of one tenant's adapter worker (its method says what it trains)."""
     settings = job.settings
     shape = shape or load_shape(job.base_model.name_or_path)
-    method_fields = method_info(settings.method).plan_fields(settings.method_settings(), shape)
+    method_fields = planner_fields(settings.method, settings.method_settings(), shape)
     return PlanRequest(**method_fields,
                        batch=settings.train.batch_size, seq_len=settings.data.max_seq_len,
                        grad_accum=settings.train.grad_accum,

@@ -420,6 +420,11 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         # Only co-trainable methods (farm.methods) share a batch; the others train alone.
         packable = [n for n in pending if method_info(sweep.job(n).settings.method).co_trainable
                     and sweep.spec.resources.workers == 1 and n not in compared]
+        alone = [f"{n} ({sweep.job(n).settings.method})" for n in pending
+                 if not method_info(sweep.job(n).settings.method).co_trainable]
+        if alone:
+            console.print(f"train alone, their methods cannot share a batch: {', '.join(alone)}",
+                          markup=False, highlight=False)
         if len(packable) > 1:
             packs = plan_packs([sweep.job(n) for n in packable], capacity)
             for pack in packs:

@@ -260,3 +260,26 @@ def test_a_declared_method_must_agree_with_the_adapter(tmp_path):
     assert check.method == "dora" and not check.servable_by_vllm and "DoRA" in check.not_servable_reason
     with pytest.raises(PublishError, match="'num_virtual_tokens' must be an integer"):
         check_config(json.dumps({"peft_type": "PROMPT_TUNING"}).encode(), "base", None)
+
+
+def test_planner_counts_each_methods_trainable_parameters(base_model_dir):
+    """The planner's count (from the model's shape alone) equals what PEFT builds, per method."""
+    from transformers import AutoModelForCausalLM
+
+    from farm.methods import planner_fields
+    from farm.models import build_peft_model, count_parameters
+    from farm.plan import PlanRequest, load_shape, plan_memory
+    from farm.spec import JobSettings
+
+    shape = load_shape(str(base_model_dir))
+    for method, (settings, _) in CASES.items():
+        job = JobSettings.model_validate({"method": method, **settings})
+        plan = plan_memory(shape, PlanRequest(**planner_fields(method, job.method_settings(), shape), precision="fp32"))
+        if METHODS[method].quantization is not None:  # built on CUDA only; the adapter is LoRA's
+            assert plan.trainable_params == plan_memory(shape, PlanRequest(
+                **planner_fields("lora", job.lora.model_copy(update=settings[method]), shape),
+                precision="fp32")).trainable_params
+            continue
+        model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+        trainable, _ = count_parameters(build_peft_model(model, job, str(base_model_dir)))
+        assert plan.trainable_params == trainable, (method, plan.trainable_params, trainable)
