@@ -175,6 +175,14 @@ def train(
         _fail(str(exc.args[0]))
     if output_dir is not None:
         job = job.model_copy(update={"output_dir": str(output_dir.resolve())})
+    from farm.methods import method_info
+
+    needs = method_info(job.settings.method).needs_cuda
+    if needs:
+        import torch
+
+        if not torch.cuda.is_available():  # refused before any data is read
+            _fail(f"tenant {tenant!r}: method {job.settings.method}: {needs}; this host has none")
     try:
         result = train_tenant(job, resume=not fresh)
     except DataError as exc:

@@ -177,6 +177,8 @@ class MethodInfo:
     plan_fields: Callable[[StrictModel, "ModelShape"], dict]
     #: why it cannot run without a CUDA device (None: it runs anywhere)
     needs_cuda: Optional[str] = None
+    #: why it cannot train with gradient checkpointing (None: it can)
+    no_gradient_checkpointing: Optional[str] = None
     #: a transformers quantisation config for the base model (None: load it unquantised)
     quantization: Optional[Callable[[StrictModel], object]] = None
 
@@ -344,7 +346,9 @@ METHODS: dict[str, MethodInfo] = {
         peft_type="PREFIX_TUNING", recognises=lambda config: True,
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prefix tuning adds key/value prefixes, which vLLM "
                                     "cannot load and which cannot be merged into the weights"),
-        mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prefix_plan),
+        mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prefix_plan,
+        no_gradient_checkpointing="its prefixes enter every layer through the key/value cache, which "
+                                  "gradient checkpointing turns off"),
     "prompt": MethodInfo(
         "prompt", PromptSettings, _prompt_config, "trained virtual-token embeddings before the input",
         peft_type="PROMPT_TUNING", recognises=lambda config: True,

@@ -112,7 +112,11 @@ class _JobSettingsFields(StrictModel):
         # PEFT drops or shifts position ids for prompt-learning methods, so packed examples
         # would attend to each other: those methods train on one example per row.
         settings = handler(value)
-        if settings.data.packing and not method_info(settings.method).packs_rows:
+        info = method_info(settings.method)
+        if settings.train.gradient_checkpointing and info.no_gradient_checkpointing:
+            raise ValueError(f"method {info.name} cannot train with train.gradient_checkpointing: "
+                             f"{info.no_gradient_checkpointing}; set it to false")
+        if settings.data.packing and not info.packs_rows:
             settings = settings.model_copy(update={"data": settings.data.model_copy(update={"packing": False})})
         return settings
 
@@ -283,6 +287,9 @@ def _describe(error: dict) -> str:
     for prefix, words in _TYPE_WORDS.items():
         if kind.startswith(prefix + "_") and ("type" in kind or "parsing" in kind):
             return f"{words}, got {error.get('input')!r}"
+    if kind == "value_error":  # our own validators: the message says it all; a whole mapping is noise
+        message = error["msg"].removeprefix("Value error, ")
+        return message if isinstance(error.get("input"), (dict, list)) else f"{message} (got {error.get('input')!r})"
     return f"{error['msg']} (got {error.get('input')!r})"
 
 

@@ -55,7 +55,7 @@ def test_top_level_problems_are_all_reported_at_once():
         parse_spec(raw)
     problems = info.value.problems
     text = "\n".join(problems)
-    assert "name: Value error, 'Bad Name' is not a valid sweep name" in text
+    assert "name: 'Bad Name' is not a valid sweep name" in text
     assert "base_model.name_or_path: required key is missing" in text
     assert "defaults.train.max_steps:" in text
     assert "tenants[0].name:" in text and "'../evil'" in text

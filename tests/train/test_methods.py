@@ -236,6 +236,8 @@ def test_settings_are_validated_per_method(write_spec):
         ({"method": "qlora", "qlora": {"quant_type": "int3"}}, "qlora.quant_type"),
         ({"method": "dora", "dora": {"rank": "eight"}}, "dora.rank: expected int"),
         ({"method": "adalora"}, "tenants[0].method"),
+        ({"method": "prefix", "train": {"gradient_checkpointing": True}},
+         "method prefix cannot train with train.gradient_checkpointing"),
     ]
     for overrides, message in bad:
         path = write_spec(tenants=[{"name": "acme", "data": {"path": str(REPO / "jobs/data/acme.jsonl")}, **overrides}])
