@@ -91,7 +91,8 @@ def load_base_model(base: BaseModelSpec, placement: Placement, settings: JobSett
 
         # Norms and head in fp32, input grads enabled; checkpointing stays the spec's choice.
         return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.train.gradient_checkpointing)
+            model, use_gradient_checkpointing=settings.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})  # as the recipe enables it
     return model.to(placement.device)
 
 

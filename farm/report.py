@@ -18,6 +18,7 @@ class TenantOutcome:
 
     tenant: str
     status: str                      # trained | skipped | invalid | failed
+    method: str = ""                 # the PEFT method and its size, for example "lora r8", "prefix 16 tokens"
     steps: int = 0
     tokens: int = 0
     wall_seconds: float = 0.0
@@ -66,13 +67,13 @@ def _size(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
 
 
-_COLUMNS = ("tenant", "status", "pack", "steps", "tokens", "wall s", "eval before", "eval after", "adapter",
+_COLUMNS = ("tenant", "method", "status", "pack", "steps", "tokens", "wall s", "eval before", "eval after", "adapter",
             "registry", "error")
 
 
 def _cells(o: TenantOutcome) -> list[str]:
     pack = f"{o.pack} (with {', '.join(o.packed_with)})" if o.pack and o.packed_with else (o.pack or "")
-    return [o.tenant, o.status, pack, str(o.steps or ""), f"{o.tokens:,}" if o.tokens else "",
+    return [o.tenant, o.method, o.status, pack, str(o.steps or ""), f"{o.tokens:,}" if o.tokens else "",
             f"{o.wall_seconds:.1f}" if o.wall_seconds else "", _fmt(o.eval_loss_before),
             _fmt(o.eval_loss_after), _size(o.adapter_bytes) if o.adapter_bytes else "", o.serve_name or "",
             o.error or ""]
@@ -85,7 +86,7 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
     colours = {"trained": "green", "skipped": "cyan", "invalid": "red", "failed": "red"}
     for outcome in report.outcomes:
         cells = _cells(outcome)
-        cells[1] = f"[{colours.get(outcome.status, 'white')}]{outcome.status}[/]"
+        cells[2] = f"[{colours.get(outcome.status, 'white')}]{outcome.status}[/]"
         table.add_row(*cells)
     console.print(table)
     if report.comparison:

@@ -513,6 +513,10 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     if sweep.spec.baseline is not None:
         comparison = run_baselines(sweep, [n for n in names if n in sweep.spec.baseline.tenants], out, storage,
                                    capacity, outcomes, console)
+    from farm.baseline import method_label
+
+    for name in names:  # sweeps may mix methods: every line says which one
+        outcomes[name].method = method_label(sweep.job(name))
     report = SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names], comparison)
     print_report(report, console)
     paths = write_report(report, out)

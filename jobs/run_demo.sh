@@ -34,10 +34,34 @@ ray start --head --port="${FARM_RAY_PORT:-6379}" --num-cpus="$(nproc)" --include
 trap 'ray stop >/dev/null 2>&1 || true' EXIT
 echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWEEP_ID"
 
+# A fresh head's job agent may not be registered yet ("No available agent to submit job"): a
+# refused submission creates nothing, so it is retried; then the log is followed to the end.
+ADDRESS="http://127.0.0.1:$PORT"
+JOB_ID="farm-$SWEEP_ID"
+for attempt in $(seq 1 30); do
+  if out=$(ray job submit --address "$ADDRESS" --no-wait --submission-id "$JOB_ID" --working-dir . -- \
+      python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
+      --base-model "$BASE_MODEL" --output-dir "$OUTPUT" --registry-store "$REGISTRY" 2>&1); then
+    break
+  fi
+  if ! grep -q "No available agent" <<< "$out" || [ "$attempt" = 30 ]; then
+    echo "$out"; exit 1
+  fi
+  sleep 2
+done
+echo "submitted job $JOB_ID (ray job submit; following its log)"
+ray job logs --address "$ADDRESS" --follow "$JOB_ID" || true
+# The log stream can end a moment before the job's status does.
+# `ray job status` ends with "Job '<id>' succeeded" (or failed, stopped) once the job has.
+for _ in $(seq 1 60); do
+  final=$(ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+  verdict=$(grep -oE "Job '$JOB_ID' (succeeded|failed|stopped)" <<< "$final" || true)
+  [ -n "$verdict" ] && break
+  sleep 1
+done
+echo "${verdict:-$final}"
 status=0
-ray job submit --address "http://127.0.0.1:$PORT" --working-dir . -- \
-  python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
-  --base-model "$BASE_MODEL" --output-dir "$OUTPUT" --registry-store "$REGISTRY" || status=$?
+[ "$verdict" = "Job '$JOB_ID' succeeded" ] || status=1
 
 echo
 echo "summary: $OUTPUT/$SWEEP_ID/report.md"

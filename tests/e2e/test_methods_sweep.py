@@ -54,7 +54,7 @@ def test_a_sweep_mixing_methods_trains_each_through_ray_job_submit(tmp_path, bas
     run = _submit(tmp_path, base_model_dir, "mixed", args=f"--tenants {','.join(tenants)}")
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
-    assert "succeeded" in output  # ray job submit's verdict on the job
+    assert "Job 'farm-mixed' succeeded" in output  # Ray's verdict on the submitted job
     report = json.loads((tmp_path / "runs" / "mixed" / "report.json").read_text())
     by_name = {t["tenant"]: t for t in report["tenants"]}
     assert set(by_name) == set(tenants)
@@ -73,3 +73,5 @@ def test_a_sweep_mixing_methods_trains_each_through_ray_job_submit(tmp_path, bas
         config = json.loads((tmp_path / "runs" / "mixed" / tenant / "adapter" / "adapter_config.json").read_text())
         assert config["peft_type"] == METHODS[method].peft_type
     assert registry.search()[1] == len(tenants)
+    summary = (tmp_path / "runs" / "mixed" / "report.md").read_text()
+    assert "| umbrella | prefix 16 tokens | trained |" in summary and "| globex | dora r8 | trained |" in summary
