@@ -7,16 +7,16 @@ co-training). The rest of the code asks this module; adding a method is one new 
 class plus one entry in ``METHODS`` (the spec, its reference, the registry and the planner
 follow from the entry).
 
-=========  ==========  ==============  ===========  ==========  ===========
-method     peft_type   vLLM serves it  mergeable    co-trains   packed rows
-=========  ==========  ==============  ===========  ==========  ===========
-lora       LORA        yes             yes          yes         yes
-dora       LORA        no              yes          no          yes
-ia3        IA3         no              yes          no          yes
-prefix     PREFIX_...  no              no           no          no
-prompt     PROMPT_...  no              no           no          no
-qlora      LORA        yes (plain LoRA weights)  yes  no       yes   (CUDA only)
-=========  ==========  ==============  ===========  ==========  ===========
+=======  =============  ============================  =========  =========  ===========
+method   peft_type      vLLM serves it                mergeable  co-trains  packed rows
+=======  =============  ============================  =========  =========  ===========
+lora     LORA           yes                           yes        yes        yes
+dora     LORA           no                            yes        no         yes
+ia3      IA3            no                            yes        no         yes
+prefix   PREFIX_TUNING  no                            no         no         no
+prompt   PROMPT_TUNING  no                            no         no         no
+qlora    LORA           yes (plain LoRA weights)      yes        no         yes  (needs CUDA)
+=======  =============  ============================  =========  =========  ===========
 """
 
 from __future__ import annotations
