@@ -7,7 +7,9 @@
 #   FARM_DEMO_JOB=jobs/full_ft_baseline.py FARM_DEMO_ARGS="--tenants acme" bash jobs/run_demo.sh  # make baseline
 #   FARM_DEMO_SPEC=jobs/configs/methods.yaml bash jobs/run_demo.sh                               # make methods
 # Where things go (defaults under .farm/): FARM_DEMO_BASE_MODEL, FARM_DEMO_OUTPUT,
-# FARM_DEMO_REGISTRY, FARM_DEMO_SWEEP_ID; FARM_RAY_PORT (6379) and FARM_DASHBOARD_PORT (8265).
+# FARM_DEMO_REGISTRY, FARM_DEMO_SWEEP_ID; FARM_RAY_PORT (6379), FARM_DASHBOARD_PORT (8265) and
+# FARM_DASHBOARD_AGENT_PORT (52365: the job agent; if another Ray left one there, jobs are refused
+# with "No available agent").
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -28,7 +30,8 @@ if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
   (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > "$RAY_AUTH_TOKEN_PATH")
 fi
 
-ray start --head --port="${FARM_RAY_PORT:-6379}" --num-cpus="$(nproc)" --include-dashboard=true --dashboard-host=127.0.0.1 \
+ray start --head --port="${FARM_RAY_PORT:-6379}" \
+  --dashboard-agent-listen-port="${FARM_DASHBOARD_AGENT_PORT:-52365}" --num-cpus="$(nproc)" --include-dashboard=true --dashboard-host=127.0.0.1 \
   --dashboard-port="$PORT" --disable-usage-stats >"$ROOT/.farm/ray-start.log" 2>&1 \
   || { cat "$ROOT/.farm/ray-start.log"; exit 1; }
 trap 'ray stop >/dev/null 2>&1 || true' EXIT
@@ -38,13 +41,13 @@ echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWE
 # refused submission creates nothing, so it is retried; then the log is followed to the end.
 ADDRESS="http://127.0.0.1:$PORT"
 JOB_ID="farm-$SWEEP_ID"
-for attempt in $(seq 1 30); do
+for attempt in $(seq 1 15); do
   if out=$(ray job submit --address "$ADDRESS" --no-wait --submission-id "$JOB_ID" --working-dir . -- \
       python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
       --base-model "$BASE_MODEL" --output-dir "$OUTPUT" --registry-store "$REGISTRY" 2>&1); then
     break
   fi
-  if ! grep -q "No available agent" <<< "$out" || [ "$attempt" = 30 ]; then
+  if ! grep -q "No available agent" <<< "$out" || [ "$attempt" = 15 ]; then
     echo "$out"; exit 1
   fi
   sleep 2

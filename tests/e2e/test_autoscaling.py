@@ -49,6 +49,24 @@ def _cluster_processes(temp_dir: str) -> list[int]:
             continue
         if temp_dir in cmdline and int(entry.name) != os.getpid():
             found.append(int(entry.name))
+    return found + _descendants(found)
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    """Children of ``roots``, recursively: Ray's agents rename themselves (``ray::DashboardAgent``),
+    so their command lines lose the temp dir, and left running they hold Ray's default ports."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may contain spaces
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], set(roots)
+    while frontier:
+        children = {pid for pid, parent in parents.items() if parent in frontier and pid not in found}
+        found.extend(children)
+        frontier = children
     return found
 
 

@@ -35,7 +35,9 @@ def _submit(tmp_path: Path, base_model_dir: Path, sweep_id: str, args: str = "")
     env = {**os.environ, "FARM_DEMO_SPEC": "jobs/configs/methods.yaml", "FARM_DEMO_ARGS": args,
            "FARM_DEMO_SWEEP_ID": sweep_id, "FARM_DEMO_BASE_MODEL": str(base_model_dir),
            "FARM_DEMO_OUTPUT": str(tmp_path / "runs"), "FARM_DEMO_REGISTRY": str(tmp_path / "registry"),
+           # Free ports: an earlier test's Ray may still hold the defaults (the job agent's 52365).
            "FARM_RAY_PORT": str(_free_port()), "FARM_DASHBOARD_PORT": str(_free_port()),
+           "FARM_DASHBOARD_AGENT_PORT": str(_free_port()),
            "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(["bash", "jobs/run_demo.sh"], capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
