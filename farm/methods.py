@@ -162,8 +162,6 @@ class MethodInfo:
     summary: str
     #: PEFT's ``peft_type`` in a saved adapter_config.json
     peft_type: str
-    #: does a saved adapter_config.json of ``peft_type`` belong to this method
-    recognises: Callable[[dict], bool]
     #: why vLLM cannot serve an adapter of this method with this config (None: it can)
     vllm_blocker: Callable[[dict, Optional[str]], Optional[str]]
     #: can ``merge_and_unload`` fold it into the base weights (``farm export merged``)
@@ -177,6 +175,8 @@ class MethodInfo:
     plan_fields: Callable[[StrictModel, "ModelShape"], dict]
     #: why it cannot run without a CUDA device (None: it runs anywhere)
     needs_cuda: Optional[str] = None
+    #: does a saved adapter_config.json of ``peft_type`` belong to this method (default: every one)
+    recognises: Callable[[dict], bool] = lambda config: True
     #: why it cannot train with gradient checkpointing (None: it can)
     no_gradient_checkpointing: Optional[str] = None
     #: a transformers quantisation config for the base model (None: load it unquantised)
@@ -257,8 +257,6 @@ def _lora_vllm_blocker(config: dict, architecture: str | None) -> str | None:
         return f"bias is {config.get('bias')!r}; vLLM needs 'none'"
     if config.get("modules_to_save"):
         return f"modules_to_save {config['modules_to_save']} is not supported by vLLM"
-    if config.get("use_dora"):
-        return _dora_vllm_blocker(config, architecture)
     if architecture not in VLLM_LORA_TARGETS:
         return f"base architecture {architecture!r} is not in the farm's table of vLLM LoRA targets"
     targets = config.get("target_modules") or []
@@ -337,13 +335,13 @@ METHODS: dict[str, MethodInfo] = {
         plan_fields=_dora_plan),
     "ia3": MethodInfo(
         "ia3", IA3Settings, _ia3_config, "learned scaling of attention and feed-forward activations",
-        peft_type="IA3", recognises=lambda config: True,
+        peft_type="IA3",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; IA3 scales activations and has no low-rank weights "
                                     "(`farm export merged` folds it into a model vLLM can serve)"),
         mergeable=True, co_trainable=False, packs_rows=True, plan_fields=_ia3_plan),
     "prefix": MethodInfo(
         "prefix", PrefixSettings, _prefix_config, "trained key/value prefixes in every layer",
-        peft_type="PREFIX_TUNING", recognises=lambda config: True,
+        peft_type="PREFIX_TUNING",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prefix tuning adds key/value prefixes, which vLLM "
                                     "cannot load and which cannot be merged into the weights"),
         mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prefix_plan,
@@ -351,7 +349,7 @@ METHODS: dict[str, MethodInfo] = {
                                   "gradient checkpointing turns off"),
     "prompt": MethodInfo(
         "prompt", PromptSettings, _prompt_config, "trained virtual-token embeddings before the input",
-        peft_type="PROMPT_TUNING", recognises=lambda config: True,
+        peft_type="PROMPT_TUNING",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prompt tuning's virtual-token embeddings are not "
                                     "LoRA weights and cannot be merged into the weights"),
         mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prompt_plan),

@@ -215,7 +215,7 @@ def test_a_method_that_needs_cuda_is_refused_up_front_without_one(tmp_path, base
     sweep = load_spec(tmp_path / "spec.yaml")
     with pytest.raises(SpecError) as refused:
         check_methods_can_run(sweep, ["acme", "globex"], Capacity("cpu", 8 << 30, 2, "ray"))
-    assert refused.value.problems == [refused.value.problems[0]]
+    assert len(refused.value.problems) == 1  # acme's lora is fine
     assert "tenant 'globex': method qlora" in str(refused.value) and "need a CUDA device" in str(refused.value)
     check_methods_can_run(sweep, ["acme"], Capacity("cpu", 8 << 30, 2, "ray"))  # the others alone are fine
     check_methods_can_run(sweep, ["acme", "globex"], Capacity("gpu", 24 << 30, 1, "spec"))
