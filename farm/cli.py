@@ -34,8 +34,10 @@ app.add_typer(cluster_app, name="cluster")
 from farm.registry_cli import export_app, registry_app  # noqa: E402
 app.add_typer(registry_app, name="registry")
 app.add_typer(export_app, name="export")
-from farm.serving.cli import serve_cmd  # noqa: E402
+from farm.serving.cli import gateway_cmd, serve_cmd, usage_cmd  # noqa: E402
 app.command("serve")(serve_cmd)
+app.command("gateway")(gateway_cmd)
+app.command("usage")(usage_cmd)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -426,30 +426,86 @@ def reindex_cmd(as_json: bool = _json_option(),
         console.print(f"reindexed {result['versions']} version(s)")
 
 
+def _parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        seconds = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"--expires-in {text!r}: use a number and a unit, e.g. 90s, 30m, 12h, 7d") from None
+    if not 0 < seconds < 100 * 365 * 86400:
+        raise ValueError(f"--expires-in {text!r}: must be positive and under 100 years")
+    return seconds
+
+
+def _direct_catalog(store: str, catalog: Optional[str], create: bool = False):
+    """The catalog itself (token commands work on it, not through a server)."""
+    from farm.registry.catalog import Catalog
+    from farm.registry.core import default_catalog_url
+
+    if catalog is None and "://" not in store:
+        if create:
+            Path(store).expanduser().mkdir(parents=True, exist_ok=True)  # the SQLite file lives inside
+        elif not (Path(store).expanduser() / "catalog.sqlite").is_file():
+            _fail(f"no catalog in {store} (give --store or --catalog)", code=2)
+    return _guarded(lambda: Catalog(catalog or default_catalog_url(store)))
+
+
 @token_app.command("create")
 def token_create(tenant: Optional[str] = typer.Option(None, help="a token that sees only this tenant"),
                  admin: bool = typer.Option(False, "--admin", help="an admin token (sees every tenant)"),
                  label: str = typer.Option("", help="note stored with the token"),
+                 expires_in: Optional[str] = typer.Option(None, help="valid for this long: 90s, 30m, 12h, 7d"),
                  as_json: bool = _json_option(),
                  store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Create an API token (directly on the catalog); it is printed once, only its hash is kept."""
-    from farm.registry.catalog import Catalog
-    from farm.registry.core import default_catalog_url
+    from datetime import timedelta
+
+    from farm.registry.catalog import utcnow
     from farm.registry.names import check_name
 
     if admin == (tenant is not None):
         _fail("give exactly one of --tenant T or --admin")
     if tenant is not None:
         _guarded(lambda: check_name("tenant", tenant))
-    if catalog is None and "://" not in store:
-        Path(store).expanduser().mkdir(parents=True, exist_ok=True)  # the SQLite file lives inside
-    catalog_obj = _guarded(lambda: Catalog(catalog or default_catalog_url(store)))
-    value = catalog_obj.create_token(None if admin else tenant, label=label)
+    expires_at = None
+    if expires_in is not None:
+        expires_at = utcnow() + timedelta(seconds=_guarded(lambda: _parse_duration(expires_in)))
+    catalog_obj = _direct_catalog(store, catalog, create=True)
+    value = catalog_obj.create_token(None if admin else tenant, label=label, expires_at=expires_at)
     if as_json:
-        _print_json({"token": value, "tenant": tenant, "admin": admin, "label": label})
+        _print_json({"token": value, "tenant": tenant, "admin": admin, "label": label,
+                     "expires_at": expires_at.isoformat() if expires_at else None})
         return
     console.print(f"{'admin' if admin else 'tenant ' + tenant} token (shown once, store it now):", highlight=False)
     print(value)
+
+
+@token_app.command("list")
+def token_list(as_json: bool = _json_option(),
+               store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """List tokens: id, tenant (or admin), label, created, expires, revoked (never the token)."""
+    from dataclasses import asdict
+
+    tokens = _direct_catalog(store, catalog).list_tokens()
+    if as_json:
+        _print_json([asdict(t) for t in tokens])
+        return
+    table = Table("id", "tenant", "label", "created", "expires", "revoked")
+    for t in tokens:
+        table.add_row(str(t.id), t.tenant or "(admin)", t.label, f"{t.created_at:%Y-%m-%d %H:%M}",
+                      f"{t.expires_at:%Y-%m-%d %H:%M}" if t.expires_at else "", "yes" if t.revoked else "")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int = typer.Argument(..., help="the id `token list` shows"),
+                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Revoke a token: refused by the registry API and the gateway from their next cache refresh."""
+    if not _direct_catalog(store, catalog).revoke_token(token_id):
+        _fail(f"no token with id {token_id}")
+    console.print(f"token {token_id} revoked")
 
 
 # -- exports (work on the store directly: they need the files and the base model) --------------

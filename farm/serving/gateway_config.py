@@ -1,0 +1,158 @@
+"""What ``farm gateway`` serves and how: bases and their vLLM backends, per-tenant limits.
+
+    # gateway.yaml
+    registry: {store: .farm/registry}          # tokens, adapters and usage live in its catalog
+    bases:
+      - name: tiny                             # what clients send as `model` for the plain base
+        base_model: /srv/models/tiny           # exactly as adapters were published (vLLM's --model)
+        served_model_name: base                # vLLM's --served-model-name (default: name)
+        tenants: ["*"]                         # who may call the plain base ("*": every tenant)
+        backends:
+          - {url: "http://127.0.0.1:8000", api_key_env: FARM_VLLM_API_KEY}
+    limits:
+      default: {requests_per_minute: 600, tokens_per_minute: 200000, concurrent_requests: 16, max_tokens: 1024}
+      tenants:
+        acme: {requests_per_minute: 60}        # fields not given come from default
+
+Secrets never appear in the file: each backend names the environment variable holding its key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.registry.names import check_name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Strict):
+    """One vLLM server of a base model."""
+
+    url: str = Field(..., description="base URL of the vLLM server, e.g. http://127.0.0.1:8000")
+    api_key_env: Optional[str] = Field(None, description="environment variable holding its API key")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    def api_key(self) -> Optional[str]:
+        """The key from the environment; a named variable that is unset is an error."""
+        if self.api_key_env is None:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(f"backend {self.url}: environment variable {self.api_key_env} is not set")
+        return value
+
+
+class BaseConfig(_Strict):
+    """A base model the gateway serves, with the vLLM servers that hold it."""
+
+    name: str = Field(..., min_length=1, max_length=200, description="public model name of the plain base")
+    base_model: str = Field(..., description="base model string adapters were published against (vLLM's --model)")
+    served_model_name: Optional[str] = Field(None, description="vLLM's --served-model-name (default: name)")
+    tenants: list[str] = Field(default_factory=lambda: ["*"], description='tenants allowed the plain base; "*" for all')
+    backends: list[BackendConfig] = Field(..., min_length=1)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, value: list[str]) -> list[str]:
+        for tenant in value:
+            if tenant != "*":
+                check_name("tenant", tenant)
+        return value
+
+    @property
+    def vllm_name(self) -> str:
+        return self.served_model_name or self.name
+
+    def allows(self, tenant: Optional[str]) -> bool:
+        """Whether ``tenant`` (None: admin) may call the plain base."""
+        return tenant is None or "*" in self.tenants or tenant in self.tenants
+
+
+class TenantLimits(_Strict):
+    """Per-tenant limits; a field left out takes the default's value."""
+
+    requests_per_minute: Optional[int] = Field(None, ge=1, description="requests admitted per minute")
+    tokens_per_minute: Optional[int] = Field(None, ge=1, description="prompt + completion tokens per minute")
+    concurrent_requests: Optional[int] = Field(None, ge=1, description="requests in flight at once")
+    max_tokens: Optional[int] = Field(None, ge=1, description="ceiling on a request's max_tokens")
+
+
+class LimitsConfig(_Strict):
+    default: TenantLimits = Field(default_factory=lambda: TenantLimits(
+        requests_per_minute=600, tokens_per_minute=200_000, concurrent_requests=16, max_tokens=1024))
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
+
+    @field_validator("tenants")
+    @classmethod
+    def _names(cls, value: dict) -> dict:
+        for tenant in value:
+            check_name("tenant", tenant)
+        return value
+
+    def for_tenant(self, tenant: Optional[str]) -> TenantLimits:
+        """The tenant's limits with the default filling what it leaves out (admins: default)."""
+        own = self.tenants.get(tenant) if tenant else None
+        if own is None:
+            return self.default
+        merged = self.default.model_dump()
+        merged.update({k: v for k, v in own.model_dump().items() if v is not None})
+        return TenantLimits(**merged)
+
+
+class RegistryConfig(_Strict):
+    store: str = Field(".farm/registry", description="registry store: folder or s3://bucket/prefix")
+    catalog: Optional[str] = Field(None, description="catalog SQLAlchemy URL (default: SQLite in a local store)")
+
+
+class GatewayConfig(_Strict):
+    """Everything ``farm gateway`` needs besides its listen address."""
+
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    bases: list[BaseConfig] = Field(..., min_length=1)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
+    health_interval_s: float = Field(5.0, gt=0, description="seconds between backend health checks")
+    usage_flush_s: float = Field(5.0, gt=0, description="seconds between writes of metered usage to the catalog")
+    request_timeout_s: float = Field(600.0, gt=0, description="longest a backend may take to answer")
+    token_cache_s: float = Field(2.0, ge=0, description="seconds a token lookup is reused (revocation delay)")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "GatewayConfig":
+        names = [b.name for b in self.bases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"bases: names must be unique, got {names}")
+        models = [b.base_model for b in self.bases]
+        if len(set(models)) != len(models):
+            raise ValueError("bases: each base_model may appear once (list several backends under it)")
+        return self
+
+
+class GatewayConfigError(ValueError):
+    """A gateway file that does not parse, with the field path and reason."""
+
+
+def load_gateway_config(path: Path) -> GatewayConfig:
+    """Read and validate a gateway YAML file; ``GatewayConfigError`` names each bad field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise GatewayConfigError(f"{path}: {exc}") from None
+    try:
+        return GatewayConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise GatewayConfigError(f"{path}: {problems}") from None
