@@ -145,8 +145,9 @@ def check_adapter_weights(weights: Path, config: Mapping,
                     raise _tensor_error(f"{_PEFT_PREFIX}{module}.lora_A.weight",
                                         f"the base model has no module {module!r}")
                 if (base.in_features, base.out_features) != (in_features, out_features):
+                    half = "lora_A.weight" if base.in_features != in_features else "lora_B.weight"
                     raise _tensor_error(
-                        f"{_PEFT_PREFIX}{module}.lora_A.weight",
+                        f"{_PEFT_PREFIX}{module}.{half}",
                         f"adapts {in_features} -> {out_features} features, but the base module "
                         f"{module!r} is {base.in_features} -> {base.out_features}")
             magnitude = parts.get("lora_magnitude_vector")

@@ -74,7 +74,12 @@ def _locked_build_app(original):
         closed = [f"{m} {p}" for m, p in served_routes(app)
                   if not any((method, p) in ALLOWED_ROUTES for method in m.split(","))]
         logger.warning("farm: vLLM routes closed by the allowlist: %s", ", ".join(closed))
-        app.add_middleware(RouteAllowlist)  # added last: outermost, before vLLM's own middleware
+        # Outermost, before vLLM's own middleware. vLLM's SageMaker bootstrap has already built
+        # the middleware stack (add_middleware refuses then): insert and let Starlette rebuild it.
+        from starlette.middleware import Middleware
+
+        app.user_middleware.insert(0, Middleware(RouteAllowlist))
+        app.middleware_stack = None
         return app
 
     return build_app

@@ -97,6 +97,7 @@ class VllmServer:
 def launch_vllm(root: Path, base_model: Path, registry_store: Path, served_model_name: str = "base",
                 max_lora_rank_of: list[int | None] = (8,)) -> tuple[subprocess.Popen, str, str, Path]:
     """Start one server (not waiting); returns (process, url, api key, log path)."""
+    root.mkdir(parents=True, exist_ok=True)
     api_key = secrets.token_urlsafe(24)
     port = free_port()
     command = build_serve_command(
