@@ -14,7 +14,8 @@
       tenants:
         acme: {requests_per_minute: 60}        # fields not given come from default
 
-Secrets never appear in the file: each backend names the environment variable holding its key.
+Local paths (the store, a base folder) are relative to the file, as in sweep specs: a base
+folder becomes the absolute path the sweep published adapters against. Secrets never appear in the file: each backend names the environment variable holding its key.
 """
 
 from __future__ import annotations
@@ -151,8 +152,29 @@ def load_gateway_config(path: Path) -> GatewayConfig:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise GatewayConfigError(f"{path}: {exc}") from None
+    if isinstance(raw, dict):
+        raw = _relative_to(raw, Path(path).resolve().parent)
     try:
         return GatewayConfig.model_validate(raw or {})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise GatewayConfigError(f"{path}: {problems}") from None
+
+
+def _relative_to(raw: dict, folder: Path) -> dict:
+    """Local paths in the file (the store, a base folder) are relative to the file, as in specs."""
+    raw = dict(raw)
+    registry = raw.get("registry")
+    if isinstance(registry, dict) and isinstance(registry.get("store"), str) and "://" not in registry["store"]:
+        raw["registry"] = {**registry, "store": str((folder / registry["store"]).resolve())}
+    bases = raw.get("bases")
+    if isinstance(bases, list):
+        resolved = []
+        for base in bases:
+            if isinstance(base, dict) and isinstance(base.get("base_model"), str):
+                local = folder / base["base_model"]
+                if not Path(base["base_model"]).is_absolute() and local.exists():
+                    base = {**base, "base_model": str(local.resolve())}  # as the sweep published it
+            resolved.append(base)
+        raw["bases"] = resolved
+    return raw

@@ -22,8 +22,9 @@ Measured, every request a streamed ``/v1/completions`` (``stream: true`` with
 
   cold TTFT   with the server otherwise idle, one request at a time, for each of the 16
               adapters: its first request ever (registry copy into the plugin's cache + vLLM
-              load), a second request (warm), then ``/v1/unload_lora_adapter`` and one more
-              (a reload from the plugin's local cache); the base's TTFT the same way for reference.
+              load) and a second request (warm); the base's TTFT the same way for reference.
+              (vLLM's unload route is closed by ``farm.serving.vllm_server``, so a reload from
+              the plugin's local cache is no longer measured.)
   throughput  scenarios ``base`` (model "base"), ``1``, ``4`` and ``16`` adapters (each request
               names one adapter of the set drawn at random, so adapters interleave in batches):
               ``--requests`` requests with ``--concurrency`` in flight, after ``--warmup``
@@ -34,7 +35,7 @@ Measured, every request a streamed ``/v1/completions`` (``stream: true`` with
               add up the rounds (tokens over summed wall time).
 
 Reported: a table per scenario with the ratio of its output tokens/s to the base's, the cold /
-reload / warm TTFT, and the goal: with 16 adapters, at least 0.66x of the base's throughput
+warm TTFT, and the goal: with 16 adapters, at least 0.66x of the base's throughput
 (vLLM has reported about 0.66x with a LoRA on an A100). The load average is recorded before
 and after every scenario: other processes on the machine show there. A benchmark only reports;
 it exits 0 whether the goal is met or not (1 only when the server could not be started).
@@ -247,8 +248,8 @@ async def run_load(server: Server, plan: list[tuple[str, str]], concurrency: int
 
 
 async def cold_ttft(server: Server, names: list[str], max_tokens: int, rng: random.Random) -> dict:
-    """One request at a time: first ever, warm, and reload after unload, per adapter; base for reference."""
-    out: dict = {"base": [], "first": {}, "warm": {}, "reload": {}, "unload_status": {}, "errors": []}
+    """One request at a time: first ever and warm, per adapter; base for reference."""
+    out: dict = {"base": [], "first": {}, "warm": {}, "errors": []}
     async with _client(server, 1) as client:
         for _ in range(4):
             r = await stream_one(client, SERVED_NAME, rng.choice(PROMPTS), max_tokens)
@@ -260,14 +261,6 @@ async def cold_ttft(server: Server, names: list[str], max_tokens: int, rng: rand
                     out[kind][name] = r["ttft_s"]
                 else:
                     out["errors"].append({"phase": kind, **r})
-        for name in names:
-            response = await client.post("/v1/unload_lora_adapter", json={"lora_name": name})
-            out["unload_status"][name] = response.status_code
-            r = await stream_one(client, name, rng.choice(PROMPTS), max_tokens)
-            if r["ok"]:
-                out["reload"][name] = r["ttft_s"]
-            else:
-                out["errors"].append({"phase": "reload", **r})
     return out
 
 
@@ -354,7 +347,6 @@ def report(figures: dict, cold: dict, args, loads: list[float]) -> dict:
     for column in ("request", "n", "p50 ms", "min ms", "max ms"):
         ttft.add_column(column, justify="left" if column == "request" else "right", no_wrap=True)
     rows = (("base", cold["base"]), ("adapter, first request (registry + load)", list(cold["first"].values())),
-            ("adapter, reload after unload (local cache)", list(cold["reload"].values())),
             ("adapter, warm (second request)", list(cold["warm"].values())))
     cold_summary = {}
     for label, values in rows:
@@ -461,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             # Warm the base path (first batches compile/allocate), then TTFT one at a time.
             asyncio.run(run_load(server, [(SERVED_NAME, rng.choice(PROMPTS)) for _ in range(args.concurrency)],
                                  args.concurrency, args.max_tokens))
-            print("TTFT: first request, warm, reload after unload, for each adapter", flush=True)
+            print("TTFT: first request and warm, for each adapter", flush=True)
             cold = asyncio.run(cold_ttft(server, names, args.max_tokens, rng))
             loads += _load()
 
@@ -488,9 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             payload.update({
                 "scenarios": figures, **summary,
                 "ttft_idle_per_adapter_ms": {
-                    kind: {name: _ms(v) for name, v in cold[kind].items()} for kind in ("first", "warm", "reload")},
+                    kind: {name: _ms(v) for name, v in cold[kind].items()} for kind in ("first", "warm")},
                 "ttft_idle_base_ms": [_ms(v) for v in cold["base"]],
-                "unload_status": cold["unload_status"], "ttft_errors": cold["errors"][:5],
+                "ttft_errors": cold["errors"][:5],
             })
             log_text = server.log.read_text(errors="replace")
             payload["server"]["resolver_lines"] = sum(1 for line in log_text.splitlines()

@@ -402,3 +402,25 @@ class TestGatewayWithVllm:
         time.sleep(2)  # a health round
         assert umbrella.post("/v1/completions", json=_completion("base-b")).status_code == 503
         assert httpx.get(f"{stack['url']}/healthz").json()["healthy_backends"] == {"base": 1, "base-b": 0}
+
+
+def test_gateway_file_paths_are_relative_to_it_and_errors_name_the_field(tmp_path, base_model_dir):
+    from farm.serving.gateway_config import GatewayConfigError, load_gateway_config
+
+    shutil.copytree(base_model_dir, tmp_path / "models" / "tiny")
+    (tmp_path / "conf").mkdir()
+    good = tmp_path / "conf" / "gateway.yaml"
+    good.write_text("registry: {store: ../reg}\nbases:\n  - name: tiny\n    base_model: ../models/tiny\n"
+                    "    backends: [{url: 'http://127.0.0.1:8000/', api_key_env: K}]\n")
+    config = load_gateway_config(good)
+    assert config.registry.store == str(tmp_path / "reg")
+    assert config.bases[0].base_model == str(tmp_path / "models" / "tiny")  # as the sweep publishes it
+    assert config.bases[0].backends[0].url == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="K is not set"):
+        config.bases[0].backends[0].api_key()
+    bad = tmp_path / "conf" / "bad.yaml"
+    bad.write_text("bases:\n  - name: tiny\n    base_model: x\n    backends: [{url: 'ftp://x'}]\n"
+                   "limits: {default: {requests_per_minute: 0}}\n")
+    with pytest.raises(GatewayConfigError) as refused:
+        load_gateway_config(bad)
+    assert "bases.0.backends.0.url" in str(refused.value) and "limits.default.requests_per_minute" in str(refused.value)
