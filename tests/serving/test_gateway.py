@@ -131,6 +131,25 @@ def test_vllm_route_allowlist_closes_everything_but_inference():
                        ("POST", "/v1/chat/completions")}
 
 
+def test_backends_are_balanced_by_requests_in_flight_and_skipped_when_down(monkeypatch):
+    from farm.serving.gateway import BasePool
+    from farm.serving.gateway_config import BaseConfig
+
+    monkeypatch.setenv("K", "secret")
+    pool = BasePool(BaseConfig(name="b", base_model="m", backends=[
+        {"url": f"http://127.0.0.1:{port}", "api_key_env": "K"} for port in (1, 2, 3)]), timeout_s=5)
+    one, two, three = pool.backends
+    assert one.client.headers["authorization"] == "Bearer secret"
+    one.outstanding, two.outstanding, three.outstanding = 2, 0, 1
+    assert pool.pick() is two
+    two.healthy = False
+    assert pool.pick() is three
+    three.outstanding = 2  # a tie between one and three: taken in turn
+    assert {pool.pick().url for _ in range(4)} == {one.url, three.url}
+    one.healthy = three.healthy = False
+    assert pool.pick() is None
+
+
 def test_tokens_expire_and_can_be_revoked(tmp_path):
     catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
     live = catalog.create_token("acme", label="ci")
@@ -424,3 +443,33 @@ def test_gateway_file_paths_are_relative_to_it_and_errors_name_the_field(tmp_pat
     with pytest.raises(GatewayConfigError) as refused:
         load_gateway_config(bad)
     assert "bases.0.backends.0.url" in str(refused.value) and "limits.default.requests_per_minute" in str(refused.value)
+    from typer.testing import CliRunner
+
+    from farm.cli import app
+
+    result = CliRunner().invoke(app, ["gateway", "--config", str(bad)])
+    assert result.exit_code == 2 and "bases.0.backends.0.url" in result.stderr
+
+
+def test_token_commands_create_list_and_revoke(tmp_path):
+    from typer.testing import CliRunner
+
+    from farm.cli import app
+
+    runner, store = CliRunner(), str(tmp_path / "reg")
+    assert runner.invoke(app, ["registry", "token", "list", "--store", store]).exit_code == 2  # reads never create
+    created = runner.invoke(app, ["registry", "token", "create", "--tenant", "acme", "--expires-in", "2h",
+                                  "--label", "ci", "--json", "--store", store])
+    assert created.exit_code == 0, created.output
+    token = json.loads(created.stdout)["token"]
+    catalog = Catalog(default_catalog_url(store))
+    assert catalog.principal(token).tenant == "acme"
+    listed = json.loads(runner.invoke(app, ["registry", "token", "list", "--json", "--store", store]).stdout)
+    assert [(t["tenant"], t["label"], t["revoked"]) for t in listed] == [("acme", "ci", False)]
+    assert token not in json.dumps(listed) and listed[0]["expires_at"]
+    assert runner.invoke(app, ["registry", "token", "revoke", str(listed[0]["id"]), "--store", store]).exit_code == 0
+    assert catalog.principal(token) is None
+    assert runner.invoke(app, ["registry", "token", "revoke", "99", "--store", store]).exit_code == 1
+    bad = runner.invoke(app, ["registry", "token", "create", "--tenant", "acme", "--expires-in", "soon",
+                              "--store", store])
+    assert bad.exit_code != 0 and "--expires-in" in bad.stderr
