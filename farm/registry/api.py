@@ -214,10 +214,22 @@ class TokenCache:
         self._entries: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _key(token: str) -> str:
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal if a fresh lookup of ``token`` is cached (no database access)."""
+        if not token or len(token) > 512:
+            return None
+        with self._lock:
+            hit = self._entries.get(self._key(token))
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
     def lookup(self, token: str) -> Principal | None:
         if not token or len(token) > 512:
             return None
-        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+        key = self._key(token)
         now = time.monotonic()
         with self._lock:
             hit = self._entries.get(key)

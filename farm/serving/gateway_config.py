@@ -130,6 +130,8 @@ class GatewayConfig(_Strict):
     usage_flush_s: float = Field(5.0, gt=0, description="seconds between writes of metered usage to the catalog")
     request_timeout_s: float = Field(600.0, gt=0, description="longest a backend may take to answer")
     token_cache_s: float = Field(2.0, ge=0, description="seconds a token lookup is reused (revocation delay)")
+    target_cache_s: float = Field(1.0, ge=0, description="seconds a serve name's routing is reused (a deleted "
+                                  "version stops answering within this); alias refs are resolved every request")
 
     @model_validator(mode="after")
     def _unique(self) -> "GatewayConfig":

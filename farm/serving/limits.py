@@ -58,10 +58,15 @@ class Limiter:
     def __init__(self, config: LimitsConfig, clock: Callable[[], float] = time.monotonic):
         self.config, self.clock = config, clock
         self._tenants: dict[str | None, _TenantState] = {}
+        self._limits: dict[str | None, TenantLimits] = {}
         self._lock = threading.Lock()
 
     def limits_of(self, tenant: str | None) -> TenantLimits:
-        return self.config.for_tenant(tenant)
+        """The tenant's effective limits (the default filling what it leaves out), memoised."""
+        limits = self._limits.get(tenant)
+        if limits is None:
+            limits = self._limits[tenant] = self.config.for_tenant(tenant)
+        return limits
 
     def _state(self, tenant: str | None, now: float) -> _TenantState:
         state = self._tenants.get(tenant)

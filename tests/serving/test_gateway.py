@@ -95,11 +95,29 @@ def test_bad_request_bodies_get_400_naming_the_field(body, kind, message):
 
 def test_max_tokens_defaults_to_the_ceiling():
     body = {"model": "m", "prompt": "x", "n": 2}
-    assert check_body(body, "completions", max_tokens_ceiling=64) == (128, False, False)
+    assert check_body(body, "completions", max_tokens_ceiling=64) == (128, False)
     assert body["max_tokens"] == 64
     chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 8,
             "stream": True, "stream_options": {"include_usage": True}}
-    assert check_body(chat, "chat/completions", max_tokens_ceiling=64) == (8, True, True)
+    assert check_body(chat, "chat/completions", max_tokens_ceiling=64) == (8, True)
+
+
+def test_stream_usage_is_the_last_complete_event_whatever_the_chunking():
+    from farm.serving.gateway import _StreamUsage
+
+    events = [{"choices": [{"text": "a"}], "usage": {"prompt_tokens": 5, "completion_tokens": 1}},
+              {"choices": [{"text": "b"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
+              {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}]
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    for size in (1, 7, 50, len(raw)):
+        follower = _StreamUsage()
+        for at in range(0, len(raw), size):
+            follower.feed(raw[at:at + size])
+        assert follower.last == (5, 3), size
+    cut = _StreamUsage()
+    cut.feed(raw[:raw.index(b"\n\n", raw.index(b'"b"')) + 2] + b'data: {"choices": [{"te')  # cut mid-event
+    assert cut.last == (5, 2)
+    assert _StreamUsage().last is None
 
 
 def test_vllm_route_allowlist_closes_everything_but_inference():
@@ -139,7 +157,7 @@ def test_backends_are_balanced_by_requests_in_flight_and_skipped_when_down(monke
     pool = BasePool(BaseConfig(name="b", base_model="m", backends=[
         {"url": f"http://127.0.0.1:{port}", "api_key_env": "K"} for port in (1, 2, 3)]), timeout_s=5)
     one, two, three = pool.backends
-    assert one.client.headers["authorization"] == "Bearer secret"
+    assert one.headers["Authorization"] == "Bearer secret"
     one.outstanding, two.outstanding, three.outstanding = 2, 0, 1
     assert pool.pick() is two
     two.healthy = False
