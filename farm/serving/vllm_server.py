@@ -26,7 +26,7 @@ import json
 import logging
 import sys
 
-logger = logging.getLogger("farm.vllm_server")
+logger = logging.getLogger("vllm.farm_server")  # under "vllm": vLLM's log handlers show it
 
 #: (method, path) pairs vLLM may answer. Paths are matched exactly: no prefixes, no templates.
 ALLOWED_ROUTES = frozenset({
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> None:
     """Run vLLM's OpenAI API server (``argv``: vLLM's flags) behind the route allowlist."""
     import os
 
-    logging.basicConfig(level=logging.INFO)
     # Resolvers are consulted only with this switch on; its load/unload routes stay closed.
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
     from vllm.entrypoints.launchers.api_server import entry

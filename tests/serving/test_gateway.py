@@ -168,6 +168,38 @@ def test_backends_are_balanced_by_requests_in_flight_and_skipped_when_down(monke
     assert pool.pick() is None
 
 
+def test_requests_refused_before_any_backend_is_asked(tmp_path, monkeypatch):
+    """No token, a body too large or not JSON, an unknown path or method: refused by the gateway."""
+    import asyncio
+
+    monkeypatch.setenv("K", "secret")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    token = catalog.create_token("acme")
+    config = GatewayConfig.model_validate({"bases": [{"name": "base", "base_model": "m", "backends": [
+        {"url": "http://127.0.0.1:9", "api_key_env": "K"}]}], "max_body_bytes": 2048})
+    app = create_gateway_app(config, catalog)  # lifespan not run: no backend is ever contacted
+
+    async def call(method, path, token=token, **kwargs):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            return await client.request(method, path, headers=headers, **kwargs)
+
+    def run(*args, **kwargs):
+        return asyncio.run(call(*args, **kwargs))
+
+    assert run("POST", "/v1/completions", token=None, json={"model": "base", "prompt": "x"}).status_code == 401
+    assert run("POST", "/v1/completions", token="farm_not-a-token", json={}).status_code == 401
+    big = run("POST", "/v1/completions", json={"model": "base", "prompt": "x" * 4096})
+    assert big.status_code == 413 and "2048" in big.json()["error"]["message"]
+    assert run("POST", "/v1/completions", content=b"{not json").json()["error"]["message"] == "body: not valid JSON"
+    assert run("POST", "/v1/completions", json=[1, 2]).json()["error"]["message"] == "body: expected a JSON object"
+    for method, path in (("GET", "/v1/completions"), ("PUT", "/v1/models"), ("POST", "/invocations"),
+                         ("GET", "/v1/files"), ("DELETE", "/adapters/a.b.v1")):
+        answer = run(method, path)
+        assert answer.status_code == 404 and answer.json()["error"]["type"] == "NotFoundError", (method, path)
+    assert run("GET", "/healthz", token=None).json()["healthy_backends"] == {"base": 1}  # not checked yet
+
+
 def test_tokens_expire_and_can_be_revoked(tmp_path):
     catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
     live = catalog.create_token("acme", label="ci")

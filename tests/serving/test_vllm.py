@@ -265,7 +265,11 @@ def test_resolver_through_the_registry_api(resolver_setup, tmp_path):
 @pytest.mark.slow
 class TestRealServer:
     def test_the_plugin_is_loaded_through_its_entry_point(self, vllm_server):
-        assert "farm registry resolver registered" in vllm_server.log.read_text(errors="replace")
+        log = vllm_server.log.read_text(errors="replace")
+        assert "farm registry resolver registered" in log
+        closed = next(line for line in log.splitlines() if "routes closed by the allowlist" in line)
+        for route in ("POST /invocations", "/adapters", "POST /v1/load_lora_adapter", "POST /tokenize", "/metrics"):
+            assert route in closed, route
         assert httpx.post(f"{vllm_server.url}/v1/completions", json={"model": "base", "prompt": "x"},
                           timeout=30).status_code == 401  # the key from VLLM_API_KEY is enforced
 
