@@ -154,10 +154,7 @@ class Registry:
         check_adapter_weights(files[validate.WEIGHTS_FILE], check.config,
                               base_module_shapes(base_model) if detect_architecture else None)
         number = self.catalog.reserve_number(tenant, adapter)
-        settings = {k: v for k, v in check.config.items()
-                    if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora",
-                             "num_virtual_tokens", "feedforward_modules", "prefix_projection",
-                             "encoder_hidden_size", "prompt_tuning_init", "peft_type", "task_type")}
+        settings = check.settings
         manifest = {
             "schema": 1, "tenant": tenant, "adapter": adapter, "version": number,
             "serve_name": serve_name(tenant, adapter, number), "created_at": utcnow().isoformat(),

@@ -14,6 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Annotated, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from farm.methods import method_for_config
 
 CONFIG_FILE = "adapter_config.json"
@@ -27,6 +31,37 @@ class PublishError(ValueError):
     """An adapter the registry refuses, with the file or field and the reason."""
 
 
+class RecordedSettings(BaseModel):
+    """The adapter_config.json fields a version records, parsed into their types.
+
+    Strict: ``"r": 1.5``, ``"r": "eight"`` or ``"r": [1, 2]`` is refused at publish naming the
+    field, instead of reaching the catalog and breaking every later listing.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    peft_type: str = Field(max_length=64)
+    task_type: Optional[str] = Field(None, max_length=64)
+    r: Optional[int] = Field(None, ge=1, le=65536)
+    lora_alpha: Optional[float] = None
+    lora_dropout: Optional[float] = Field(None, ge=0, le=1)
+    target_modules: Union[str, list[Annotated[str, Field(max_length=500)]], None] = Field(None, max_length=4096)
+    bias: Optional[str] = Field(None, max_length=32)
+    use_dora: Optional[bool] = None
+    num_virtual_tokens: Optional[int] = Field(None, ge=1, le=65536)
+    feedforward_modules: Union[str, list[Annotated[str, Field(max_length=500)]], None] = Field(None, max_length=4096)
+    prefix_projection: Optional[bool] = None
+    encoder_hidden_size: Optional[int] = Field(None, ge=1, le=2**31 - 1)
+    prompt_tuning_init: Optional[str] = Field(None, max_length=64)
+
+    @field_validator("lora_alpha", "lora_dropout", mode="before")
+    @classmethod
+    def _number(cls, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+            raise ValueError("must be a number")
+        return None if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class AdapterCheck:
     """What validation found out about an adapter folder."""
@@ -36,6 +71,7 @@ class AdapterCheck:
     method: str
     servable_by_vllm: bool
     not_servable_reason: str | None
+    settings: dict  # the RecordedSettings fields the config gave, checked
 
 
 def validate_files(files: dict[str, int], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
@@ -115,10 +151,19 @@ def check_config(raw: bytes, base_model: str, base_architecture: str | None,
         tokens = config.get("num_virtual_tokens")
         if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 65536:
             raise PublishError(f"{CONFIG_FILE}: field 'num_virtual_tokens' must be an integer in 1..65536, got {tokens!r}")
+    try:
+        recorded = RecordedSettings.model_validate(config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise PublishError(f"{CONFIG_FILE}: field '{where}': {first['msg']}") from None
+    settings = {key: config[key] for key in recorded.model_fields_set}  # as written, now known sound
+    if peft_type != "LORA":
+        settings.pop("r", None)  # a rank only means something to LoRA-family adapters
     reason = info.vllm_blocker(config, base_architecture)
     declared = config.get("base_model_name_or_path")
     if reason is None and declared != base_model:
         reason = (f"adapter_config base_model_name_or_path {declared!r} differs from the base model "
                   f"{base_model!r} the server is started with")
     return AdapterCheck(config=config, peft_type=peft_type, method=info.name,
-                        servable_by_vllm=reason is None, not_servable_reason=reason)
+                        servable_by_vllm=reason is None, not_servable_reason=reason, settings=settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -568,3 +569,30 @@ def test_fuzz_the_api_from_its_openapi_schema(fuzz_server):
     # server still answers
     assert httpx.get(f"{fuzz_server.url}/healthz").status_code == 200
     print(f"fuzzed {calls['n']} requests over {len(operations)} operations in {time.monotonic() - started:.1f}s")
+
+
+@pytest.mark.parametrize("bad_rank", [1.5, "eight", [1, 2]])
+def test_a_config_value_of_the_wrong_type_is_refused_and_saves_nothing(env, adapters, tmp_path, bad_rank):
+    """Found by trying it: such a publish answered 500, yet its row broke every later listing."""
+    folder = tmp_path / "bad"
+    shutil.copytree(adapters["a"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    ia3 = {**config, "peft_type": "IA3", "feedforward_modules": [], "r": bad_rank}  # r means nothing to IA3
+    (folder / "adapter_config.json").write_text(json.dumps(ia3))
+    before = env.get("/v1/versions", params={"status": "any", "limit": 500}).json()["total"]
+    response = _publish(env.http, env.tokens["acme"], "acme", "poisoned", folder)
+    assert response.status_code == 422 and "field 'r'" in response.json()["detail"], response.text
+    for who in ("admin", "acme"):
+        assert env.get("/v1/versions", who=who, params={"status": "any", "limit": 500}).status_code == 200
+    assert env.get("/v1/versions", params={"status": "any", "limit": 500}).json()["total"] == before
+    assert env.get("/v1/versions/acme.poisoned.v1").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["nl\n", "nl\r\n", "NL", "n l", "nl\x00"])
+def test_names_with_trailing_newlines_or_controls_are_refused_on_every_entry(env, adapters, name):
+    from urllib.parse import quote
+
+    response = _publish(env.http, env.tokens["acme"], "acme", quote(name, safe=""), adapters["a"])
+    assert response.status_code in (404, 422), (repr(name), response.status_code, response.text)
+    assert env.get(f"/v1/versions/{quote('acme.support.v1' + name, safe='')}").status_code in (404, 422)
+    assert not any("\n" in p.name for p in (Path(env.registry.store.root) / "adapters" / "acme").iterdir())
