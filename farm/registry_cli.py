@@ -37,6 +37,8 @@ registry_app.add_typer(token_app, name="token")
 console = Console()
 err_console = Console(stderr=True)
 DEFAULT_STORE = ".farm/registry"
+#: An admin token chosen by the operator must carry at least 128 bits: 32 hex characters.
+MIN_ADMIN_TOKEN_CHARS = 32
 
 
 # -- shared options ------------------------------------------------------------------------------
@@ -102,10 +104,10 @@ class _Remote:
 
 
 class _Local:
-    def __init__(self, store: str, catalog: str | None):
+    def __init__(self, store: str, catalog: str | None, create: bool = False):
         from farm.registry.core import open_registry
 
-        self.registry = open_registry(store, catalog)
+        self.registry = open_registry(store, catalog, create=create)
 
     def list(self, filters: dict) -> dict:
         from farm.registry.api import parse_metric_filter
@@ -158,8 +160,9 @@ class _Local:
         return {"versions": self.registry.reindex()}
 
 
-def _backend(url: str | None, token: str | None, store: str, catalog: str | None):
-    return _Remote(url, token) if url else _Local(store, catalog)
+def _backend(url: str | None, token: str | None, store: str, catalog: str | None, create: bool = False):
+    """The server at ``url``, else the registry itself (created only when ``create``: publish)."""
+    return _Remote(url, token) if url else _Local(store, catalog, create)
 
 
 def _guarded(action):
@@ -259,6 +262,10 @@ def serve_cmd(
               "pass --allow-remote (and put TLS in front of it)")
     registry = _guarded(lambda: open_registry(store, catalog))
     env_token = os.environ.get("FARM_REGISTRY_ADMIN_TOKEN")
+    if env_token and len(env_token) < MIN_ADMIN_TOKEN_CHARS:
+        _fail(f"FARM_REGISTRY_ADMIN_TOKEN has {len(env_token)} characters; an admin token needs at least "
+              f"{MIN_ADMIN_TOKEN_CHARS} (128 bits as hex: openssl rand -hex 16), or use `farm registry token "
+              "create --admin`", code=2)
     if env_token:
         known = registry.catalog.principal(env_token)
         if known is None:
@@ -386,7 +393,7 @@ def publish_cmd(
             _fail(f"--{key}: not valid JSON ({exc})")
         if parsed[key] is not None and not isinstance(parsed[key], dict):
             _fail(f"--{key}: expected a JSON object")
-    info = _guarded(lambda: _backend(url, token, store, catalog).publish(
+    info = _guarded(lambda: _backend(url, token, store, catalog, create=True).publish(
         tenant, adapter, folder, base_model=base_model, base_architecture=base_architecture, method=method,
         aliases=tuple(alias) if alias else ("latest",), **parsed))
     if as_json:
@@ -521,7 +528,7 @@ def export_merged_cmd(ref: str = typer.Argument(..., help="serve name or alias r
     from farm.registry.core import open_registry
     from farm.serving.export import export_merged
 
-    info, folder = _guarded(lambda: export_merged(open_registry(store, catalog), ref, out))
+    info, folder = _guarded(lambda: export_merged(open_registry(store, catalog, create=False), ref, out))
     console.print(f"{info.serve_name} merged into {info.base_model} -> {folder}")
 
 
@@ -533,5 +540,5 @@ def export_ollama_cmd(ref: str = typer.Argument(..., help="serve name or alias r
     from farm.registry.core import open_registry
     from farm.serving.export import export_gguf
 
-    info, gguf_path, modelfile = _guarded(lambda: export_gguf(open_registry(store, catalog), ref, out))
+    info, gguf_path, modelfile = _guarded(lambda: export_gguf(open_registry(store, catalog, create=False), ref, out))
     console.print(f"{info.serve_name} -> {gguf_path} and {modelfile}")

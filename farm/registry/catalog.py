@@ -10,6 +10,7 @@ of one adapter get distinct numbers. Tokens are stored as sha256 hashes only.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -70,7 +71,7 @@ class VersionRow(Base):
     not_servable_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     sweep_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
     dataset_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # files up to 4 GiB each
     status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | archived
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     manifest: Mapped[dict] = mapped_column(JSON)
@@ -201,8 +202,16 @@ def make_engine(url: str):
 class Catalog:
     """SQL side of the registry. Methods open their own short transactions."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, create: bool = True):
+        """Open (``create``: and create when missing) the catalog at ``url``.
+
+        ``create=False`` (reads): a SQLite file that does not exist is ``FileNotFoundError``.
+        """
         self.url = url
+        if not create and url.startswith("sqlite:///"):
+            path = url[len("sqlite:///"):]
+            if path and path != ":memory:" and not os.path.isfile(path):
+                raise FileNotFoundError(f"no registry catalog at {path} (check --store / --catalog)")
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         self._add_missing_columns()

@@ -24,6 +24,8 @@ from urllib.parse import quote
 
 import httpx
 
+from farm.registry.validate import folder_files
+
 CHUNK = 1 << 20
 
 
@@ -172,8 +174,8 @@ class RegistryClient:
             if value:
                 data[key] = json.dumps(value)
         with contextlib.ExitStack() as stack:
-            files = [("files", (path.name, stack.enter_context(path.open("rb")), "application/octet-stream"))
-                     for path in sorted(folder.iterdir()) if path.is_file()]
+            files = [("files", (name, stack.enter_context(path.open("rb")), "application/octet-stream"))
+                     for name, path in folder_files(folder).items()]  # symlinks refused, as locally
             extra = {"timeout": timeout} if timeout is not None else {}
             return self._request("POST", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/versions",
                                  data=data, files=files, **extra).json()

@@ -94,14 +94,17 @@ def default_catalog_url(store_uri: str) -> str:
 
 
 def open_registry(store_uri: str, catalog_url: str | None = None,
-                  on_names_changed: Callable[[list[str], str], None] | None = None) -> "Registry":
+                  on_names_changed: Callable[[list[str], str], None] | None = None,
+                  create: bool = True) -> "Registry":
     """A registry over ``store_uri`` (folder or ``s3://``) and ``catalog_url`` (SQLAlchemy URL).
 
     ``on_names_changed`` subscribes to name changes (see ``Registry``); the registry itself
-    knows nothing of serving.
+    knows nothing of serving. ``create=False`` for reads: a missing store or SQLite catalog is
+    an error naming the path, never a new empty registry at a mistyped path.
     """
-    store = Store(store_uri)
-    return Registry(store, Catalog(catalog_url or default_catalog_url(store_uri)), on_names_changed)
+    store = Store(store_uri, create)
+    catalog = Catalog(catalog_url or default_catalog_url(store_uri), create)
+    return Registry(store, catalog, on_names_changed)
 
 
 class Registry:
@@ -142,8 +145,7 @@ class Registry:
         for alias in aliases:
             check_name("alias", alias)
         validate.check_metadata(base_model=base_model, metrics=metrics or {}, lineage=lineage or {})
-        files = folder if isinstance(folder, dict) else {
-            p.name: p for p in Path(folder).iterdir() if p.is_file()}
+        files = folder if isinstance(folder, dict) else validate.folder_files(Path(folder))
         validate.validate_files({name: path.stat().st_size for name, path in files.items()}, max_file_bytes)
         if base_architecture is None and detect_architecture:
             base_architecture = _architecture_of(base_model)

@@ -53,8 +53,15 @@ def s3_filesystem_from_env() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
-    """(file system, root path inside it, is_object_store) for a local path or ``s3://`` URI."""
+class MissingStore(FileNotFoundError):
+    """A store that a read was pointed at does not exist (reads never create one)."""
+
+
+def open_filesystem(uri: str, create: bool = True) -> tuple[pafs.FileSystem, str, bool]:
+    """(file system, root path inside it, is_object_store) for a local path or ``s3://`` URI.
+
+    ``create=False`` (every read): a local folder that does not exist is ``MissingStore``.
+    """
     if uri.startswith("s3://"):
         bucket_and_prefix = uri[len("s3://"):].strip("/")
         if not bucket_and_prefix:
@@ -63,6 +70,8 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
     if "://" in uri:
         raise ValueError(f"{uri!r}: stores are local folders or s3://bucket/prefix")
     root = Path(uri).expanduser().resolve()
+    if not create and not root.is_dir():
+        raise MissingStore(f"no registry store at {root} (check --store / FARM_REGISTRY_STORE)")
     root.mkdir(parents=True, exist_ok=True)
     return pafs.LocalFileSystem(), str(root), False
 
@@ -88,12 +97,14 @@ class StoredVersion:
 class Store:
     """Immutable adapter versions under one root (a local folder or ``s3://bucket/prefix``)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, create: bool = True):
         self.uri = uri
-        self.fs, self.root, self.object_store = open_filesystem(uri)
+        self.fs, self.root, self.object_store = open_filesystem(uri, create)
         if self.object_store:
             bucket = self.root.split("/", 1)[0]
             if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                if not create:
+                    raise MissingStore(f"no bucket {bucket!r} for store {uri}")
                 self.fs.create_dir(bucket)
 
     # -- paths (built from validated parts only) ---------------------------------------------

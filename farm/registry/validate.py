@@ -93,6 +93,27 @@ def validate_files(files: dict[str, int], max_file_bytes: int = DEFAULT_MAX_FILE
             raise PublishError(f"{required}: missing")
 
 
+def folder_files(folder: Path) -> dict[str, Path]:
+    """``name -> path`` of an adapter folder's files; anything but a regular file is refused.
+
+    A symlink (``README.md -> /etc/passwd``) would otherwise copy whatever it points at into
+    a version its tenant can download; a folder, socket or device has no place in an adapter.
+    """
+    import stat
+
+    if not folder.is_dir():
+        raise PublishError(f"{folder}: not a folder")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        mode = path.lstat().st_mode  # lstat: the entry itself, never what a link points at
+        if stat.S_ISLNK(mode):
+            raise PublishError(f"{path.name}: a symbolic link; publish the file itself")
+        if not stat.S_ISREG(mode):
+            raise PublishError(f"{path.name}: not a regular file")
+        files[path.name] = path
+    return files
+
+
 def check_metadata(base_model: str, metrics: dict, lineage: dict) -> None:
     """Types and lengths of what is indexed next to a version (catalog column limits)."""
     import math

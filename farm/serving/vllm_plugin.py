@@ -73,7 +73,7 @@ class LocalSource:
             if self._registry is None:
                 from farm.registry.core import open_registry
 
-                self._registry = open_registry(self.store, self.catalog)
+                self._registry = open_registry(self.store, self.catalog, create=False)
             return self._registry
 
     def lookup(self, reference: str) -> dict | None:

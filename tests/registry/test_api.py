@@ -495,8 +495,12 @@ def test_cli_serve_with_an_admin_token_from_the_environment(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    admin = "farm_test-admin-token-from-env"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("FARM_REGISTRY_")}
+    short = subprocess.run([sys.executable, "-m", "farm.cli", "registry", "serve", "--port", str(port),
+                            "--store", str(tmp_path / "store")], env={**environment, "FARM_REGISTRY_ADMIN_TOKEN": "abcd"},
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert short.returncode == 2 and "at least 32" in short.stderr  # a 4-character admin token: refused
+    admin = "farm_test-admin-token-from-the-environment"
     environment["FARM_REGISTRY_ADMIN_TOKEN"] = admin
     server = subprocess.Popen([sys.executable, "-m", "farm.cli", "registry", "serve", "--port", str(port),
                                "--store", str(tmp_path / "store")], env=environment, cwd=REPO,
@@ -596,3 +600,13 @@ def test_names_with_trailing_newlines_or_controls_are_refused_on_every_entry(env
     assert response.status_code in (404, 422), (repr(name), response.status_code, response.text)
     assert env.get(f"/v1/versions/{quote('acme.support.v1' + name, safe='')}").status_code in (404, 422)
     assert not any("\n" in p.name for p in (Path(env.registry.store.root) / "adapters" / "acme").iterdir())
+
+
+def test_read_commands_never_create_a_store_or_catalog(tmp_path):
+    """Found by trying it: `farm registry list --store <typo>` made a catalog at the typo."""
+    typo = tmp_path / "regsitry"
+    for args in (("list",), ("show", "acme.support.v1"), ("gc",), ("reindex",),
+                 ("promote", "acme.support.v1", "--alias", "production"), ("token", "list")):
+        result = _farm(*args, "--store", str(typo))
+        assert result.returncode in (1, 2) and str(typo) in result.stderr.replace("\n", ""), (args, result.stderr)
+    assert not typo.exists()

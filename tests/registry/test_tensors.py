@@ -106,3 +106,24 @@ def test_other_methods_are_checked_for_finiteness(base_model_dir, tmp_path):
     save_file(tensors, str(weights))
     with pytest.raises(PublishError, match=f"{first}.*NaN"):
         registry.publish("acme", "ia3", folder, base_model=str(base_model_dir))
+
+
+def test_symlinks_and_other_non_files_in_an_adapter_folder_are_refused(base_model_dir, tmp_path):
+    """Found by trying it: README.md -> /etc/passwd was stored in the version, downloadable."""
+    import os
+
+    registry = open_registry(str(tmp_path / "reg"))
+    folder = make_lora_adapter(base_model_dir, tmp_path / "a", seed=5)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for tenants")
+    readme = folder / "README.md"
+    readme.unlink(missing_ok=True)
+    os.symlink(secret, readme)
+    with pytest.raises(PublishError, match="README.md: a symbolic link"):
+        registry.publish("acme", "a", folder, base_model=str(base_model_dir))
+    readme.unlink()
+    (folder / "nested").mkdir()
+    with pytest.raises(PublishError, match="nested: not a regular file"):
+        registry.publish("acme", "a", folder, base_model=str(base_model_dir))
+    (folder / "nested").rmdir()
+    assert registry.publish("acme", "a", folder, base_model=str(base_model_dir)).version == 1
