@@ -157,7 +157,8 @@ class _Local:
         return {"removed": self.registry.gc(older_than_s=older_than_s, dry_run=dry_run), "dry_run": dry_run}
 
     def reindex(self) -> dict:
-        return {"versions": self.registry.reindex()}
+        report = self.registry.reindex()
+        return {"versions": report.versions, "skipped": report.skipped}
 
 
 def _backend(url: str | None, token: str | None, store: str, catalog: str | None, create: bool = False):
@@ -425,12 +426,17 @@ def gc_cmd(older_than_s: float = typer.Option(3600.0, "--older-than-s", help="on
 def reindex_cmd(as_json: bool = _json_option(),
                 url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
-    """Rebuild the catalog's versions from the store's manifests."""
+    """Rebuild the catalog's versions, statuses and aliases from the store (one transaction).
+
+    What does not parse is skipped and listed, never deleted; the rest is restored.
+    """
     result = _guarded(lambda: _backend(url, token, store, catalog).reindex())
     if as_json:
         _print_json(result)
-    else:
-        console.print(f"reindexed {result['versions']} version(s)")
+        return
+    console.print(f"reindexed {result['versions']} version(s)")
+    for item in result.get("skipped", []):
+        err_console.print(f"[yellow]skipped[/yellow] {item['path']}: {item['reason']}", highlight=False, markup=True)
 
 
 def _parse_duration(text: str) -> float:

@@ -82,8 +82,14 @@ class GcOut(BaseModel):
     dry_run: bool
 
 
+class SkippedOut(BaseModel):
+    path: str
+    reason: str
+
+
 class ReindexOut(BaseModel):
     versions: int
+    skipped: list[SkippedOut] = Field(default_factory=list, description="what could not be parsed (left as it is)")
 
 
 class ErrorOut(BaseModel):
@@ -637,7 +643,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
               responses={**_ERRORS, 403: {"model": ErrorOut, "description": "not an admin token"}})
     def reindex(who: Principal = Depends(admin)) -> dict:
         """Rebuild the catalog's versions from the store's manifests."""
-        return {"versions": registry.reindex()}
+        report = registry.reindex()
+        return {"versions": report.versions, "skipped": report.skipped}
 
     return app
 

@@ -489,20 +489,51 @@ class Catalog:
                     session.delete(row)
             session.delete(version)
 
-    def clear(self) -> None:
-        """Drop every version, alias and metric row (reindex rebuilds them); tokens stay."""
-        with self.sessions.begin() as session:
-            for table in (AliasRow, MetricRow, VersionRow):  # allocated numbers stay: never reused
-                session.query(table).delete()
+    def rebuild(self, versions: list[tuple[str, str, int, dict, int, str]],
+                aliases: dict[tuple[str, str], dict[str, int]],
+                taken: dict[tuple[str, str], set[int]] | None = None) -> None:
+        """Replace every version, metric and alias row in ONE transaction (reindex).
 
-    def ensure_number(self, tenant: str, adapter: str, number: int) -> None:
-        """Record ``number`` as allocated (used by reindex, so new publishes never reuse it)."""
+        ``versions``: (tenant, adapter, number, manifest, size, status). A failure anywhere
+        rolls back to the catalog as it was. Tokens, usage and allocated numbers stay, and every
+        number in ``taken`` is allocated (a number is never reused).
+        """
+        from farm.registry.names import serve_name
+
         with self.sessions.begin() as session:
-            row = self._get_or_create(session, tenant, adapter)
-            exists = session.scalar(select(NumberRow).where(NumberRow.adapter_id == row.id,
-                                                            NumberRow.number == number))
-            if exists is None:
-                session.add(NumberRow(adapter_id=row.id, number=number))
+            for table in (AliasRow, MetricRow, VersionRow):
+                session.query(table).delete()
+            ids: dict[tuple[str, str, int], tuple[int, int]] = {}
+            for tenant, adapter, number, manifest, size, status in versions:
+                row = self._get_or_create(session, tenant, adapter)
+                if session.scalar(select(NumberRow.id).where(NumberRow.adapter_id == row.id,
+                                                             NumberRow.number == number)) is None:
+                    session.add(NumberRow(adapter_id=row.id, number=number))
+                lineage = manifest.get("lineage") or {}
+                version = VersionRow(
+                    adapter_id=row.id, number=number, serve_name=serve_name(tenant, adapter, number),
+                    base_model=manifest["base_model"], method=manifest["method"],
+                    rank=(manifest.get("method_settings") or {}).get("r"),
+                    servable_by_vllm=manifest["servable_by_vllm"],
+                    not_servable_reason=manifest.get("not_servable_reason"),
+                    sweep_id=lineage.get("sweep_id"), dataset_fingerprint=lineage.get("dataset_fingerprint"),
+                    size_bytes=size, manifest=manifest, status=status,
+                    created_at=datetime.fromisoformat(manifest["created_at"]))
+                session.add(version)
+                session.flush()
+                ids[(tenant, adapter, number)] = (row.id, version.id)
+                for name, value in (manifest.get("metrics") or {}).items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        session.add(MetricRow(version_id=version.id, name=name, value=float(value)))
+            for (tenant, adapter), numbers in (taken or {}).items():  # folders that did not parse too
+                row = self._get_or_create(session, tenant, adapter)
+                have = set(session.scalars(select(NumberRow.number).where(NumberRow.adapter_id == row.id)))
+                for number in sorted(numbers - have):
+                    session.add(NumberRow(adapter_id=row.id, number=number))
+            for (tenant, adapter), pointers in aliases.items():
+                for alias, number in pointers.items():
+                    adapter_id, version_id = ids[(tenant, adapter, number)]
+                    session.add(AliasRow(adapter_id=adapter_id, name=alias, version_id=version_id))
 
     # -- tokens ------------------------------------------------------------------------------
     def create_token(self, tenant: str | None, label: str = "", expires_at: datetime | None = None) -> str:

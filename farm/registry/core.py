@@ -166,11 +166,23 @@ class Registry:
             "metrics": dict(metrics or {}), "training": dict(training or {}),
             "lineage": {"code_version": code_version(), **(lineage or {})},
         }
+        validate.parse_manifest({**manifest, "files": {}}, tenant, adapter, number)  # what reindex will accept
         manifest = self.store.write_version(tenant, adapter, number, files, manifest)
         size = sum(entry["size"] for entry in manifest["files"].values())
-        self.catalog.add_version(tenant, adapter, number, manifest, size, move_aliases=aliases)
+        try:
+            self.catalog.add_version(tenant, adapter, number, manifest, size, move_aliases=aliases)
+        except BaseException:
+            # All or nothing: a version the catalog could not take leaves no files behind.
+            self.store.delete_version(tenant, adapter, number)
+            raise
+        for alias in aliases:
+            self._record(tenant, adapter, kind="alias", alias=alias, version=number, by="publish")
         self._changed([f"{tenant}.{adapter}@{alias}" for alias in aliases], base_model)
         return self.get(tenant, adapter, number)
+
+    def _record(self, tenant: str, adapter: str, **record) -> None:
+        """Append a state record to the store, so that reindex can restore what the catalog holds."""
+        self.store.append_record(tenant, adapter, {**record, "at": utcnow().isoformat()})
 
     # -- read --------------------------------------------------------------------------------
     def _info(self, row: VersionRow, aliases: list[str] | None = None) -> VersionInfo:
@@ -233,6 +245,7 @@ class Registry:
             previous, number = self.catalog.set_alias(tenant, adapter, alias, number)
         except KeyError:
             raise NotFound(serve_name(tenant, adapter, number)) from None
+        self._record(tenant, adapter, kind="alias", alias=alias, version=number)
         if previous not in (None, number):
             self._changed([f"{tenant}.{adapter}@{alias}"], self.get(tenant, adapter, number).base_model)
         return previous, number
@@ -243,6 +256,7 @@ class Registry:
             number = self.catalog.delete_alias(tenant, adapter, alias)
         except KeyError:
             raise NotFound(f"{tenant}.{adapter}@{alias}") from None
+        self._record(tenant, adapter, kind="alias", alias=alias, version=None)
         self._changed([f"{tenant}.{adapter}@{alias}"], self.get(tenant, adapter, number).base_model)
         return number
 
@@ -254,6 +268,7 @@ class Registry:
             self.catalog.set_status(tenant, adapter, number, "archived")
         except KeyError:
             raise NotFound(serve_name(tenant, adapter, number)) from None
+        self._record(tenant, adapter, kind="status", version=number, status="archived")
         self._changed([f"{tenant}.{adapter}@{a}" for a in before.aliases], before.base_model)
 
     def delete(self, tenant: str, adapter: str, number: int, principal: Principal | None = None) -> None:
@@ -285,27 +300,71 @@ class Registry:
                 self.store.remove(path)
         return orphans
 
-    def reindex(self) -> int:
-        """Rebuild the catalog's versions from the manifests in the store; returns the count.
+    def reindex(self) -> "ReindexReport":
+        """Rebuild the catalog's versions, statuses and aliases from the store.
 
-        Aliases other than ``latest`` live only in the catalog; ``latest`` is set to each
-        adapter's newest version.
+        Everything is read and parsed first; then the catalog is replaced in one transaction,
+        so a failure leaves it as it was. A version folder, manifest or record that does not
+        parse is skipped and reported (path and reason), never deleted. Aliases and statuses
+        come back from the store's append-only state records; an adapter without records (from
+        before they existed) gets ``latest`` on its newest version.
         """
-        self.catalog.clear()
-        newest: dict[tuple[str, str], int] = {}
-        count = 0
-        for stored in self.store.versions():
-            manifest = stored.manifest
-            size = sum(entry["size"] for entry in manifest.get("files", {}).values())
-            self.catalog.ensure_number(stored.tenant, stored.adapter, stored.version)
-            self.catalog.add_version(stored.tenant, stored.adapter, stored.version, manifest, size,
-                                     move_aliases=())
-            key = (stored.tenant, stored.adapter)
-            newest[key] = max(newest.get(key, 0), stored.version)
-            count += 1
-        for (tenant, adapter), number in newest.items():
-            self.catalog.set_alias(tenant, adapter, "latest", number)
-        return count
+        scan = self.store.scan()
+        skipped = list(scan.skipped)
+        present: dict[tuple[str, str], dict[int, dict]] = {}
+        for stored in scan.versions:
+            try:
+                validate.parse_manifest(stored.manifest, stored.tenant, stored.adapter, stored.version)
+            except validate.PublishError as exc:
+                skipped.append((self.store.version_dir(stored.tenant, stored.adapter, stored.version), str(exc)))
+                continue
+            present.setdefault((stored.tenant, stored.adapter), {})[stored.version] = stored.manifest
+        rows, aliases = [], {}
+        for key, versions in sorted(present.items()):
+            status, pointers = _replay(versions, scan.records.get(key, []))
+            aliases[key] = pointers
+            for number, manifest in sorted(versions.items()):
+                size = sum(entry["size"] for entry in manifest["files"].values())
+                rows.append((*key, number, manifest, size, status.get(number, "active")))
+        self.catalog.rebuild(rows, aliases, scan.taken)
+        return ReindexReport(versions=len(rows), skipped=[{"path": p, "reason": r} for p, r in skipped])
+
+
+@dataclass(frozen=True)
+class ReindexReport:
+    """What reindex restored, and what it skipped (path and reason) without touching it."""
+
+    versions: int
+    skipped: list[dict[str, str]]
+
+
+def _replay(versions: dict[int, dict], records: list[dict]) -> tuple[dict[int, str], dict[str, int]]:
+    """Statuses and alias pointers of one adapter, from its records in time order.
+
+    The same rules as the live catalog: ``latest`` moved by a publish only moves forward; an
+    archived version loses its aliases; an alias whose version was deleted is gone.
+    """
+    status: dict[int, str] = {}
+    pointers: dict[str, int] = {}
+    for record in records:
+        version, alias = record.get("version"), record.get("alias")
+        if record.get("kind") == "status" and isinstance(version, int) and isinstance(record.get("status"), str):
+            status[version] = record["status"]
+            if record["status"] != "active":
+                pointers = {a: v for a, v in pointers.items() if v != version}
+        elif record.get("kind") == "alias" and isinstance(alias, str):
+            if version is None or version not in versions or status.get(version, "active") != "active":
+                pointers.pop(alias, None)
+            elif record.get("by") == "publish" and alias == "latest" and pointers.get(alias, 0) > version:
+                continue
+            else:
+                pointers[alias] = version
+    if versions and not any(r.get("alias") == "latest" for r in records):
+        # versions published before state records existed: latest was their newest
+        active = [n for n in versions if status.get(n, "active") == "active"]
+        if active:
+            pointers["latest"] = max(active)
+    return status, pointers
 
 
 def _architecture_of(base_model: str) -> str | None:

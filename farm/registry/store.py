@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -82,6 +82,20 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+RECORDS = "records"
+
+
+@dataclass
+class StoreScan:
+    """What ``Store.scan`` found: versions, state records per adapter, and what it skipped."""
+
+    versions: list["StoredVersion"] = field(default_factory=list)
+    #: every version number with a folder, readable or not: never to be allocated again
+    taken: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    records: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -153,13 +167,25 @@ class Store:
             dst.write(data)
 
     # -- reading -----------------------------------------------------------------------------
-    def read_manifest(self, tenant: str, adapter: str, version: int) -> dict | None:
-        """The manifest of a complete version, or None (missing or incomplete)."""
+    def read_manifest(self, tenant: str, adapter: str, version: int, strict: bool = False) -> dict | None:
+        """The manifest of a complete version, or None (missing or incomplete).
+
+        ``strict``: a manifest that is not a JSON object raises ``ValueError`` instead of None.
+        """
         try:
             with self.fs.open_input_stream(f"{self.version_dir(tenant, adapter, version)}/{MANIFEST}") as s:
-                return json.loads(s.read())
+                raw = s.read()
         except (FileNotFoundError, OSError):
             return None
+        try:
+            manifest = json.loads(raw)
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as exc:
+            if strict:
+                raise ValueError(f"manifest is not valid JSON ({exc})") from None
+            return None
+        return manifest
 
     def iter_file(self, tenant: str, adapter: str, version: int, name: str) -> Iterator[bytes]:
         """Stream one file of a version in chunks (the name must be listed in the manifest)."""
@@ -194,16 +220,70 @@ class Store:
         (destination / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
 
-    def versions(self) -> Iterator[StoredVersion]:
-        """Every complete version in the store (for reindexing)."""
+    def scan(self) -> StoreScan:
+        """Every complete version, every state record, and what could not be read (for reindex).
+
+        Nothing that fails to parse stops the scan or is touched: it is listed in ``skipped``
+        with its path and the reason.
+        """
+        scan = StoreScan()
         for tenant in self._children(f"{self.root}/adapters"):
             for adapter in self._children(f"{self.root}/adapters/{tenant}"):
-                for entry in self._children(f"{self.root}/adapters/{tenant}/{adapter}"):
-                    if not (entry.startswith("v") and entry[1:].isdigit()):
+                base = f"{self.root}/adapters/{tenant}/{adapter}"
+                try:
+                    check_name("tenant", tenant), check_name("adapter", adapter)
+                except ValueError as exc:
+                    scan.skipped.append((base, str(exc)))
+                    continue
+                for entry in self._children(base):
+                    if not (entry.startswith("v") and entry[1:].isdigit() and not entry[1:].startswith("0")):
                         continue
-                    manifest = self.read_manifest(tenant, adapter, int(entry[1:]))
+                    scan.taken.setdefault((tenant, adapter), set()).add(int(entry[1:]))
+                    try:
+                        manifest = self.read_manifest(tenant, adapter, int(entry[1:]), strict=True)
+                    except ValueError as exc:
+                        scan.skipped.append((f"{base}/{entry}/{MANIFEST}", str(exc)))
+                        continue
                     if manifest is not None:
-                        yield StoredVersion(tenant, adapter, int(entry[1:]), manifest)
+                        scan.versions.append(StoredVersion(tenant, adapter, int(entry[1:]), manifest))
+                scan.records[(tenant, adapter)] = self._read_records(base, scan.skipped)
+        return scan
+
+    # -- state records (append-only: what the catalog holds that a lost catalog must get back) --
+    def append_record(self, tenant: str, adapter: str, record: dict) -> None:
+        """Append one small JSON record (an alias move, a status change) for ``tenant/adapter``.
+
+        Names sort in time order; each is written whole (rename on a file system, one PUT on
+        an object store), so a crash leaves either the record or nothing.
+        """
+        folder = f"{self._adapter_dir(tenant, adapter)}/{RECORDS}"
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        body = json.dumps(record, sort_keys=True).encode()
+        if self.object_store:
+            self._put(f"{folder}/{name}", body)
+            return
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{name}.tmp"
+        self._put(tmp, body)
+        os.rename(tmp, f"{folder}/{name}")
+
+    def _read_records(self, base: str, skipped: list[tuple[str, str]]) -> list[dict]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(f"{base}/{RECORDS}", allow_not_found=True))
+        except OSError:
+            return []
+        records = []
+        for info in sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+                            and not i.base_name.startswith(".")), key=lambda i: i.base_name):
+            try:
+                with self.fs.open_input_stream(info.path) as stream:
+                    record = json.loads(stream.read())
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                records.append(record)
+            except (OSError, ValueError) as exc:
+                skipped.append((info.path, f"unreadable record: {exc}"))
+        return records
 
     def _children(self, path: str) -> list[str]:
         try:

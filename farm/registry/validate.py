@@ -188,3 +188,74 @@ def check_config(raw: bytes, base_model: str, base_architecture: str | None,
                   f"{base_model!r} the server is started with")
     return AdapterCheck(config=config, peft_type=peft_type, method=info.name,
                         servable_by_vllm=reason is None, not_servable_reason=reason, settings=settings)
+
+
+class FileRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0, le=2**62)
+
+
+class Manifest(BaseModel):
+    """A version's manifest, parsed: what publish writes and what reindex accepts.
+
+    Every field that reaches the catalog is typed and bounded here, so a manifest that parses
+    can be indexed; one that does not is skipped by reindex with the reason, never indexed.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_: int = Field(1, alias="schema")
+    tenant: str
+    adapter: str
+    version: int = Field(ge=1, le=999_999_999)
+    serve_name: str
+    created_at: str
+    base_model: str = Field(min_length=1, max_length=500)
+    base_architecture: Optional[str] = Field(None, max_length=200)
+    method: str = Field(max_length=32)
+    method_settings: RecordedSettings
+    servable_by_vllm: bool
+    not_servable_reason: Optional[str] = None
+    metrics: dict[str, Union[float, int, str, None]] = Field(default_factory=dict)
+    training: dict = Field(default_factory=dict)
+    lineage: dict = Field(default_factory=dict)
+    files: dict[str, FileRecord]
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso(cls, value: str) -> str:
+        from datetime import datetime
+
+        datetime.fromisoformat(value)
+        return value
+
+
+def parse_manifest(raw: dict, tenant: str, adapter: str, version: int) -> Manifest:
+    """``Manifest`` of the version stored at (tenant, adapter, version); ``PublishError`` otherwise."""
+    import math
+
+    from farm.registry.names import check_name, serve_name
+
+    try:
+        manifest = Manifest.model_validate(raw)
+        check_name("tenant", manifest.tenant)
+        check_name("adapter", manifest.adapter)
+    except (ValidationError, ValueError) as exc:
+        raise PublishError(f"manifest: {_first_error(exc)}") from None
+    if (manifest.tenant, manifest.adapter, manifest.version) != (tenant, adapter, version) or \
+            manifest.serve_name != serve_name(tenant, adapter, version):
+        raise PublishError(f"manifest names {manifest.serve_name!r}, but it is stored as "
+                           f"{serve_name(tenant, adapter, version)!r}")
+    for name, value in manifest.metrics.items():
+        if len(name) > 100 or (isinstance(value, float) and not math.isfinite(value)):
+            raise PublishError(f"manifest: metrics.{name[:100]}: a finite number with a name of at most 100 characters")
+    check_metadata(manifest.base_model, {}, manifest.lineage)
+    return manifest
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(exc)

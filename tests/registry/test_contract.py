@@ -134,7 +134,7 @@ class TestRegistryContract:
         (fake / "adapter_model.safetensors").write_bytes(b"\x80\x04 definitely not safetensors")
         with pytest.raises(PublishError, match="not a valid safetensors"):
             _publish(registry, base_model_dir, fake)
-        assert registry.search()[1] == 0 and list(registry.store.versions()) == []
+        assert registry.search()[1] == 0 and registry.store.scan().versions == []
 
     def test_concurrent_publishes_get_distinct_versions(self, registry, base_model_dir, adapter_dir):
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -167,7 +167,7 @@ class TestRegistryContract:
         assert registry.search()[1] == 0
         with pytest.raises(NotFound):
             registry.resolve("acme.support@latest")
-        assert list(registry.store.versions()) == []
+        assert registry.store.scan().versions == []
         leftovers = registry.gc(older_than_s=0)
         assert len(leftovers) == 1  # the weights written before the kill
         assert registry.gc(older_than_s=0) == []
@@ -182,10 +182,66 @@ class TestRegistryContract:
         store, _ = registry_env
         fresh = open_registry(store, f"sqlite:///{tmp_path / 'rebuilt.sqlite'}")
         assert fresh.search()[1] == 0
-        assert fresh.reindex() == 3
+        assert fresh.reindex().versions == 3
         assert fresh.resolve("globex.support@latest").version == 2
         assert fresh.resolve("acme.support.v1").metrics == {"eval_loss": 1.0}
         assert _publish(fresh, base_model_dir, adapter_dir, tenant="globex").version == 3
+
+    def test_reindex_restores_every_row_alias_and_status_and_skips_what_it_cannot_parse(
+            self, registry_env, registry, base_model_dir, adapter_dir, tmp_path):
+        """Found by trying it: one bad folder made reindex wipe the catalog (18 versions became 4)."""
+        import json as json_
+
+        from farm.registry.store import MANIFEST
+
+        for tenant in ("acme", "acme", "acme", "globex", "globex"):
+            _publish(registry, base_model_dir, adapter_dir, tenant=tenant, metrics={"eval_loss": 1.5})
+        registry.set_alias("acme", "support", "production", 2)
+        registry.set_alias("acme", "support", "canary", 3)
+        registry.set_alias("acme", "support", "latest", 1)  # moved back by hand
+        registry.archive("acme", "support", 3)  # loses canary
+        registry.set_alias("globex", "support", "production", 1)
+        registry.delete_alias("globex", "support", "production")
+        registry.set_alias("globex", "support", "staging", 2)
+        registry.delete("globex", "support", 2)  # takes staging and latest with it
+        before = sorted((v.to_dict() for v in registry.search(status=None, limit=500)[0]),
+                        key=lambda v: v["serve_name"])
+        # poison: a manifest that is not JSON, one whose rank is a list, a folder with a bad name
+        store = registry.store
+        poisoned = {f"{store.version_dir('acme', 'support', 7)}/{MANIFEST}": b"{not json",
+                    f"{store.root}/adapters/acme/Bad Name/v1/{MANIFEST}": b"{}"}
+        good = json_.loads(store.fs.open_input_stream(
+            f"{store.version_dir('acme', 'support', 1)}/{MANIFEST}").read())
+        good.update(version=8, serve_name="acme.support.v8")
+        good["method_settings"]["r"] = [1, 2]
+        poisoned[f"{store.version_dir('acme', 'support', 8)}/{MANIFEST}"] = json_.dumps(good).encode()
+        for path, body in poisoned.items():
+            if not store.object_store:
+                store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with store.fs.open_output_stream(path) as out:
+                out.write(body)
+        report = registry.reindex()
+        assert report.versions == 4
+        assert sorted(item["path"] for item in report.skipped) == sorted(
+            [f"{store.root}/adapters/acme/Bad Name", store.version_dir("acme", "support", 8),
+             f"{store.version_dir('acme', 'support', 7)}/{MANIFEST}"])
+        after = sorted((v.to_dict() for v in registry.search(status=None, limit=500)[0]),
+                       key=lambda v: v["serve_name"])
+        assert after == before
+        assert registry.resolve("acme.support@latest").version == 1
+        assert registry.resolve("acme.support@production").version == 2
+        assert registry.get("acme", "support", 3).status == "archived"
+        assert registry.get("globex", "support", 1).aliases == []  # its latest went with v2
+        for path in poisoned:  # nothing it could not parse was touched
+            assert store.fs.get_file_info(path).type.name == "File"
+        # the catalog lost altogether: a fresh one gets the same rows back
+        _, catalog_url = registry_env
+        fresh = open_registry(store.uri, f"sqlite:///{tmp_path / 'lost.sqlite'}")
+        assert fresh.reindex().versions == 4
+        again = sorted((v.to_dict() for v in fresh.search(status=None, limit=500)[0]),
+                       key=lambda v: v["serve_name"])
+        assert again == before
+        assert _publish(fresh, base_model_dir, adapter_dir).version == 9  # 7 and 8 have folders: taken
 
     def test_a_damaged_stored_file_is_detected_on_download(self, registry, base_model_dir, adapter_dir, tmp_path):
         info = _publish(registry, base_model_dir, adapter_dir)
@@ -209,3 +265,19 @@ class TestRegistryContract:
         registry.delete("acme", "support", 2)  # holds latest
         assert [names for names, _ in calls] == [["acme.support@production"], ["acme.support@production"],
                                                  ["acme.support.v2", "acme.support@latest"]]
+
+
+def test_a_publish_the_catalog_refuses_leaves_no_files(tmp_path, base_model_dir, adapter_dir, monkeypatch):
+    """All or nothing: files written, then the catalog fails (a 500): the version folder goes too."""
+    registry = open_registry(str(tmp_path / "reg"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("catalog down")
+
+    monkeypatch.setattr(registry.catalog, "add_version", broken)
+    with pytest.raises(RuntimeError, match="catalog down"):
+        _publish(registry, base_model_dir, adapter_dir)
+    assert registry.store.scan().versions == [] and registry.store.scan().taken == {}
+    assert registry.search(status=None)[1] == 0
+    monkeypatch.undo()
+    assert _publish(registry, base_model_dir, adapter_dir).version == 2  # number 1 stays spent
