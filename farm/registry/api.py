@@ -3,7 +3,7 @@
     app = create_app(open_registry(".farm/registry"))
     serve(registry, host="127.0.0.1", port=8700)          # or: farm registry serve
 
-Every route but ``/healthz``, ``/metrics``, ``/docs`` and ``/openapi.json`` needs
+Every route but ``/healthz``, ``/docs`` and ``/openapi.json`` needs
 ``Authorization: Bearer <token>`` (tokens come from ``farm registry token create``). An admin
 token sees every tenant; a tenant token sees only its own tenant, which always comes from the
 token and never from the URL: another tenant's adapter answers 404 with the same body as a
@@ -22,7 +22,6 @@ import json
 import math
 import re
 import shutil
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -389,14 +388,15 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
             raise _unprocessable(f"{ref!r}: use a serve name (tenant.adapter.vN), not an alias reference")
         return parsed
 
-    # -- unauthenticated ---------------------------------------------------------------------------
+    # -- operations (health open; metrics need an admin token) ------------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["ops"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}})
-    def prometheus() -> Response:
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics (admin token)"}})
+    def prometheus(who: Principal = Depends(admin)) -> Response:
+        """Prometheus text; behind an admin token (version counts are no tenant's business)."""
         return Response(generate_latest(prom), media_type=CONTENT_TYPE_LATEST)
 
     # -- versions ----------------------------------------------------------------------------------
@@ -531,7 +531,10 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
         return Response(status_code=204)
 
     # -- publish -----------------------------------------------------------------------------------
-    publish_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    publish_body = {"parameters": [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {
+        "type": "string", "minLength": 8, "maxLength": 200},
+        "description": "a retry with the key of a committed publish answers with that version"}],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["files", "base_model"],
         "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -601,9 +604,13 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
             except ValueError as exc:  # PublishError and NameError_ are ValueErrors too
                 raise _unprocessable(str(exc)) from None
 
+            key = request.headers.get("idempotency-key")
+            if key is not None and not 8 <= len(key) <= 200:
+                raise _unprocessable("Idempotency-Key: 8-200 characters")
+
             def save_and_publish():
                 nonlocal folder
-                folder = Path(tempfile.mkdtemp(prefix="farm-upload-"))
+                folder = registry.store.new_spool()  # gc removes it if this server dies mid-request
                 paths = {}
                 for name, upload in uploads.items():
                     if Path(name).name != name or name in ("", ".", ".."):  # validate_files already refused these
@@ -617,7 +624,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                 return registry.publish(tenant, adapter, paths, base_model=base_model,
                                         base_architecture=base_architecture, metrics=metrics, training=training,
                                         lineage=lineage, aliases=aliases, max_file_bytes=max_upload_bytes,
-                                        detect_architecture=False, method=method)
+                                        detect_architecture=False, method=method, idempotency_key=key)
 
             try:
                 info = await run_in_threadpool(save_and_publish)

@@ -101,6 +101,18 @@ class AliasRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class PublishKeyRow(Base):
+    """An idempotency key of a committed publish: a retry with the same key gets that version."""
+
+    __tablename__ = "publish_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    tenant: Mapped[str] = mapped_column(String(63))
+    adapter: Mapped[str] = mapped_column(String(63))
+    number: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class TokenRow(Base):
     __tablename__ = "api_tokens"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -271,12 +283,26 @@ class Catalog:
                     raise
         raise AssertionError("unreachable")
 
+    def published_with(self, key: str, tenant: str, adapter: str) -> int | None:
+        """The version number a publish with idempotency ``key`` committed for tenant/adapter."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(PublishKeyRow.number).where(
+                PublishKeyRow.key_hash == hash_token(key), PublishKeyRow.tenant == tenant,
+                PublishKeyRow.adapter == adapter)).scalar()
+
     def add_version(self, tenant: str, adapter: str, number: int, manifest: dict, size_bytes: int,
-                    move_aliases: tuple[str, ...] = ("latest",)) -> None:
-        """Record a complete version (its files are already in the store) and move aliases."""
+                    move_aliases: tuple[str, ...] = ("latest",), idempotency_key: str | None = None) -> None:
+        """Record a complete version (its files are already in the store) and move aliases.
+
+        ``idempotency_key`` is recorded in the same transaction (unique: a concurrent publish
+        with the same key fails here and is answered with this one's version).
+        """
         from farm.registry.names import serve_name
 
         with self.sessions.begin() as session:
+            if idempotency_key is not None:
+                session.add(PublishKeyRow(key_hash=hash_token(idempotency_key), tenant=tenant, adapter=adapter,
+                                          number=number))
             row = self._get_or_create(session, tenant, adapter)
             if move_aliases:
                 self._lock_adapter(session, row.id)  # before the insert: one lock order for all

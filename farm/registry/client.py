@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -160,10 +162,15 @@ class RegistryClient:
     def publish(self, tenant: str, adapter: str, folder: Path, base_model: str, metrics: dict | None = None,
                 training: dict | None = None, lineage: dict | None = None,
                 aliases: tuple[str, ...] | list[str] = ("latest",), base_architecture: str | None = None,
-                timeout: float | None = None, method: str | None = None) -> dict:
+                timeout: float | None = None, method: str | None = None,
+                idempotency_key: str | None = None, attempts: int = 3) -> dict:
         """Upload every file of ``folder`` (top level) as the next version; returns it.
 
-        ``method``: the PEFT method the trainer used (see ``Registry.publish``)."""
+        ``method``: the PEFT method the trainer used (see ``Registry.publish``). Every publish
+        carries an ``Idempotency-Key`` (a new random one unless given): when the connection
+        drops before the answer, it is retried up to ``attempts`` times with the same key, and
+        a publish that had committed answers with its version instead of making a duplicate.
+        """
         folder = Path(folder)
         data = {"base_model": base_model, "aliases": ",".join(aliases)}
         if base_architecture:
@@ -173,12 +180,21 @@ class RegistryClient:
         for key, value in (("metrics", metrics), ("training", training), ("lineage", lineage)):
             if value:
                 data[key] = json.dumps(value)
-        with contextlib.ExitStack() as stack:
-            files = [("files", (name, stack.enter_context(path.open("rb")), "application/octet-stream"))
-                     for name, path in folder_files(folder).items()]  # symlinks refused, as locally
-            extra = {"timeout": timeout} if timeout is not None else {}
-            return self._request("POST", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/versions",
-                                 data=data, files=files, **extra).json()
+        paths = folder_files(folder)  # symlinks refused, as locally
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        extra = {"timeout": timeout} if timeout is not None else {}
+        for attempt in range(1, attempts + 1):
+            with contextlib.ExitStack() as stack:
+                files = [("files", (name, stack.enter_context(path.open("rb")), "application/octet-stream"))
+                         for name, path in paths.items()]
+                try:
+                    return self._request("POST", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/versions",
+                                         data=data, files=files, headers=headers, **extra).json()
+                except httpx.TransportError:  # no answer: maybe committed, maybe not; the key tells
+                    if attempt == attempts:
+                        raise
+                    time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
 
     def set_alias(self, tenant: str, adapter: str, alias: str, version: int) -> dict:
         """Point ``alias`` at ``version``: ``{"alias", "version", "previous", "serve_name"}``."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -130,7 +131,8 @@ class Registry:
                 training: dict | None = None, lineage: dict | None = None,
                 aliases: tuple[str, ...] = ("latest",),
                 max_file_bytes: int = validate.DEFAULT_MAX_FILE_BYTES,
-                detect_architecture: bool = True, method: str | None = None) -> VersionInfo:
+                detect_architecture: bool = True, method: str | None = None,
+                idempotency_key: str | None = None) -> VersionInfo:
         """Validate and publish an adapter folder as the next version of ``tenant/adapter``.
 
         ``method`` is the PEFT method the trainer used (``farm.methods``); it must agree with
@@ -139,9 +141,18 @@ class Registry:
 
         ``detect_architecture`` reads a local base model's config.json when no architecture
         is given; the HTTP API turns it off (it never reads paths a caller names).
+
+        ``idempotency_key``: a retry with the key of a publish that committed returns that
+        version instead of publishing again (a client that lost the answer can retry safely).
         """
         check_name("tenant", tenant)
         check_name("adapter", adapter)
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not 8 <= len(idempotency_key) <= 200:
+                raise validate.PublishError("idempotency key: a string of 8-200 characters")
+            done = self.catalog.published_with(idempotency_key, tenant, adapter)
+            if done is not None:
+                return self.get(tenant, adapter, done)
         for alias in aliases:
             check_name("alias", alias)
         validate.check_metadata(base_model=base_model, metrics=metrics or {}, lineage=lineage or {})
@@ -170,10 +181,15 @@ class Registry:
         manifest = self.store.write_version(tenant, adapter, number, files, manifest)
         size = sum(entry["size"] for entry in manifest["files"].values())
         try:
-            self.catalog.add_version(tenant, adapter, number, manifest, size, move_aliases=aliases)
-        except BaseException:
+            self.catalog.add_version(tenant, adapter, number, manifest, size, move_aliases=aliases,
+                                     idempotency_key=idempotency_key)
+        except BaseException as exc:
             # All or nothing: a version the catalog could not take leaves no files behind.
             self.store.delete_version(tenant, adapter, number)
+            if isinstance(exc, Exception) and idempotency_key is not None:
+                done = self.catalog.published_with(idempotency_key, tenant, adapter)
+                if done is not None:  # a concurrent retry with the same key committed first
+                    return self.get(tenant, adapter, done)
             raise
         for alias in aliases:
             self._record(tenant, adapter, kind="alias", alias=alias, version=number, by="publish")
@@ -293,12 +309,18 @@ class Registry:
 
     # -- maintenance -------------------------------------------------------------------------
     def gc(self, older_than_s: float = 3600.0, dry_run: bool = False) -> list[str]:
-        """Remove incomplete folders left by crashed publishes; returns what was (or would be) removed."""
+        """Remove what crashed publishes left: incomplete version folders and upload spools.
+
+        Returns what was (or with ``dry_run`` would be) removed.
+        """
         orphans = self.store.orphans(older_than_s)
+        uploads = self.store.stale_uploads(older_than_s)
         if not dry_run:
             for path in orphans:
                 self.store.remove(path)
-        return orphans
+            for folder in uploads:
+                shutil.rmtree(folder, ignore_errors=True)
+        return orphans + [str(folder) for folder in uploads]
 
     def reindex(self) -> "ReindexReport":
         """Rebuild the catalog's versions, statuses and aliases from the store.

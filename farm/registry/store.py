@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -291,6 +292,33 @@ class Store:
         except OSError:
             return []
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    # -- upload spool ------------------------------------------------------------------------
+    def spool_root(self) -> Path:
+        """Local folder where uploads wait for publishing: inside a local store (``.uploads``,
+        which the version scan never reads), or a folder of its own per object store."""
+        if self.object_store:
+            digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+            return Path(tempfile.gettempdir()) / "farm-registry-uploads" / digest
+        return Path(self.root) / ".uploads"
+
+    def new_spool(self) -> Path:
+        """An empty folder for one upload; removed by its request, or by ``gc`` after a crash."""
+        root = self.spool_root()
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="upload-", dir=root))
+
+    def stale_uploads(self, older_than_s: float) -> list[Path]:
+        """Upload folders untouched for ``older_than_s`` (their request died with its server)."""
+        root, now = self.spool_root(), time.time()
+        if not root.is_dir():
+            return []
+        stale = []
+        for folder in sorted(root.iterdir()):
+            stamps = [p.stat().st_mtime for p in [folder, *folder.rglob("*")]]
+            if folder.name.startswith("upload-") and now - max(stamps) >= older_than_s:
+                stale.append(folder)
+        return stale
 
     # -- maintenance -------------------------------------------------------------------------
     def orphans(self, older_than_s: float = 3600.0) -> list[str]:

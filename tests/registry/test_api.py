@@ -393,7 +393,9 @@ def test_uploads_over_the_limit_are_413(adapters, tmp_path):
 def test_ops_endpoints(env):
     assert env.http.get("/healthz").json() == {"status": "ok"}
     env.get("/v1/versions/acme.support.v1")
-    metrics = env.http.get("/metrics")
+    assert env.http.get("/metrics").status_code == 401
+    assert env.get("/metrics", who="acme").status_code == 403  # not a tenant's business
+    metrics = env.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     assert 'farm_registry_requests_total{method="GET",route="/v1/versions/{ref}",status="200"}' in text
