@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from farm.registry.api import create_app
 from farm.registry.core import open_registry
@@ -612,3 +614,46 @@ def test_read_commands_never_create_a_store_or_catalog(tmp_path):
         result = _farm(*args, "--store", str(typo))
         assert result.returncode in (1, 2) and str(typo) in result.stderr.replace("\n", ""), (args, result.stderr)
     assert not typo.exists()
+
+
+# -- random adapter configs over HTTP --------------------------------------------------------------------
+_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=6)
+_keys = st.sampled_from(["r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora", "peft_type",
+                         "task_type", "modules_to_save", "num_virtual_tokens", "feedforward_modules",
+                         "base_model_name_or_path", "rank_pattern", "auto_mapping", "layers_to_transform"])
+
+
+@pytest.fixture(scope="module")
+def config_fuzz(tmp_path_factory, adapters):
+    registry = open_registry(str(tmp_path_factory.mktemp("config-fuzz") / "store"))
+    token = registry.catalog.create_token(None, "fuzz")
+    with LiveServer(create_app(registry, max_upload_bytes=2**22)) as server:
+        yield registry, server, token, json.loads((adapters["a"] / "adapter_config.json").read_text())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(_keys, _values, min_size=1, max_size=3))
+def test_random_adapter_configs_get_201_or_4xx_and_never_break_listing(config_fuzz, adapters, tmp_path_factory,
+                                                                       changes):
+    registry, server, token, config = config_fuzz
+    folder = tmp_path_factory.mktemp("cfg")
+    shutil.copy(adapters["a"] / "adapter_model.safetensors", folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        response = _publish(http, token, "acme", "fuzz", folder)
+        assert response.status_code == 201 or 400 <= response.status_code < 500, (changes, response.text)
+        listing = http.get("/v1/versions", headers=_auth(token), params={"status": "any", "limit": 500})
+        assert listing.status_code == 200, listing.text
+        if response.status_code == 201:
+            assert http.get(f"/v1/versions/{response.json()['serve_name']}", headers=_auth(token)).status_code == 200
+
+
+def test_reindex_after_the_config_fuzz_keeps_every_version(config_fuzz):
+    registry, _, _, _ = config_fuzz
+    before = registry.search(status=None, limit=500)[1]
+    report = registry.reindex()
+    assert report.skipped == [] and report.versions == before == registry.search(status=None, limit=500)[1]
