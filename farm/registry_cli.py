@@ -170,6 +170,7 @@ def _guarded(action):
     """Run ``action()``; known registry errors become one red line and exit code 1."""
     import httpx
 
+    from farm.registry.catalog import CatalogOutdated
     from farm.registry.client import RegistryError
     from farm.registry.core import NotFound
 
@@ -181,6 +182,8 @@ def _guarded(action):
         _fail(f"not found: {exc.args[0] if exc.args else exc}")
     except (ValueError, FileExistsError, FileNotFoundError) as exc:  # PublishError, NameError_, bad filters
         _fail(str(exc))
+    except CatalogOutdated as exc:
+        _fail(str(exc), code=2)
     except httpx.HTTPError as exc:
         _fail(f"could not reach the registry: {exc}")
 
@@ -420,6 +423,20 @@ def gc_cmd(older_than_s: float = typer.Option(3600.0, "--older-than-s", help="on
     console.print(f"{verb} {len(result['removed'])} incomplete folder(s)")
     for path in result["removed"]:
         console.print(f"  {path}", highlight=False)
+
+
+@registry_app.command("migrate")
+def migrate_cmd(store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Upgrade the catalog's schema to this release (back it up first); a no-op when current."""
+    from farm.registry.catalog import migrate_catalog
+    from farm.registry.core import default_catalog_url
+
+    url = _guarded(lambda: catalog or default_catalog_url(store))
+    before, after = _guarded(lambda: migrate_catalog(url))
+    if before == after:
+        console.print(f"catalog already at schema revision {after}")
+    else:
+        console.print(f"catalog migrated from schema revision {before or '0001 (made before migrations)'} to {after}")
 
 
 @registry_app.command("reindex")

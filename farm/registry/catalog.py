@@ -9,6 +9,7 @@ of one adapter get distinct numbers. Tokens are stored as sha256 hashes only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
@@ -17,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, func, inspect, select, text, update)
+                        UniqueConstraint, create_engine, event, func, inspect, select, update)
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -211,6 +212,73 @@ def make_engine(url: str):
     return create_engine(url, pool_pre_ping=True)
 
 
+class CatalogOutdated(RuntimeError):
+    """The catalog's schema is behind this release: ``farm registry migrate`` upgrades it."""
+
+
+def _shown(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _alembic(connection):
+    from pathlib import Path
+
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    return config
+
+
+@functools.lru_cache(maxsize=1)
+def head_revision() -> str:
+    """The schema revision this release's code is written for."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic(None)).get_current_head()
+
+
+def current_revision(engine) -> str | None:
+    """The revision a database is at (None: no ``alembic_version``, a catalog from before migrations)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def _stamp_head(engine) -> None:
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.stamp(_alembic(connection), "head")
+
+
+def migrate_catalog(url: str) -> tuple[str | None, str]:
+    """Upgrade the catalog at ``url`` to this release's schema; returns (before, after).
+
+    A catalog made before migrations existed is taken to be at ``0001`` (its frozen schema).
+    """
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
+        if not tables:
+            raise FileNotFoundError(f"no registry catalog at {_shown(url)}")
+        before = current_revision(engine)
+        with engine.begin() as connection:
+            config = _alembic(connection)
+            if before is None:
+                command.stamp(config, "0001")
+            command.upgrade(config, "head")
+        return before, current_revision(engine)
+    finally:
+        engine.dispose()
+
+
 class Catalog:
     """SQL side of the registry. Methods open their own short transactions."""
 
@@ -225,23 +293,28 @@ class Catalog:
             if path and path != ":memory:" and not os.path.isfile(path):
                 raise FileNotFoundError(f"no registry catalog at {path} (check --store / --catalog)")
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
-        self._add_missing_columns()
+        self._check_schema(create)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def _add_missing_columns(self) -> None:
-        """Columns newer than a catalog made by an earlier release (nullable, so adding is safe).
+    def _check_schema(self, create: bool) -> None:
+        """A new database gets the current schema; one behind this release is refused, named."""
+        from sqlalchemy.exc import SQLAlchemyError
 
-        ``create_all`` creates missing tables but never alters existing ones.
-        """
-        wanted = {"api_tokens": {"expires_at": "TIMESTAMP WITH TIME ZONE"}}
-        inspector = inspect(self.engine)
-        for table, columns in wanted.items():
-            have = {column["name"] for column in inspector.get_columns(table)}
-            for name, sql_type in columns.items():
-                if name not in have:
-                    with self.engine.begin() as connection:
-                        connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+        tables = set(inspect(self.engine).get_table_names()) - {"alembic_version"}
+        if not tables:
+            if not create:
+                raise FileNotFoundError(f"no registry catalog at {_shown(self.url)} (check --store / --catalog)")
+            Base.metadata.create_all(self.engine)
+            try:
+                _stamp_head(self.engine)
+            except SQLAlchemyError:  # another process made the same new catalog at the same moment
+                pass
+        current, head = current_revision(self.engine), head_revision()
+        if current != head:
+            raise CatalogOutdated(
+                f"the registry catalog at {_shown(self.url)} has schema revision "
+                f"{current or '0001 (made before migrations)'}, this release needs {head}: back it up, then run "
+                f"`farm registry migrate` with the same --store/--catalog")
 
     # -- tenants and adapters ----------------------------------------------------------------
     def _get_or_create(self, session: Session, tenant: str, adapter: str) -> AdapterRow:

@@ -75,11 +75,14 @@ def _targets(config: Mapping) -> list[str] | str:
 
 
 def _targeted(module_path: str, targets: list[str] | str) -> bool:
-    """Whether PEFT would have adapted ``module_path`` for these ``target_modules``."""
-    import re
+    """Whether PEFT would have adapted ``module_path`` for these ``target_modules``.
 
+    A string is a regular expression in PEFT. A tenant's pattern is never run here (a
+    backtracking pattern could hold the registry's CPU); such adapters are not servable by vLLM
+    anyway, and their tensors still have to be LoRA parts with consistent shapes.
+    """
     if isinstance(targets, str):
-        return re.fullmatch(targets, module_path) is not None
+        return True
     return any(module_path == t or module_path.endswith("." + t) for t in targets)
 
 
@@ -100,6 +103,10 @@ def check_adapter_weights(weights: Path, config: Mapping,
     targets = _targets(config) if is_lora else None
     rank = config.get("r")
     rank_pattern = config.get("rank_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in rank_pattern.items()):
+        raise PublishError(f"{CONFIG_FILE}: field 'rank_pattern' must map module names to ranks")
     halves: dict[str, dict[str, tuple[int, ...]]] = {}
     try:
         handle_cm = safe_open(str(weights), framework="pt")
