@@ -243,6 +243,49 @@ class TestRegistryContract:
         assert again == before
         assert _publish(fresh, base_model_dir, adapter_dir).version == 9  # 7 and 8 have folders: taken
 
+    def test_a_version_is_invisible_until_complete(self, registry, base_model_dir, adapter_dir, monkeypatch):
+        """While its files are written, nothing shows the version: not the catalog, not a store scan,
+        and on a file system not even its final folder (written under a temporary name, then renamed)."""
+        store, seen = registry.store, []
+        upload = store._upload
+
+        def watched(source, destination):
+            final = store.version_dir("acme", "support", 1)
+            seen.append((registry.search(status=None)[1], len(store.scan().versions),
+                         store.object_store or store.fs.get_file_info(final).type.name == "NotFound",
+                         destination.startswith(final + "/") and not store.object_store))
+            return upload(source, destination)
+
+        monkeypatch.setattr(store, "_upload", watched)
+        _publish(registry, base_model_dir, adapter_dir)
+        from farm.registry.validate import folder_files
+
+        assert len(seen) == len(folder_files(adapter_dir))  # each file of the adapter
+        assert all(entry == (0, 0, True, False) for entry in seen), seen
+        assert registry.resolve("acme.support.v1").version == 1
+
+    def test_two_writers_racing_for_one_number_never_share_a_folder(self, registry, base_model_dir, adapter_dir):
+        from farm.registry.validate import folder_files
+
+        manifest = {"tenant": "acme", "adapter": "support", "version": 5}
+        registry.store.write_version("acme", "support", 5, folder_files(adapter_dir), manifest)
+        with pytest.raises(FileExistsError):
+            registry.store.write_version("acme", "support", 5, folder_files(adapter_dir), manifest)
+
+    def test_a_safetensors_file_without_tensors_is_refused(self, registry, base_model_dir, adapter_dir, tmp_path):
+        import shutil
+
+        from safetensors.torch import save_file
+
+        from farm.registry.validate import PublishError
+
+        folder = tmp_path / "empty"
+        shutil.copytree(adapter_dir, folder)
+        save_file({}, str(folder / "adapter_model.safetensors"))
+        with pytest.raises(PublishError, match="holds no tensors"):
+            _publish(registry, base_model_dir, folder)
+        assert registry.search(status=None)[1] == 0
+
     def test_a_damaged_stored_file_is_detected_on_download(self, registry, base_model_dir, adapter_dir, tmp_path):
         info = _publish(registry, base_model_dir, adapter_dir)
         path = f"{registry.store.version_dir('acme', 'support', info.version)}/adapter_model.safetensors"
