@@ -49,6 +49,10 @@ page, which separate the catalog's cost from the HTTP layer's. Goals: p99 under 
 search page, on 2 CPUs (client and server share them). The load average is recorded before
 and after every mix: other work on the machine shows there. A benchmark only reports; it exits
 0 whether the goals are met or not.
+
+Reindex (``--reindex-versions``, default ``--versions``; 0 skips it): that many versions are
+written to a store of their own (files, manifests, a ``production`` alias record per adapter)
+and ``Registry.reindex`` rebuilds an empty catalog from them; its time is reported.
 """
 
 from __future__ import annotations
@@ -307,6 +311,41 @@ def _bulk_insert(catalog, layout, published: set, template: dict, rng: random.Ra
     return counts
 
 
+def _reindex_bench(layout, adapter_dir: Path, template: dict, rng: random.Random, root: Path, limit: int) -> dict:
+    """Write ``limit`` versions (files, manifests, an alias record per adapter) into a store of
+    their own, then time ``Registry.reindex`` rebuilding an empty catalog from it."""
+    from farm.registry.core import open_registry
+    from farm.registry.names import serve_name
+    from farm.registry.validate import folder_files
+
+    registry = open_registry(str(root / "reindex-store"))
+    files = folder_files(adapter_dir)
+    written, started = 0, time.perf_counter()
+    for tenant, adapter, count in layout:
+        for number in range(1, count + 1):
+            if written >= limit:
+                break
+            meta = _metadata(rng, tenant, adapter, number)
+            manifest = {**{k: v for k, v in template.items() if k != "files"}, "tenant": tenant,
+                        "adapter": adapter, "version": number, "serve_name": serve_name(tenant, adapter, number),
+                        "metrics": meta["metrics"], "training": meta["training"],
+                        "lineage": {"code_version": template["lineage"].get("code_version"), **meta["lineage"]}}
+            registry.store.write_version(tenant, adapter, number, files, manifest)
+            written += 1
+        if written and number > 1:
+            registry.store.append_record(tenant, adapter, {"kind": "alias", "alias": "production",
+                                                           "version": number - 1, "at": "2026-11-30T00:00:00"})
+    write_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    report = registry.reindex()
+    seconds = time.perf_counter() - started
+    indexed = registry.search(status=None, limit=1)[1]
+    registry.catalog.engine.dispose()
+    return {"versions": report.versions, "indexed": indexed, "skipped": len(report.skipped),
+            "write_seconds": round(write_seconds, 1), "reindex_seconds": round(seconds, 2),
+            "versions_per_s": round(report.versions / seconds, 1) if seconds else None}
+
+
 def _catalog_is_empty(catalog) -> bool:
     from sqlalchemy import func, select
 
@@ -383,7 +422,8 @@ def _in_process(registry, serve_names: list[str], tenants: list[str], rng: rando
 class Server:
     """The registry API under uvicorn in a subprocess (one worker)."""
 
-    def __init__(self, store: str, catalog_url: str, log: Path):
+    def __init__(self, store: str, catalog_url: str, log: Path, admin_token: str):
+        self.admin_token = admin_token  # /metrics needs it
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -415,7 +455,8 @@ class Server:
         """(sum of seconds, count) of GET ``route`` in the server's latency histogram."""
         import httpx
 
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", timeout=10,  # behind an admin token
+                         headers={"Authorization": f"Bearer {self.admin_token}"}).text
         found = {}
         for kind in ("sum", "count"):
             pattern = re.compile(rf'^farm_registry_request_seconds_{kind}\{{(.*)\}} (\S+)$', re.MULTILINE)
@@ -582,6 +623,11 @@ def _report(payload: dict) -> None:
     console.print("in process (no HTTP, one thread): " + "; ".join(
         f"{name} {v['sql_statements_per_call']:.1f} SQL statements, p50 {v['p50_ms']:.2f} ms"
         for name, v in inproc.items()))
+    reindex = payload.get("reindex")
+    if reindex:
+        console.print(f"reindex: {reindex['versions']:,} versions (files, manifests, records) rebuilt into an empty "
+                      f"catalog in {reindex['reindex_seconds']} s, {reindex['versions_per_s']} versions/s, "
+                      f"{reindex['skipped']} skipped; {reindex['indexed']:,} indexed")
     words = {True: "[green]PASS[/green]", False: "[red]MISS[/red]", None: "[yellow]n/a[/yellow]"}
     for mix, goal in payload["goals"].items():
         what = "get" if mix == "get" else "search page"
@@ -607,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catalog", default="sqlite",
                         help="'sqlite' (a file in the temporary store) or a SQLAlchemy URL (an empty database)")
     parser.add_argument("--keep-catalog", action="store_true", help="leave the rows in a --catalog URL database")
+    parser.add_argument("--reindex-versions", type=int, default=None,
+                        help="versions written to a store of their own to time reindex (default --versions; 0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-results/registry_load.json", help="JSON result file")
     args = parser.parse_args(argv)
@@ -669,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         admin = catalog.create_token(None, label=TOKEN_LABEL)
         token_tenants = random.Random(args.seed + 5).sample(tenants, min(args.clients, len(tenants)))
         tenant_tokens = [(t, catalog.create_token(t, label=TOKEN_LABEL)) for t in token_tenants]
-        server = Server(str(store_dir), catalog_url, tmp / "server.log")
+        server = Server(str(store_dir), catalog_url, tmp / "server.log", admin)
         server.wait()
         print(f"API up on {server.url} (pid {server.process.pid}); running {', '.join(mixes)}", flush=True)
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
@@ -681,6 +729,13 @@ def main(argv: list[str] | None = None) -> int:
             f = results[mix]
             print(f"  {mix}: p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms, {f['requests_per_s']} req/s, "
                   f"{f['errors']} errors", flush=True)
+        reindex = None
+        if args.reindex_versions != 0:
+            count = args.versions if args.reindex_versions is None else args.reindex_versions
+            print(f"reindex: writing {count:,} versions to a store of their own", flush=True)
+            reindex = _reindex_bench(layout, adapter_dir, template, random.Random(args.seed + 7), tmp, count)
+            print(f"  reindex: {reindex['versions']:,} versions in {reindex['reindex_seconds']} s "
+                  f"({reindex['skipped']} skipped)", flush=True)
     finally:
         for client in clients:
             client.close()
@@ -709,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
                      "note": "bulk versions are catalog rows only (no files in the store)"},
         "in_process": in_process,
         "mixes": results,
+        "reindex": reindex,
         "goals": _goals(results),
         "environment": {
             "python": platform.python_version(), "platform": platform.platform(),
