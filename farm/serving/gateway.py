@@ -429,19 +429,25 @@ async def _proxy(gateway: Gateway, request: Request, kind: str) -> Response:
     failed = GatewayError(502, f"the vLLM backend for base model {base!r} failed; try again", "bad_gateway")
     try:
         upstream = await backend.session.post(f"/v1/{kind}", data=payload)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except Exception as exc:  # refused, reset, timed out, malformed answer: the backend failed
         backend.healthy = False  # the health loop brings it back when it answers again
         finish(502, None)
         logger.warning("backend %s failed: %s", backend.url, exc)
         raise failed from None
+    except BaseException:  # cancelled (the server is stopping): free the slot, count the attempt
+        finish(499, None)
+        raise
     gateway.latency.labels(kind).observe(time.perf_counter() - started)
     if not stream or upstream.status != 200:
         try:
             content = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except Exception:
             backend.healthy = False
             finish(502, None)
             raise failed from None
+        except BaseException:
+            finish(499, None)
+            raise
         finally:
             upstream.release()
         status = upstream.status
@@ -465,7 +471,7 @@ async def _proxy(gateway: Gateway, request: Request, kind: str) -> Response:
                 follower.feed(chunk)
                 yield chunk
             completed = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # the backend died or answered garbage mid-stream
             status = 502
             backend.healthy = False
             logger.warning("backend %s failed mid-stream: %s", backend.url, exc)
