@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import asdict
 import os
-import shutil
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -74,96 +73,19 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-# -- backends: a server (HTTP) or the registry itself -----------------------------------------------
-class _Remote:
-    def __init__(self, url: str, token: str | None):
+# -- the registry: a server (HTTP) or the registry itself, one interface ---------------------------
+def _backend(url: str | None, token: str | None, store: str, catalog: str | None, create: bool = False):
+    """The server at ``url``, else the registry itself (created only when ``create``: publish).
+
+    Both are ``farm.registry.interface.RegistryAPI``: the commands below do not care which.
+    """
+    if url:
         from farm.registry.client import RegistryClient
 
-        self.client = RegistryClient(url, token)
+        return RegistryClient(url, token)
+    from farm.registry.core import open_registry
 
-    def list(self, filters: dict) -> dict:
-        return self.client.list(**filters)
-
-    def get(self, ref: str) -> dict:
-        return self.client.get(ref)
-
-    def set_alias(self, tenant: str, adapter: str, alias: str, version: int) -> dict:
-        return self.client.set_alias(tenant, adapter, alias, version)
-
-    def download(self, ref: str, out: Path) -> dict:
-        return self.client.download(ref, out)
-
-    def publish(self, tenant: str, adapter: str, folder: Path, **kwargs) -> dict:
-        return self.client.publish(tenant, adapter, folder, **kwargs)
-
-    def gc(self, older_than_s: float, dry_run: bool) -> dict:
-        return self.client.gc(older_than_s=older_than_s, dry_run=dry_run)
-
-    def reindex(self) -> dict:
-        return self.client.reindex()
-
-
-class _Local:
-    def __init__(self, store: str, catalog: str | None, create: bool = False):
-        from farm.registry.core import open_registry
-
-        self.registry = open_registry(store, catalog, create=create)
-
-    def list(self, filters: dict) -> dict:
-        from farm.registry.api import parse_metric_filter
-
-        filters = dict(filters)
-        metric = filters.pop("metric", None) or []
-        status = filters.pop("status", "active")
-        for key in ("created_after", "created_before"):
-            if filters.get(key) is not None:
-                filters[key] = datetime.fromisoformat(filters[key])
-        items, total = self.registry.search(
-            **filters, status=None if status == "any" else status,
-            metric_filters=[parse_metric_filter(m) for m in metric])
-        return {"items": [i.to_dict() for i in items], "total": total,
-                "limit": filters.get("limit", 50), "offset": filters.get("offset", 0)}
-
-    def get(self, ref: str) -> dict:
-        return self.registry.resolve(ref).to_dict()
-
-    def set_alias(self, tenant: str, adapter: str, alias: str, version: int) -> dict:
-        from farm.registry.names import serve_name
-
-        previous, number = self.registry.set_alias(tenant, adapter, alias, version)
-        return {"alias": alias, "version": number, "previous": previous,
-                "serve_name": serve_name(tenant, adapter, number)}
-
-    def download(self, ref: str, out: Path) -> dict:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise FileExistsError(f"{out} exists and is not an empty folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            info = self.registry.download(ref, tmp)
-            if out.exists():
-                out.rmdir()
-            os.rename(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return info.to_dict()
-
-    def publish(self, tenant: str, adapter: str, folder: Path, **kwargs) -> dict:
-        kwargs["aliases"] = tuple(kwargs.get("aliases") or ())
-        return self.registry.publish(tenant, adapter, folder, **kwargs).to_dict()
-
-    def gc(self, older_than_s: float, dry_run: bool) -> dict:
-        return {"removed": self.registry.gc(older_than_s=older_than_s, dry_run=dry_run), "dry_run": dry_run}
-
-    def reindex(self) -> dict:
-        report = self.registry.reindex()
-        return {"versions": report.versions, "skipped": report.skipped}
-
-
-def _backend(url: str | None, token: str | None, store: str, catalog: str | None, create: bool = False):
-    """The server at ``url``, else the registry itself (created only when ``create``: publish)."""
-    return _Remote(url, token) if url else _Local(store, catalog, create)
+    return open_registry(store, catalog, create=create)
 
 
 def _guarded(action):
@@ -306,11 +228,20 @@ def list_cmd(
     """Search versions."""
     if status not in ("active", "archived", "any"):
         _fail(f"--status {status!r}: use active, archived or any")
-    filters = {k: v for k, v in dict(
-        tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable, alias=alias,
-        sweep_id=sweep_id, status=status, metric=metric or None, created_after=created_after,
-        created_before=created_before, sort=sort, limit=limit, offset=offset).items() if v is not None}
-    result = _guarded(lambda: _backend(url, token, store, catalog).list(filters))
+    from farm.registry.api import parse_metric_filter
+
+    def search() -> dict:
+        filters = dict(
+            tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable, alias=alias,
+            sweep_id=sweep_id, status=None if status == "any" else status,
+            metric_filters=[parse_metric_filter(m) for m in metric or []],
+            created_after=datetime.fromisoformat(created_after) if created_after else None,
+            created_before=datetime.fromisoformat(created_before) if created_before else None,
+            sort=sort, limit=limit, offset=offset)
+        items, total = _backend(url, token, store, catalog).search(**filters)
+        return {"items": [item.to_dict() for item in items], "total": total, "limit": limit, "offset": offset}
+
+    result = _guarded(search)
     if as_json:
         _print_json(result)
         return
@@ -325,7 +256,7 @@ def show_cmd(ref: str = typer.Argument(..., help="tenant.adapter.vN or tenant.ad
              url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
              store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Show one version."""
-    info = _guarded(lambda: _backend(url, token, store, catalog).get(ref))
+    info = _guarded(lambda: _backend(url, token, store, catalog).resolve(ref).to_dict())
     if as_json:
         _print_json(info)
     else:
@@ -342,8 +273,12 @@ def promote_cmd(ref: str = typer.Argument(..., help="the version to promote (ser
     backend = _guarded(lambda: _backend(url, token, store, catalog))
 
     def promote() -> dict:
-        info = backend.get(ref)
-        return backend.set_alias(info["tenant"], info["adapter"], alias, info["version"])
+        from farm.registry.names import serve_name
+
+        info = backend.resolve(ref)
+        previous, number = backend.set_alias(info.tenant, info.adapter, alias, info.version)
+        return {"alias": alias, "version": number, "previous": previous,
+                "serve_name": serve_name(info.tenant, info.adapter, number)}
 
     result = _guarded(promote)
     if as_json:
@@ -361,7 +296,7 @@ def download_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
                  url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
                  store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Download a version's files (every sha256 checked)."""
-    info = _guarded(lambda: _backend(url, token, store, catalog).download(ref, out))
+    info = _guarded(lambda: _backend(url, token, store, catalog).download(ref, out).to_dict())
     if as_json:
         _print_json({"serve_name": info["serve_name"], "path": str(out), "files": sorted(info["files"])})
         return
@@ -399,7 +334,7 @@ def publish_cmd(
             _fail(f"--{key}: expected a JSON object")
     info = _guarded(lambda: _backend(url, token, store, catalog, create=True).publish(
         tenant, adapter, folder, base_model=base_model, base_architecture=base_architecture, method=method,
-        aliases=tuple(alias) if alias else ("latest",), **parsed))
+        aliases=tuple(alias) if alias else ("latest",), **parsed).to_dict())
     if as_json:
         _print_json(info)
         return
@@ -415,7 +350,8 @@ def gc_cmd(older_than_s: float = typer.Option(3600.0, "--older-than-s", help="on
            url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
            store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Remove incomplete folders left by crashed publishes."""
-    result = _guarded(lambda: _backend(url, token, store, catalog).gc(older_than_s, dry_run))
+    result = _guarded(lambda: {"removed": _backend(url, token, store, catalog).gc(older_than_s, dry_run),
+                               "dry_run": dry_run})
     if as_json:
         _print_json(result)
         return
@@ -447,7 +383,7 @@ def reindex_cmd(as_json: bool = _json_option(),
 
     What does not parse is skipped and listed, never deleted; the rest is restored.
     """
-    result = _guarded(lambda: _backend(url, token, store, catalog).reindex())
+    result = _guarded(lambda: asdict(_backend(url, token, store, catalog).reindex()))
     if as_json:
         _print_json(result)
         return

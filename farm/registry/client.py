@@ -1,13 +1,15 @@
-"""Python client of the registry's HTTP API (synchronous, httpx).
+"""Python client of the registry's HTTP API (synchronous, httpx): ``RegistryAPI`` over HTTP.
 
     client = RegistryClient("http://127.0.0.1:8700", token)    # or FARM_REGISTRY_URL / FARM_REGISTRY_TOKEN
-    client.list(adapter="support", metric=["eval_loss<=3.5"], sort="metric:eval_loss")
-    client.get("acme.support@production")
+    client.search(adapter="support", metric_filters=[("eval_loss", "<=", 3.5)], sort="metric:eval_loss")
+    client.resolve("acme.support@production")                   # a VersionInfo, as Registry.resolve
     client.download("acme.support.v3", Path("adapters/acme-support-v3"))
     client.publish("acme", "support", Path("runs/demo/acme/adapter"), base_model="meta-llama/Llama-3.1-8B",
                    metrics={"eval_loss": 1.2})
 
-Every non-2xx answer raises ``RegistryError(status, detail)``.
+It answers like ``farm.registry.core.Registry`` (same return types, see
+``farm.registry.interface``): a 404 raises ``RegistryNotFound`` (a ``NotFound``), a refused
+publish ``RegistryRefused`` (a ``PublishError``); every other non-2xx answer ``RegistryError``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from urllib.parse import quote
 
 import httpx
 
-from farm.registry.validate import folder_files
+from farm.registry.core import NotFound, ReindexReport, VersionInfo
+from farm.registry.validate import PublishError, folder_files
 
 CHUNK = 1 << 20
 
@@ -37,6 +40,17 @@ class RegistryError(RuntimeError):
     def __init__(self, status: int, detail: str):
         super().__init__(f"{status}: {detail}")
         self.status, self.detail = status, detail
+
+
+class RegistryNotFound(RegistryError, NotFound):
+    """404: no such version, or one this token may not see (as ``Registry`` raises ``NotFound``)."""
+
+
+class RegistryRefused(RegistryError, PublishError):
+    """422 on a publish: the adapter was refused (as ``Registry.publish`` raises ``PublishError``)."""
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 def _segment(value: str) -> str:
@@ -81,7 +95,8 @@ class RegistryClient:
             detail = detail if isinstance(detail, str) else json.dumps(body)
         except ValueError:
             detail = text
-        raise RegistryError(response.status_code, detail or response.reason_phrase)
+        kind = RegistryNotFound if response.status_code == 404 else RegistryError
+        raise kind(response.status_code, detail or response.reason_phrase)
 
     def _request(self, method: str, url: str, **kwargs) -> httpx.Response:
         response = self._http.request(method, url, **kwargs)
@@ -89,36 +104,34 @@ class RegistryClient:
         return response
 
     # -- reading ---------------------------------------------------------------------------------
-    def list(self, **filters: Any) -> dict:
-        """Search versions: ``{"items": [...], "total", "limit", "offset"}``.
+    def search(self, *, status: str | None = "active", metric_filters=(), **filters: Any) -> tuple[list[VersionInfo], int]:
+        """A page of versions and the total, as ``Registry.search`` (``status=None``: any status).
 
-        Filters as the API takes them: tenant, adapter, base_model, method, servable, alias,
-        sweep_id, status (active | archived | any), metric (a string or a list of
-        ``NAME<op>VALUE``), created_after, created_before (datetimes or ISO strings), sort,
-        limit, offset. ``None`` values are left out.
+        Other filters: tenant, adapter, base_model, method, servable, alias, sweep_id,
+        created_after, created_before (datetimes), sort, limit, offset.
         """
-        params: list[tuple[str, str]] = []
+        params: list[tuple[str, str]] = [("status", "any" if status is None else status)]
+        params += [("metric", f"{name}{op}{value!r}") for name, op, value in metric_filters]
         for key, value in filters.items():
             if value is None:
                 continue
-            values = value if isinstance(value, (list, tuple)) else [value]
-            for item in values:
-                if isinstance(item, bool):
-                    item = "true" if item else "false"
-                elif hasattr(item, "isoformat"):
-                    item = item.isoformat()
-                params.append((key, str(item)))
-        return self._request("GET", "/v1/versions", params=params).json()
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif hasattr(value, "isoformat"):
+                value = value.isoformat()
+            params.append((key, str(value)))
+        page = self._request("GET", "/v1/versions", params=params).json()
+        return [VersionInfo(**item) for item in page["items"]], page["total"]
 
-    def get(self, ref: str) -> dict:
+    def resolve(self, reference: str) -> VersionInfo:
         """One version by serve name (``t.a.vN``) or alias reference (``t.a@alias``)."""
-        return self._request("GET", f"/v1/versions/{_segment(ref)}").json()
+        return VersionInfo(**self._request("GET", f"/v1/versions/{_segment(reference)}").json())
 
     def iter_file(self, ref: str, name: str):
         """Context manager yielding the streamed ``httpx.Response`` of one file."""
         return _Stream(self, f"/v1/versions/{_segment(ref)}/files/{_segment(name)}")
 
-    def download(self, ref: str, dest_dir: Path) -> dict:
+    def download(self, ref: str, dest_dir: Path) -> VersionInfo:
         """Download every file of a version into ``dest_dir`` (created; must not hold files yet).
 
         Each file is streamed and its sha256 checked against ``X-Content-SHA256`` and the
@@ -129,7 +142,8 @@ class RegistryClient:
         dest_dir = Path(dest_dir)
         if dest_dir.exists() and (not dest_dir.is_dir() or any(dest_dir.iterdir())):
             raise FileExistsError(f"{dest_dir} exists and is not an empty folder")
-        info = self.get(ref)
+        version = self.resolve(ref)
+        info = version.to_dict()
         # Always download by serve name: an alias could move between files.
         serve = info["serve_name"]
         dest_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -156,14 +170,14 @@ class RegistryClient:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return info
+        return version
 
     # -- writing ---------------------------------------------------------------------------------
     def publish(self, tenant: str, adapter: str, folder: Path, base_model: str, metrics: dict | None = None,
                 training: dict | None = None, lineage: dict | None = None,
                 aliases: tuple[str, ...] | list[str] = ("latest",), base_architecture: str | None = None,
                 timeout: float | None = None, method: str | None = None,
-                idempotency_key: str | None = None, attempts: int = 3) -> dict:
+                idempotency_key: str | None = None, attempts: int = 3) -> VersionInfo:
         """Upload every file of ``folder`` (top level) as the next version; returns it.
 
         ``method``: the PEFT method the trainer used (see ``Registry.publish``). Every publish
@@ -188,18 +202,24 @@ class RegistryClient:
                 files = [("files", (name, stack.enter_context(path.open("rb")), "application/octet-stream"))
                          for name, path in paths.items()]
                 try:
-                    return self._request("POST", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/versions",
-                                         data=data, files=files, headers=headers, **extra).json()
+                    return VersionInfo(**self._request(
+                        "POST", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/versions",
+                        data=data, files=files, headers=headers, **extra).json())
+                except RegistryError as exc:
+                    if exc.status == 422:
+                        raise RegistryRefused(exc.status, exc.detail) from None
+                    raise
                 except httpx.TransportError:  # no answer: maybe committed, maybe not; the key tells
                     if attempt == attempts:
                         raise
                     time.sleep(0.5 * attempt)
         raise AssertionError("unreachable")
 
-    def set_alias(self, tenant: str, adapter: str, alias: str, version: int) -> dict:
-        """Point ``alias`` at ``version``: ``{"alias", "version", "previous", "serve_name"}``."""
-        return self._request("PUT", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/aliases/{_segment(alias)}",
-                             json={"version": version}).json()
+    def set_alias(self, tenant: str, adapter: str, alias: str, number: int) -> tuple[int | None, int]:
+        """Point ``alias`` at version ``number``: (the version it pointed at before or None, number)."""
+        answer = self._request("PUT", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/aliases/"
+                                      f"{_segment(alias)}", json={"version": number}).json()
+        return answer["previous"], answer["version"]
 
     def delete_alias(self, tenant: str, adapter: str, alias: str) -> None:
         self._request("DELETE", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/aliases/{_segment(alias)}")
@@ -210,12 +230,15 @@ class RegistryClient:
     def delete(self, ref: str) -> None:
         self._request("DELETE", f"/v1/versions/{_segment(ref)}")
 
-    def gc(self, older_than_s: float = 3600.0, dry_run: bool = False) -> dict:
+    def gc(self, older_than_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Remove (or list) what crashed publishes left behind (admin)."""
         return self._request("POST", "/v1/admin/gc", params={"older_than_s": older_than_s,
-                                                              "dry_run": "true" if dry_run else "false"}).json()
+                                                              "dry_run": "true" if dry_run else "false"}).json()["removed"]
 
-    def reindex(self) -> dict:
-        return self._request("POST", "/v1/admin/reindex").json()
+    def reindex(self) -> ReindexReport:
+        """Rebuild the catalog from the store (admin)."""
+        answer = self._request("POST", "/v1/admin/reindex").json()
+        return ReindexReport(versions=answer["versions"], skipped=answer.get("skipped", []))
 
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -246,9 +248,25 @@ class Registry:
         return self.store.iter_file(info.tenant, info.adapter, info.version, name)
 
     def download(self, reference: str, destination: Path, principal: Principal | None = None) -> VersionInfo:
-        """Copy a version into ``destination`` with every sha256 checked."""
+        """Copy a version into ``destination`` (absent or empty) with every sha256 checked.
+
+        Written into a temporary folder beside it and renamed at the end: ``destination`` is
+        complete or absent. Always by serve name, so an alias moving meanwhile changes nothing.
+        """
+        destination = Path(destination)
+        if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+            raise FileExistsError(f"{destination} exists and is not an empty folder")
         info = self.resolve(reference, principal)
-        self.store.download(info.tenant, info.adapter, info.version, destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+        try:
+            self.store.download(info.tenant, info.adapter, info.version, tmp)
+            if destination.exists():
+                destination.rmdir()
+            os.rename(tmp, destination)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return info
 
     # -- aliases and lifecycle ---------------------------------------------------------------

@@ -51,19 +51,19 @@ def detect_device() -> str:
         return "cpu"
 
 
-def _servable_versions(backend, base_model: str, status: str, limit: int | None = None) -> list[dict]:
+def _servable_versions(backend, base_model: str, status: str | None, limit: int | None = None) -> list:
     """Servable versions of ``base_model``, newest first (all of them when ``limit`` is None)."""
-    items: list[dict] = []
+    items: list = []
     offset = 0
     while True:
         page = min(PAGE, limit - len(items)) if limit is not None else PAGE
         if page <= 0:
             return items
-        result = backend.list({"base_model": base_model, "servable": True, "status": status,
-                               "sort": "-created_at", "limit": page, "offset": offset})
-        items += result["items"]
-        offset += len(result["items"])
-        if not result["items"] or offset >= result["total"]:
+        found, total = backend.search(base_model=base_model, servable=True, status=status,
+                                      sort="-created_at", limit=page, offset=offset)
+        items += found
+        offset += len(found)
+        if not found or offset >= total:
             return items
 
 
@@ -89,12 +89,12 @@ def serve_cmd(
 ) -> None:
     """Print (or run with --run) the vLLM server command for every adapter of a base model."""
     from farm.serving.vllm_command import build_serve_command
-    from farm.serving.vllm_plugin import AdapterCache, LocalSource, RemoteSource
+    from farm.serving.vllm_plugin import AdapterCache
 
     if device == "auto":
         device = detect_device()
     backend = _guarded(lambda: _backend(url, token, store, catalog))
-    every = _guarded(lambda: _servable_versions(backend, base_model, status="any"))
+    every = _guarded(lambda: _servable_versions(backend, base_model, status=None))
     if not every:
         err_console.print(f"[yellow]note:[/yellow] no servable version in the registry has base model "
                           f"{base_model!r}; adapters are matched on that exact string", highlight=False)
@@ -104,22 +104,20 @@ def serve_cmd(
         if token:
             registry_env["FARM_REGISTRY_TOKEN"] = token
             secret_refs["FARM_REGISTRY_TOKEN"] = "FARM_REGISTRY_TOKEN"
-        source = RemoteSource(url, token)
     else:
         local = "://" not in store
         registry_env = {"FARM_REGISTRY_STORE": str(Path(store).expanduser().resolve()) if local else store}
         if catalog:
             registry_env["FARM_REGISTRY_CATALOG"] = catalog
-        source = LocalSource(registry_env["FARM_REGISTRY_STORE"], catalog)
     cache = AdapterCache((cache_dir or Path("~/.cache/farm-vllm")).expanduser().resolve())
 
     preload: list[tuple[str, Path]] = []
     if preload_latest:
         newest = _guarded(lambda: _servable_versions(backend, base_model, status="active", limit=preload_latest))
         for info in newest:
-            folder = _guarded(lambda info=info: cache.materialize(source, info))
-            preload.append((info["serve_name"], folder))
-            err_console.print(f"cached {info['serve_name']} -> {folder}", highlight=False)
+            folder = _guarded(lambda info=info: cache.materialize(backend, info.to_dict()))
+            preload.append((info.serve_name, folder))
+            err_console.print(f"cached {info.serve_name} -> {folder}", highlight=False)
 
     api_key = os.environ.get("FARM_VLLM_API_KEY")
     if not api_key:
@@ -129,7 +127,7 @@ def serve_cmd(
                           f"  export FARM_VLLM_API_KEY={api_key}", highlight=False, markup=False)
     try:
         command = build_serve_command(
-            base_model, ranks=[item["rank"] for item in every], registry_env=registry_env,
+            base_model, ranks=[item.rank for item in every], registry_env=registry_env,
             cache_dir=cache.root, api_key=api_key, secret_env_refs=secret_refs, host=host, port=port,
             behind_gateway=behind_gateway,
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, preload=preload, device=device,

@@ -35,9 +35,12 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from farm.registry.interface import RegistryAPI
 
 logger = logging.getLogger("vllm.farm_registry")
 
@@ -51,80 +54,35 @@ class AdapterRefused(ValueError):
     """The registry has this version, but this server must not serve it (HTTP 400 in vLLM)."""
 
 
-# -- where versions come from ----------------------------------------------------------------------
-class Source(Protocol):
-    def lookup(self, reference: str) -> dict | None:
-        """The version a reference names (``VersionInfo.to_dict()`` shape), or None if unknown."""
+# -- where versions come from: any RegistryAPI (the registry itself, or its HTTP API) -------------
+def source_from_env(env: Mapping[str, str] | None = None) -> Callable[[], "RegistryAPI"] | None:
+    """A factory of the registry the environment names (HTTP API first, else a store); None if neither.
 
-    def fetch(self, serve_name: str, destination: Path) -> None:
-        """Download a version into an empty folder, every sha256 checked."""
-
-
-class LocalSource:
-    """The registry opened directly from a store and catalog."""
-
-    def __init__(self, store: str, catalog: str | None = None):
-        self.store, self.catalog = store, catalog
-        self._registry = None
-        self._lock = threading.Lock()
-
-    def registry(self):
-        with self._lock:  # opened on first use: the plugin is loaded in every vLLM process
-            if self._registry is None:
-                from farm.registry.core import open_registry
-
-                self._registry = open_registry(self.store, self.catalog, create=False)
-            return self._registry
-
-    def lookup(self, reference: str) -> dict | None:
-        from farm.registry.core import NotFound
-
-        try:
-            return self.registry().resolve(reference).to_dict()
-        except NotFound:
-            return None
-
-    def fetch(self, serve_name: str, destination: Path) -> None:
-        self.registry().download(serve_name, destination)
-
-
-class RemoteSource:
-    """The registry's HTTP API (``farm registry serve``)."""
-
-    def __init__(self, url: str, token: str | None):
-        self.url, self.token = url, token
-        self._client = None
-        self._lock = threading.Lock()
-
-    def client(self):
-        with self._lock:
-            if self._client is None:
-                from farm.registry.client import RegistryClient
-
-                self._client = RegistryClient(self.url, self.token)
-            return self._client
-
-    def lookup(self, reference: str) -> dict | None:
-        from farm.registry.client import RegistryError
-
-        try:
-            return self.client().get(reference)
-        except RegistryError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def fetch(self, serve_name: str, destination: Path) -> None:
-        self.client().download(serve_name, destination)
-
-
-def source_from_env(env: Mapping[str, str] | None = None) -> Source | None:
-    """The registry the environment names: the HTTP API first, else a store; None if neither."""
+    A factory, not the registry: the plugin is loaded in every vLLM process, and only the one
+    that resolves adapters should open a catalog or a connection pool.
+    """
     env = os.environ if env is None else env
-    if env.get("FARM_REGISTRY_URL"):
-        return RemoteSource(env["FARM_REGISTRY_URL"], env.get("FARM_REGISTRY_TOKEN") or None)
-    if env.get("FARM_REGISTRY_STORE"):
-        return LocalSource(env["FARM_REGISTRY_STORE"], env.get("FARM_REGISTRY_CATALOG") or None)
+    url, store = env.get("FARM_REGISTRY_URL"), env.get("FARM_REGISTRY_STORE")
+    if url:
+        token = env.get("FARM_REGISTRY_TOKEN") or None
+
+        def remote():
+            from farm.registry.client import RegistryClient
+
+            return RegistryClient(url, token)
+
+        remote.where = url
+        return remote
+    if store:
+        catalog = env.get("FARM_REGISTRY_CATALOG") or None
+
+        def local():
+            from farm.registry.core import open_registry
+
+            return open_registry(store, catalog, create=False)
+
+        local.where = store
+        return local
     return None
 
 
@@ -167,7 +125,7 @@ class AdapterCache:
                 return False
         return True
 
-    def materialize(self, source: Source, info: Mapping[str, Any]) -> Path:
+    def materialize(self, source: "RegistryAPI", info: Mapping[str, Any]) -> Path:
         """A verified local copy of ``info``'s version: reused, or downloaded and renamed in."""
         final = self.path(info["serve_name"])
         if self.verified(final, info["files"]):
@@ -176,7 +134,7 @@ class AdapterCache:
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{info['serve_name']}-", dir=self.root))
         try:
             staged = work / "adapter"
-            source.fetch(info["serve_name"], staged)  # by serve name: never an alias that moves
+            source.download(info["serve_name"], staged)  # by serve name: never an alias that moves
             if not self.verified(staged, info["files"]):
                 raise RuntimeError(f"{info['serve_name']}: downloaded files differ from the manifest")
             if final.exists():
@@ -196,9 +154,29 @@ class AdapterCache:
 class FarmResolverCore:
     """What the vLLM resolver does, without vLLM: reference -> local adapter folder, or a refusal."""
 
-    def __init__(self, source: Source, cache: AdapterCache, max_lora_rank: int | None = None):
-        self.source, self.cache, self.max_lora_rank = source, cache, max_lora_rank
+    def __init__(self, open_source: Callable[[], "RegistryAPI"], cache: AdapterCache,
+                 max_lora_rank: int | None = None):
+        self.open_source, self.cache, self.max_lora_rank = open_source, cache, max_lora_rank
+        self._source: "RegistryAPI | None" = None
+        self._lock = threading.Lock()
         self._checked: set[tuple[str, str]] = set()  # (base, serve name) whose tensors passed
+
+    @property
+    def source(self) -> "RegistryAPI":
+        """The registry, opened on first use (the plugin is loaded in every vLLM process)."""
+        with self._lock:
+            if self._source is None:
+                self._source = self.open_source()
+            return self._source
+
+    def lookup(self, serve: str) -> dict | None:
+        """The version a serve name names (``VersionInfo.to_dict()``), or None when unknown."""
+        from farm.registry.core import NotFound
+
+        try:
+            return self.source.resolve(serve).to_dict()
+        except NotFound:
+            return None
 
     def resolve(self, base_model_name: str, lora_name: str) -> tuple[dict, Path] | None:
         """``(version, folder)``; None when unknown; ``AdapterRefused`` when it must not be served."""
@@ -211,7 +189,7 @@ class FarmResolverCore:
         if ref.version is None:
             raise AdapterRefused(f"{lora_name}: alias references are resolved by farm gateway; "
                                  f"send the version's serve name (tenant.adapter.vN)")
-        info = self.source.lookup(lora_name)
+        info = self.lookup(lora_name)
         if info is None:
             return None
         shown = info["serve_name"]
@@ -293,7 +271,6 @@ def register() -> None:
         rank = os.environ.get("FARM_VLLM_MAX_LORA_RANK")
         core = FarmResolverCore(source, AdapterCache(cache_dir_from_env()), int(rank) if rank else None)
         LoRAResolverRegistry.register_resolver(RESOLVER_NAME, _make_resolver(core))
-        where = source.url if isinstance(source, RemoteSource) else source.store
-        logger.info("farm registry resolver registered (registry %s, cache %s)", where, core.cache.root)
+        logger.info("farm registry resolver registered (registry %s, cache %s)", source.where, core.cache.root)
     except Exception:  # a broken plugin must not take the server down
         logger.exception("farm registry resolver could not be registered")

@@ -413,40 +413,64 @@ def test_ops_endpoints(env):
 # -- client and CLI ------------------------------------------------------------------------------------
 def test_client_round_trip(env, adapters, tmp_path, monkeypatch):
     from farm.registry.client import RegistryClient, RegistryError
+    from farm.registry.core import NotFound
+    from farm.registry.validate import PublishError
 
     monkeypatch.setenv("FARM_REGISTRY_URL", env.url)
     monkeypatch.setenv("FARM_REGISTRY_TOKEN", env.tokens["globex"])
     with RegistryClient() as client:  # from the environment
         info = client.publish("globex", "client", adapters["b"], base_model=BASE_MODEL, base_architecture=ARCH,
                               metrics={"eval_loss": 0.5}, lineage={"sweep_id": "c1"})
-        assert info["serve_name"] == "globex.client.v1" and info["servable_by_vllm"]
-        assert client.get("globex.client@latest")["version"] == 1
-        listed = client.list(adapter="client", metric=["eval_loss<1"], servable=True)
-        assert [i["serve_name"] for i in listed["items"]] == ["globex.client.v1"]
+        assert info.serve_name == "globex.client.v1" and info.servable_by_vllm
+        assert client.resolve("globex.client@latest").version == 1
+        items, total = client.search(adapter="client", metric_filters=[("eval_loss", "<", 1.0)], servable=True)
+        assert [i.serve_name for i in items] == ["globex.client.v1"] and total == 1
         out = tmp_path / "dl" / "globex-client"
         got = client.download("globex.client@latest", out)
-        assert got["serve_name"] == "globex.client.v1"
-        for name in info["files"]:
+        assert got.serve_name == "globex.client.v1"
+        for name in info.files:
             assert (out / name).read_bytes() == (adapters["b"] / name).read_bytes()
         assert json.loads((out / "version.json").read_text())["serve_name"] == "globex.client.v1"
         assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
         with pytest.raises(FileExistsError):
             client.download("globex.client.v1", out)
-        assert client.set_alias("globex", "client", "prod", 1)["previous"] is None
+        assert client.set_alias("globex", "client", "prod", 1) == (None, 1)
         client.delete_alias("globex", "client", "prod")
-        with pytest.raises(RegistryError) as missing:
-            client.get("acme.support.v1")  # another tenant's
+        with pytest.raises(NotFound) as missing:  # the same error Registry raises
+            client.resolve("acme.support.v1")  # another tenant's
         assert missing.value.status == 404 and missing.value.detail == "not found: acme.support.v1"
-        with pytest.raises(RegistryError) as missing:
+        with pytest.raises(NotFound):
             client.download("acme.support.v1", tmp_path / "never")
-        assert missing.value.status == 404 and not (tmp_path / "never").exists()
+        assert not (tmp_path / "never").exists()
+        bad = tmp_path / "pickle"
+        shutil.copytree(adapters["b"], bad)
+        (bad / "adapter_model.bin").write_bytes(b"not weights")
+        with pytest.raises(PublishError, match="pickle"):
+            client.publish("globex", "client", bad, base_model=BASE_MODEL)
         with pytest.raises(RegistryError) as forbidden:
             client.reindex()
         assert forbidden.value.status == 403
         assert client.archive("globex.client.v1")["status"] == "archived"
         client.delete("globex.client.v1")
-        with pytest.raises(RegistryError):
-            client.get("globex.client.v1")
+        with pytest.raises(NotFound):
+            client.resolve("globex.client.v1")
+
+
+def test_the_client_and_the_registry_are_one_interface(env, tmp_path):
+    """Code written against RegistryAPI gets the same answers from the registry and its HTTP API."""
+    from farm.registry.client import RegistryClient
+    from farm.registry.interface import RegistryAPI
+
+    with RegistryClient(env.url, env.tokens["admin"]) as client:
+        for backend in (client, env.registry):
+            assert isinstance(backend, RegistryAPI)
+        assert client.resolve("acme.support@latest") == env.registry.resolve("acme.support@latest")
+        query = dict(tenant="acme", status=None, metric_filters=[("eval_loss", "<=", 3.0)], sort="version")
+        assert client.search(**query) == env.registry.search(**query)
+        assert client.download("acme.support.v1", tmp_path / "a") == env.registry.download("acme.support.v1",
+                                                                                             tmp_path / "b")
+        assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.suffix != ".json") == \
+            sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix != ".json")
 
 
 def _farm(*args: str, env_vars: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -96,7 +96,7 @@ def test_killed_publishes_leave_no_partial_version_no_spool_and_no_duplicate(tmp
             retried = RegistryClient(url, admin).publish("acme", "support", folder, base_model=BASE_MODEL,
                                                          base_architecture=ARCH, idempotency_key=key)
             if "info" in outcome:  # the first answer arrived: the retry names the same version
-                assert retried["serve_name"] == outcome["info"]["serve_name"]
+                assert retried.serve_name == outcome["info"].serve_name
         finally:
             _kill(server)
     registry = open_registry(str(store), create=False)

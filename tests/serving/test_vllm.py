@@ -23,8 +23,6 @@ from farm.serving.vllm_plugin import (
     AdapterCache,
     AdapterRefused,
     FarmResolverCore,
-    LocalSource,
-    RemoteSource,
     source_from_env,
 )
 
@@ -155,7 +153,7 @@ def resolver_setup(tmp_path, base_model_dir):
                           base_model=base, aliases=("latest", "production"))
     registry.publish("acme", "support", make_lora_adapter(base_model_dir, tmp_path / "a2", seed=2), base_model=base)
     registry.publish("acme", "tiny", make_lora_adapter(base_model_dir, tmp_path / "a4", rank=4), base_model=base)
-    core = FarmResolverCore(LocalSource(str(tmp_path / "reg")), AdapterCache(tmp_path / "cache"))
+    core = FarmResolverCore(lambda: registry, AdapterCache(tmp_path / "cache"))
     return registry, core, base, v1
 
 
@@ -176,7 +174,7 @@ def test_resolver_decisions(resolver_setup, tmp_path):
     with pytest.raises(AdapterRefused) as refused:
         core.resolve("/other/base", "acme.support.v1")
     assert repr(base) in str(refused.value) and "'/other/base'" in str(refused.value)
-    capped = FarmResolverCore(core.source, core.cache, max_lora_rank=1)
+    capped = FarmResolverCore(core.open_source, core.cache, max_lora_rank=1)
     with pytest.raises(AdapterRefused, match="rank 8, above this server's --max-lora-rank 1"):
         capped.resolve(base, "acme.support.v1")
 
@@ -202,8 +200,8 @@ def test_resolver_checks_tensors_against_the_servers_base(resolver_setup, tmp_pa
 def test_cache_is_reused_when_intact_and_replaced_when_damaged(resolver_setup, tmp_path):
     _, core, base, _ = resolver_setup
     calls = []
-    fetch = core.source.fetch
-    core.source.fetch = lambda name, dest: (calls.append(name), fetch(name, dest))[1]
+    download = core.source.download
+    core.source.download = lambda name, dest: (calls.append(name), download(name, dest))[1]
     _, folder = core.resolve(base, "acme.support.v1")
     _, again = core.resolve(base, "acme.support.v1")
     assert folder == again and calls == ["acme.support.v1"]
@@ -215,17 +213,26 @@ def test_cache_is_reused_when_intact_and_replaced_when_damaged(resolver_setup, t
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["acme.support.v1"]  # no temporary left
 
 
-def test_source_from_env_prefers_the_api():
+def test_source_from_env_prefers_the_api(tmp_path):
+    from farm.registry.client import RegistryClient
+    from farm.registry.core import Registry
+
     assert source_from_env({}) is None
-    local = source_from_env({"FARM_REGISTRY_STORE": "/s", "FARM_REGISTRY_CATALOG": "sqlite:///c"})
-    assert isinstance(local, LocalSource) and (local.store, local.catalog) == ("/s", "sqlite:///c")
+    open_registry(str(tmp_path / "s"))
+    local = source_from_env({"FARM_REGISTRY_STORE": str(tmp_path / "s")})
+    assert local.where == str(tmp_path / "s") and isinstance(local(), Registry)
+    with pytest.raises(FileNotFoundError):  # a mistyped store is an error, never a new registry
+        source_from_env({"FARM_REGISTRY_STORE": str(tmp_path / "typo")})()
+    assert not (tmp_path / "typo").exists()
     remote = source_from_env({"FARM_REGISTRY_STORE": "/s", "FARM_REGISTRY_URL": "http://r", "FARM_REGISTRY_TOKEN": "t"})
-    assert isinstance(remote, RemoteSource) and (remote.url, remote.token) == ("http://r", "t")
+    client = remote()
+    assert remote.where == "http://r" and isinstance(client, RegistryClient) and client.base_url == "http://r"
 
 
 def test_resolver_through_the_registry_api(resolver_setup, tmp_path):
     """The same decisions when the plugin reads the registry's HTTP API (a real uvicorn server)."""
     from farm.registry.api import create_app
+    from farm.registry.client import RegistryClient
 
     from ..registry.test_api import LiveServer
 
@@ -233,7 +240,7 @@ def test_resolver_through_the_registry_api(resolver_setup, tmp_path):
     admin = registry.catalog.create_token(None, label="vllm")
     globex = registry.catalog.create_token("globex", label="vllm")
     with LiveServer(create_app(registry)) as server:
-        core = FarmResolverCore(RemoteSource(server.url, admin), AdapterCache(tmp_path / "remote-cache"))
+        core = FarmResolverCore(lambda: RegistryClient(server.url, admin), AdapterCache(tmp_path / "remote-cache"))
         info, folder = core.resolve(base, "acme.support.v2")
         assert info["serve_name"] == "acme.support.v2"
         assert (folder / "adapter_model.safetensors").read_bytes() == (tmp_path / "a2" / "adapter_model.safetensors").read_bytes()
@@ -241,7 +248,7 @@ def test_resolver_through_the_registry_api(resolver_setup, tmp_path):
         with pytest.raises(AdapterRefused, match="rank 4"):
             core.resolve(base, "acme.tiny.v1")
         # A server holding a tenant token serves that tenant only: others look unknown (404).
-        scoped = FarmResolverCore(RemoteSource(server.url, globex), AdapterCache(tmp_path / "scoped"))
+        scoped = FarmResolverCore(lambda: RegistryClient(server.url, globex), AdapterCache(tmp_path / "scoped"))
         assert scoped.resolve(base, "acme.support.v1") is None
         # `farm serve` reading the same API: ranks and the newest versions come from it.
         from typer.testing import CliRunner
