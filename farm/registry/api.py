@@ -45,7 +45,7 @@ from farm.registry.validate import PublishError
 
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 2**30   # a whole publish request (all files together)
 MAX_JSON_BODY_BYTES = 64 * 2**10       # every other request body (alias updates)
-TOKEN_CACHE_SECONDS = 5.0
+TOKEN_CACHE_SECONDS = 0.0              # 0: a revoked or expired token fails on its next request
 MAX_VERSION = 999_999_999              # serve names allow up to nine digits
 _PUBLISH_PATH = re.compile(r"^/v1/adapters/[^/]+/[^/]+/versions/?$")
 # Documented in the OpenAPI schema (so clients and fuzzers see the shape); enforced in the

@@ -681,3 +681,12 @@ def test_reindex_after_the_config_fuzz_keeps_every_version(config_fuzz):
     before = registry.search(status=None, limit=500)[1]
     report = registry.reindex()
     assert report.skipped == [] and report.versions == before == registry.search(status=None, limit=500)[1]
+
+
+def test_a_revoked_token_is_refused_on_its_next_request(env):
+    catalog = env.registry.catalog
+    token = catalog.create_token("acme", label="to revoke")
+    assert env.http.get("/v1/versions", headers=_auth(token)).status_code == 200
+    token_id = next(t.id for t in catalog.list_tokens() if t.label == "to revoke")
+    assert catalog.revoke_token(token_id)
+    assert env.http.get("/v1/versions", headers=_auth(token)).status_code == 401
