@@ -249,11 +249,18 @@ def current_revision(engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def _stamp_head(engine) -> None:
+def _create_at_head(engine) -> None:
+    """Tables and revision stamp in ONE transaction: no other process sees tables without a stamp."""
     from alembic import command
 
-    with engine.begin() as connection:
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            # pysqlite runs DDL outside any transaction unless one is open: open one, and take
+            # the write lock now, so a second creator waits and then finds everything done.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        Base.metadata.create_all(connection)
         command.stamp(_alembic(connection), "head")
+        connection.commit()
 
 
 def migrate_catalog(url: str) -> tuple[str | None, str]:
@@ -304,9 +311,8 @@ class Catalog:
         if not tables:
             if not create:
                 raise FileNotFoundError(f"no registry catalog at {_shown(self.url)} (check --store / --catalog)")
-            Base.metadata.create_all(self.engine)
             try:
-                _stamp_head(self.engine)
+                _create_at_head(self.engine)
             except SQLAlchemyError:  # another process made the same new catalog at the same moment
                 pass
         current, head = current_revision(self.engine), head_revision()

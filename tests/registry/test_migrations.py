@@ -95,3 +95,15 @@ def test_the_migrated_schema_equals_a_new_catalogs(old_url):
                                                       and d[0][2:4] == ("versions", "size_bytes"))]
     engine.dispose()
     assert differences == []
+
+
+def test_processes_creating_one_new_catalog_at_once_all_open_it(tmp_path):
+    """Tables and stamp are one transaction: no opener ever sees a catalog 'from before migrations'."""
+    code = ("import sys; from farm.registry.catalog import Catalog; "
+            "Catalog(sys.argv[1]).create_token('acme', label=sys.argv[2])")
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, f"p{i}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for i in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [e[-600:] for e in errors]
+    assert sorted(t.label for t in Catalog(url).list_tokens()) == [f"p{i}" for i in range(6)]
