@@ -676,17 +676,22 @@ class Catalog:
                                                             TokenRow.revoked.is_(False)).limit(1)) is not None
 
     def principal(self, token: str) -> Principal | None:
-        """Who a bearer token belongs to (None for unknown or revoked tokens)."""
-        with self.sessions() as session:
-            row = session.scalar(select(TokenRow).where(TokenRow.token_hash == hash_token(token),
-                                                        TokenRow.revoked.is_(False)))
-            if row is None:
+        """Who a bearer token belongs to (None for unknown, revoked or expired tokens).
+
+        One indexed query on a pooled connection, no ORM session: the registry API runs it on
+        every request, so that a revocation counts from the next one.
+        """
+        with self.engine.connect() as connection:
+            row = connection.execute(select(TokenRow.tenant, TokenRow.expires_at).where(
+                TokenRow.token_hash == hash_token(token), TokenRow.revoked.is_(False))).first()
+        if row is None:
+            return None
+        tenant, expires = row
+        if expires is not None:
+            expires = expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)
+            if expires <= utcnow():
                 return None
-            if row.expires_at is not None:
-                expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=timezone.utc)
-                if expires <= utcnow():
-                    return None
-            return Principal(row.tenant)
+        return Principal(tenant)
 
     # -- usage -------------------------------------------------------------------------------
     def add_usage(self, deltas: list[UsageDelta]) -> None:
