@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make demo: start a local Ray head (token auth on, dashboard on 127.0.0.1 only), submit the
 # demo sweep with `ray job submit --working-dir .`, follow its log, print the summary, and
-# stop the Ray head it started. Needs `make setup base-model` first (make demo does both).
+# stop the Ray head it started (only its own processes, by PID). Needs `make setup base-model` first (make demo does both).
 #
 #   FARM_DEMO_SPEC=jobs/configs/demo.yaml FARM_DASHBOARD_PORT=8265 bash jobs/run_demo.sh
 #   FARM_DEMO_JOB=jobs/full_ft_baseline.py FARM_DEMO_ARGS="--tenants acme" bash jobs/run_demo.sh  # make baseline
@@ -30,11 +30,26 @@ if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
   (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > "$RAY_AUTH_TOKEN_PATH")
 fi
 
-ray start --head --port="${FARM_RAY_PORT:-6379}" \
+# This head's own temp dir (short: Ray's socket paths have a length limit) is on the command
+# line of every process it starts, so the exit trap stops exactly those and their descendants
+# (Ray's agents rename themselves to ray::*), never another Ray instance on the machine.
+RAY_TMP="$(mktemp -d /tmp/farm-ray-XXXXXX)"
+descendants() { local child; for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done; }
+stop_our_ray() {
+  local roots pids pid
+  roots=$(pgrep -f -- "$RAY_TMP" || true)  # a unique path: matches this head only
+  pids="$roots"
+  for pid in $roots; do pids="$pids $(descendants "$pid")"; done
+  [ -n "${pids// /}" ] && kill -TERM $pids 2>/dev/null || true
+  sleep 3
+  [ -n "${pids// /}" ] && kill -KILL $pids 2>/dev/null || true
+  rm -rf "$RAY_TMP"
+}
+trap stop_our_ray EXIT
+ray start --head --port="${FARM_RAY_PORT:-6379}" --temp-dir="$RAY_TMP" \
   --dashboard-agent-listen-port="${FARM_DASHBOARD_AGENT_PORT:-52365}" --num-cpus="$(nproc)" --include-dashboard=true --dashboard-host=127.0.0.1 \
   --dashboard-port="$PORT" --disable-usage-stats >"$ROOT/.farm/ray-start.log" 2>&1 \
   || { cat "$ROOT/.farm/ray-start.log"; exit 1; }
-trap 'ray stop >/dev/null 2>&1 || true' EXIT
 echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWEEP_ID"
 
 # A fresh head's job agent may not be registered yet ("No available agent to submit job"): a
