@@ -63,7 +63,11 @@ def registry_env(request, tmp_path, monkeypatch):
         for key, value in server.env.items():
             monkeypatch.setenv(key, value)
         return f"s3://{server.bucket}/t-{uuid.uuid4().hex[:10]}", f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-    server = request.getfixturevalue("pg_server")
+    return str(tmp_path / "store"), new_database(request.getfixturevalue("pg_server"))
+
+
+def new_database(server: PostgresServer) -> str:
+    """The URL of a new, empty database on the test PostgreSQL server (one per test)."""
     from sqlalchemy import create_engine, text
 
     database = f"t_{uuid.uuid4().hex[:12]}"
@@ -71,7 +75,7 @@ def registry_env(request, tmp_path, monkeypatch):
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{database}"'))
     admin.dispose()
-    return str(tmp_path / "store"), server.url.rsplit("/", 1)[0] + f"/{database}"
+    return server.url.rsplit("/", 1)[0] + f"/{database}"
 
 
 @pytest.fixture

@@ -61,11 +61,11 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 class LiveServer:
     """The API app under uvicorn on 127.0.0.1 (an ephemeral port) in a background thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, lifespan: str = "off"):
         import uvicorn
 
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="off"))
+                                                    lifespan=lifespan))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -14,6 +13,7 @@ from sqlalchemy import create_engine, text
 from farm.registry.catalog import Catalog, CatalogOutdated, current_revision, head_revision, utcnow
 
 from ..conftest import REPO
+from .conftest import new_database
 
 
 def _old_catalog(url: str) -> None:
@@ -46,13 +46,7 @@ def old_url(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
     else:
-        server = request.getfixturevalue("pg_server")
-        database = f"m_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{database}"'))
-        admin.dispose()
-        url = server.url.rsplit("/", 1)[0] + f"/{database}"
+        url = new_database(request.getfixturevalue("pg_server"))
     _old_catalog(url)
     return url
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +29,7 @@ from farm.serving.gateway_config import GatewayConfig, LimitsConfig, TenantLimit
 from farm.serving.limits import Limiter
 
 from ..registry.conftest import make_lora_adapter
+from ..registry.test_api import LiveServer
 from .conftest import PROMPT, peft_greedy, start_vllm, until_eos
 
 
@@ -216,32 +216,6 @@ def test_tokens_expire_and_can_be_revoked(tmp_path):
 
 
 # -- the real gateway in front of real vLLM ----------------------------------------------------------
-class GatewayServer:
-    """The gateway app under uvicorn on 127.0.0.1 (free port, lifespan on) in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "GatewayServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def stack(vllm_server, base_model_dir, tmp_path_factory):
     """Base A (the session's vLLM), base B (a second vLLM, killed by the last test), the gateway."""
@@ -268,7 +242,7 @@ def stack(vllm_server, base_model_dir, tmp_path_factory):
                    "tenants": {"limited": {"requests_per_minute": 6, "max_tokens": 16}}},
         "health_interval_s": 1, "usage_flush_s": 3600})  # usage flushed by the tests, not by time
     app = create_gateway_app(config, catalog)
-    with GatewayServer(app) as gateway:
+    with LiveServer(app, lifespan="on") as gateway:  # the lifespan starts health checks and metering
         yield {"url": gateway.url, "tokens": tokens, "gateway": app.state.gateway, "a": vllm_server,
                "b": server_b, "base_b": base_b, "registry": registry, "catalog": catalog}
     server_b.stop()
