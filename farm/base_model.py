@@ -16,14 +16,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
 
 #: Jinja chat template: every turn is "<|role|>\n{content}<|end|>\n"; the generation prompt
-#: opens an assistant turn. Rendering is prefix-stable, which label masking relies on.
+#: opens an assistant turn. Tool definitions (``tools``) open the conversation as a system turn,
+#: and an assistant's tool calls follow its content as ``<tool_call>{"name": ..., "arguments":
+#: {...}}</tool_call>``; tool results are ``tool`` turns. Rendering is prefix-stable, which
+#: label masking relies on.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\\nTools: ' + (tools | tojson) + eos_token + '\\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson) + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ eos_token + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

@@ -109,30 +109,100 @@ def spec_validate(spec_file: Path = typer.Argument(..., help="sweep spec YAML"))
 
 @data_app.command("check")
 def data_check(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
-               tenant: Optional[str] = typer.Option(None, help="only this tenant")) -> None:
-    """Read, validate and tokenize every tenant's data; report counts and problems."""
-    from farm.data import DataError, load_tenant_data
+               tenant: Optional[str] = typer.Option(None, help="only this tenant"),
+               as_json: bool = typer.Option(False, "--json", help="print each tenant's data report as JSON")) -> None:
+    """Read, validate and tokenize every tenant's data: what was read, used, skipped and why.
+
+    Exit code 1 when any tenant's data cannot be used.
+    """
+    from rich.text import Text
+
+    from farm.data import DataError, DataReport, load_tenant_data
     from farm.models import load_tokenizer
 
     sweep = _load(spec_file)
-    names = [tenant] if tenant else list(sweep.jobs)
+    try:
+        names = [sweep.job(tenant).tenant] if tenant else list(sweep.jobs)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
     tokenizer = load_tokenizer(sweep.spec.base_model)
-    table = Table("tenant", "status", "records", "skipped", "train rows", "eval rows", "padding", "detail")
+    table = Table("tenant", "status", *DataReport.COLUMNS, "padding", "detail")
+    reports: dict[str, dict] = {}
     failed = 0
     for name in names:
-        job = sweep.job(name)
         try:
-            data = load_tenant_data(name, job.settings.data, tokenizer)
+            data = load_tenant_data(name, sweep.job(name).settings.data, tokenizer)
         except DataError as exc:
             failed += 1
-            table.add_row(name, "[red]error[/red]", "", "", "", "", "", str(exc))
+            reports[name] = {"tenant": name, "error": str(exc)}
+            table.add_row(name, "[red]error[/red]", *[""] * (len(DataReport.COLUMNS) + 1), Text(str(exc)))
             continue
-        detail = "; ".join(f"{b.location}: {b.reason}" for b in data.report.bad[:3])
-        table.add_row(name, "[green]ok[/green]", str(data.report.records), str(data.report.skipped),
-                      str(len(data.train)), str(len(data.eval)), f"{data.train.padding_share:.1%}", detail)
-    console.print(table)
+        report = data.report
+        reports[name] = report.to_json()
+        detail = "; ".join(f"{b.location}: {f'{b.field}: ' if b.field else ''}{b.reason}" for b in report.bad[:3])
+        cells = report.columns()
+        table.add_row(name, "[green]ok[/green]", *[cells[c] for c in DataReport.COLUMNS],
+                      f"{data.train.padding_share:.1%}", Text(detail))
+    if as_json:
+        print(json.dumps(list(reports.values()), indent=2))
+    else:
+        console.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+@data_app.command("preview")
+def data_preview(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
+                 tenant: str = typer.Option(..., help="the tenant whose data to show"),
+                 count: int = typer.Option(3, "-n", "--count", min=1, max=100, help="examples to show"),
+                 as_json: bool = typer.Option(False, "--json", help="token ids and the trained mask, as JSON")) -> None:
+    """Show the first examples exactly as training sees them, trained spans marked ⟦like this⟧."""
+    from rich.text import Text
+
+    from farm.data import IGNORE_INDEX, DataError, preview_examples
+    from farm.models import load_tokenizer
+
+    sweep = _load(spec_file)
+    try:
+        job = sweep.job(tenant)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    tokenizer = load_tokenizer(sweep.spec.base_model)
+    try:
+        examples = preview_examples(tenant, job.settings.data, tokenizer, count)
+    except DataError as exc:
+        _fail(str(exc))
+    out = []
+    for location, example in examples:
+        trained = [label != IGNORE_INDEX for label in example.labels]
+        spans = _spans(example.input_ids, trained)
+        out.append({"location": location, "tokens": len(example.input_ids), "trained_tokens": sum(trained),
+                    "input_ids": example.input_ids, "trained": [int(t) for t in trained],
+                    "text": tokenizer.decode(example.input_ids, skip_special_tokens=False),
+                    "trained_spans": [tokenizer.decode(ids, skip_special_tokens=False) for ids, on in spans if on]})
+    if as_json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    for entry, (_, example) in zip(out, examples):
+        console.rule(f"{entry['location']}: {entry['tokens']} tokens, {entry['trained_tokens']} trained", style="dim")
+        text = Text()
+        for ids, on in _spans(example.input_ids, [int(t) for t in entry["trained"]]):
+            piece = tokenizer.decode(ids, skip_special_tokens=False)
+            text.append(f"⟦{piece}⟧" if on else piece, style="bold green" if on else "")
+        console.print(text)
+    if not examples:
+        console.print(f"tenant {tenant!r}: no usable example")
+
+
+def _spans(ids: list[int], trained: list) -> list[tuple[list[int], bool]]:
+    """Consecutive runs of tokens with the same trained flag."""
+    spans: list[tuple[list[int], bool]] = []
+    for token, on in zip(ids, trained):
+        if spans and spans[-1][1] == bool(on):
+            spans[-1][0].append(token)
+        else:
+            spans.append(([token], bool(on)))
+    return spans
 
 
 @cluster_app.command("validate")

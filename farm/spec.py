@@ -52,8 +52,11 @@ class SpecError(ValueError):
 class DataSpec(StrictModel):
     """Where a tenant's data is and how it becomes training rows."""
 
-    path: Optional[str] = Field(None, description="JSONL, Parquet or saved `datasets` folder; local path or URI (s3://...)")
-    format: Literal["auto", "chat", "sharegpt", "alpaca", "text"] = Field("auto", description="record schema; auto detects it from the first record")
+    path: Optional[str] = Field(None, description="a file (JSON Lines, JSON array, CSV/TSV, Parquet; text shapes may be .gz/.bz2/.zst), a folder or glob of such files, or a saved `datasets` folder; local path or URI (s3://...)")
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "completion", "text"] = Field("auto", description="record schema; auto detects it from the first record")
+    encoding: Optional[str] = Field(None, description="text encoding of the files (for example cp1252); null: UTF-8, with or without a byte-order mark")
+    split: str = Field("train", min_length=1, description="the split to read from a saved DatasetDict")
+    max_record_mb: int = Field(64, ge=1, le=1024, description="largest single record (a line, row or item) read, in MiB; a larger one is a bad record")
     max_seq_len: int = Field(512, ge=8, le=131072, description="tokens per training row")
     packing: bool = Field(True, description="pack several examples into each row (no cross-example attention); prefix and prompt tuning always train one example per row")
     train_on: Literal["completions", "all"] = Field("completions", description="which tokens carry loss: assistant answers only, or everything")
@@ -61,6 +64,18 @@ class DataSpec(StrictModel):
     too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="what to do with an example longer than max_seq_len")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval")
     split_seed: int = Field(0, description="seed of the deterministic train/eval split")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            import codecs
+
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {value!r} (Python codec names: utf-8, cp1252, latin-1, utf-16, ...)") from None
+        return value
 
 
 class TrainSpec(StrictModel):

@@ -71,12 +71,15 @@ def test_chat_labels_cover_only_the_answers(tokenizer, tmp_path):
     (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": \n',
      "line 2", "invalid JSON"),
     (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2", "not valid UTF-8"),
-    (b'{"text": "ok"}\n{"text": 5}\n', "line 2", "field 'text': expected a string, got int"),
+    (b'{"text": "ok"}\n{"text": 5}\n', "line 2", "field 'text': expected a string, got a number"),
     (b'{"text": "ok"}\n{"txt": "x"}\n', "line 2", "field 'text': missing"),
     (b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n', "line 1",
      "field 'messages[1].role': unknown role 'robot'"),
-    (b'{"messages": [{"role": "user", "content": "only a question"}]}\n', "line 1", "has no assistant turn"),
-    (b'{"instruction": "do", "output": ["x"]}\n', "line 1", "field 'output': expected a string, got list"),
+        (b'{"messages": [{"role": "user", "content": "only a question"}]}\n', None,
+         "only 0 usable example(s) of 1 records (1 no assistant turn)"),
+        (b'{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}\n',
+         "line 1", "field 'messages[0].content': is null"),
+    (b'{"instruction": "do", "output": ["x"]}\n', "line 1", "field 'output': expected a string, got a list"),
     (b'{"colour": "red"}\n', "line 1", "unrecognised schema"),
     (b'[1, 2]\n', "line 1", "unrecognised schema"),
 ])
@@ -95,11 +98,14 @@ def test_bad_jsonl_input_is_named(tokenizer, tmp_path, content, location, reason
 def test_missing_file_and_unsupported_type(tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"tenant 'acme': .*nope\.jsonl: file not found"):
         load_tenant_data("acme", _spec(tmp_path / "nope.jsonl"), tokenizer)
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type"):
-        load_tenant_data("acme", _spec(tmp_path / "data.csv"), tokenizer)
+    (tmp_path / "data.xlsx").write_bytes(b"PK")
+    with pytest.raises(DataError, match="unsupported file type; expected JSON Lines"):
+        load_tenant_data("acme", _spec(tmp_path / "data.xlsx"), tokenizer)
     (tmp_path / "folder").mkdir()
-    with pytest.raises(DataError, match="no state.json"):
+    with pytest.raises(DataError, match="the folder holds no data file"):
+        load_tenant_data("acme", _spec(tmp_path / "folder"), tokenizer)
+    (tmp_path / "folder" / "notes.xlsx").write_bytes(b"PK")
+    with pytest.raises(DataError, match="files that are not data: notes.xlsx"):
         load_tenant_data("acme", _spec(tmp_path / "folder"), tokenizer)
 
 
@@ -110,7 +116,7 @@ def test_declared_format_mismatch_and_parquet_rows_are_named(tokenizer, tmp_path
     table = pa.Table.from_pylist([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""},
                                   {"instruction": "q", "output": "b"}])
     pq.write_table(table, tmp_path / "d.parquet")
-    with pytest.raises(DataError, match=r"d\.parquet row 1: field 'output': is empty"):
+    with pytest.raises(DataError, match=r"d\.parquet row 2: field 'output': is empty"):
         load_tenant_data("t", _spec(tmp_path / "d.parquet"), tokenizer)
 
 
@@ -121,16 +127,18 @@ def test_skip_policy_counts_and_lists_bad_records(tokenizer, tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     data = load_tenant_data("t", _spec(path, on_bad_record="skip"), tokenizer)
     report = data.report
-    assert report.records == 8 and report.skipped == 4
+    assert report.records == 8 and report.skipped == 4 and report.used == 4
     assert [b.location for b in report.bad] == ["line 2", "line 4", "line 5", "line 7"]
-    assert "4 skipped as bad" in report.summary()
+    assert [b.field for b in report.bad] == [None, "messages", None, "messages[0]"]  # the field path, in skip mode too
+    assert "expected an object, got a number" in report.bad[3].reason
+    assert "4 skipped: bad record" in report.summary()
     assert len(data.train) + len(data.eval) >= 1
 
 
 def test_too_long_policies(tokenizer, tmp_path):
     long = {"text": " ".join(["release notes"] * 200)}
     path = _jsonl(tmp_path / "long.jsonl", [{"text": "short one"}, long, {"text": "short two"}, long])
-    with pytest.raises(DataError, match=r"line 2: \d+ tokens, more than max_seq_len=64"):
+    with pytest.raises(DataError, match=r"line 2: longer than max_seq_len=64 tokens"):
         load_tenant_data("t", _spec(path, max_seq_len=64, too_long="error"), tokenizer)
     dropped = load_tenant_data("t", _spec(path, max_seq_len=64, too_long="drop"), tokenizer)
     assert dropped.report.dropped_too_long == 2 and dropped.report.truncated == 0
@@ -175,9 +183,10 @@ def test_pack_lengths_is_a_valid_tight_packing():
 
 def test_split_and_fingerprint_are_deterministic(tokenizer, tmp_path):
     train, evaluation = split_indices(100, 0.1, seed=3)
-    assert (train, evaluation) == split_indices(100, 0.1, seed=3)
+    again = split_indices(100, 0.1, seed=3)
+    assert list(train) == list(again[0]) and list(evaluation) == list(again[1])
     assert not set(train) & set(evaluation) and len(evaluation) == 10
-    assert split_indices(100, 0.1, seed=4) != (train, evaluation)
+    assert list(split_indices(100, 0.1, seed=4)[1]) != list(evaluation)
     records = [json.loads(x) for x in (SAMPLE_DATA / "hooli.jsonl").read_text().splitlines()][:40]
     a = load_tenant_data("t", _spec(_jsonl(tmp_path / "a.jsonl", records)), tokenizer)
     b = load_tenant_data("t", _spec(_jsonl(tmp_path / "b.jsonl", records)), tokenizer)

@@ -1,0 +1,238 @@
+"""Tenant datasets: read, validate, render, tokenize, mask, pack, split, fingerprint.
+
+The pipeline, for one tenant, streamed in batches of ``BATCH`` records::
+
+    read_records()          farm.data.readers: JSONL, JSON arrays, CSV/TSV, Parquet, compressed,
+                            folders and globs of shards, saved Dataset/DatasetDict; local or URI
+      -> normalize_record() farm.data.records: chat / sharegpt / alpaca / completion / text
+      -> Renderer           farm.data.render: chat template, cut, tokenize, labels masked
+      -> ExampleStore       farm.data.rows: examples spilled to disk, lengths kept in memory
+      -> split + pack_rows  deterministic train/eval split; rows of max_seq_len, built lazily
+
+Memory depends on ``max_seq_len`` and the batch, not on the file's size or its largest record.
+Every problem is a ``DataError`` naming the tenant, the file, the position (1-based line, row
+or item), the field and the reason. With ``on_bad_record: skip`` bad records are counted and
+the first ``LISTED_BAD`` listed in the ``DataReport`` instead. A record with no assistant turn
+is counted (``no_assistant``), never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from farm.data.readers import SHAPES, DataError, ReadOptions, read_records
+from farm.data.records import FORMATS, ROLE_ALIASES, Chat, NothingToLearn, RecordError, detect_format, kind, normalize_record
+from farm.data.render import Renderer, max_token_chars
+from farm.data.rows import IGNORE_INDEX, Example, ExampleStore, Rows, pack_lengths, pack_rows, split_indices
+from farm.spec import DataSpec
+
+__all__ = ["BATCH", "SHAPES", "FORMATS", "ROLE_ALIASES", "IGNORE_INDEX", "BadRecord", "Chat", "DataError",
+           "DataReport", "Example", "ExampleStore", "NothingToLearn", "ReadOptions", "RecordError", "Renderer",
+           "Rows", "TenantData", "detect_format", "kind", "load_tenant_data", "max_token_chars",
+           "normalize_record", "pack_lengths", "pack_rows", "preview_examples", "read_options", "read_records",
+           "split_indices", "tenant_examples"]
+
+BATCH = 512        # records rendered and tokenised per call
+LISTED_BAD = 20    # bad records listed by location in a report (all are counted)
+
+
+@dataclass
+class BadRecord:
+    location: str
+    field: str | None
+    reason: str
+
+
+@dataclass
+class DataReport:
+    """What happened to a tenant's records on the way to training rows."""
+
+    tenant: str
+    source: str
+    format: str
+    records: int = 0            # read from the files
+    used: int = 0               # became examples in the rows
+    bad_count: int = 0          # skipped as bad (on_bad_record: skip)
+    bad: list[BadRecord] = field(default_factory=list)  # the first LISTED_BAD of them
+    no_assistant: int = 0       # skipped: no assistant turn to learn from
+    truncated: int = 0          # cut to max_seq_len (too_long: truncate)
+    dropped_too_long: int = 0   # dropped as longer than max_seq_len (too_long: drop)
+    dropped_no_target: int = 0  # dropped: no trainable token within max_seq_len
+    tokens: int = 0             # real (non-padding) tokens in the train and eval rows
+    train_rows: int = 0
+    eval_rows: int = 0
+    fingerprint: str = ""
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Records left out before tokenising, by reason (zero counts left out)."""
+        return {reason: count for reason, count in
+                (("bad record", self.bad_count), ("no assistant turn", self.no_assistant)) if count}
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Examples left out after tokenising, by reason (zero counts left out)."""
+        return {reason: count for reason, count in
+                (("too long", self.dropped_too_long), ("no trainable token", self.dropped_no_target)) if count}
+
+    def not_used(self) -> dict[str, int]:
+        """Every reason a record did not become an example, with its count."""
+        return {**self.skipped_by_reason(), **self.dropped_by_reason()}
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason().values())
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by_reason().values())
+
+    @property
+    def rows(self) -> int:
+        return self.train_rows + self.eval_rows
+
+    def summary(self) -> str:
+        """One line a person can read: counts of everything that was not used as is."""
+        parts = [f"{self.records} records ({self.format})", f"{self.used} used"]
+        parts += [f"{count} skipped: {reason}" for reason, count in self.skipped_by_reason().items()]
+        parts += [f"{count} dropped: {reason}" for reason, count in self.dropped_by_reason().items()]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_seq_len")
+        return f"tenant '{self.tenant}': {', '.join(parts)}"
+
+    #: The columns `farm data check` and the sweep report show, in order.
+    COLUMNS = ("records", "used", "skipped", "truncated", "dropped", "tokens", "rows")
+
+    def columns(self) -> dict[str, str]:
+        """The table cells of ``COLUMNS``: counts, with the reasons for skipped and dropped."""
+        def by_reason(counts: dict[str, int]) -> str:
+            return ", ".join(f"{count:,} {reason}" for reason, count in counts.items()) or "0"
+
+        return {"records": f"{self.records:,}", "used": f"{self.used:,}",
+                "skipped": by_reason(self.skipped_by_reason()), "truncated": f"{self.truncated:,}",
+                "dropped": by_reason(self.dropped_by_reason()), "tokens": f"{self.tokens:,}",
+                "rows": f"{self.train_rows:,} + {self.eval_rows:,}"}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TenantData:
+    """A tenant's training and eval rows plus the report of how they were made."""
+
+    train: Rows
+    eval: Rows
+    report: DataReport
+
+
+def read_options(spec: DataSpec) -> ReadOptions:
+    """The reader settings of a tenant's data spec."""
+    return ReadOptions(encoding=spec.encoding, split=spec.split, max_record_bytes=spec.max_record_mb << 20)
+
+
+def tenant_examples(tenant: str, spec: DataSpec, tokenizer, report: DataReport) -> Iterator[tuple[str, Example]]:
+    """Yield ``(location, example)`` for every usable record, counting everything else in ``report``.
+
+    Records are rendered and tokenised ``BATCH`` at a time; the policies of ``spec``
+    (``on_bad_record``, ``too_long``) are applied here, so every consumer sees the same examples.
+    """
+    source = report.source
+    renderer = Renderer(tokenizer, spec.train_on, spec.max_seq_len)
+    digest = hashlib.sha256()
+    pending: list[tuple[str, Chat | str]] = []
+
+    def skip(location: str, error: RecordError) -> None:
+        if isinstance(error, NothingToLearn):
+            report.no_assistant += 1
+            return
+        if spec.on_bad_record == "error":
+            raise DataError(tenant, source, error.reason, location, error.field)
+        report.bad_count += 1
+        if len(report.bad) < LISTED_BAD:
+            report.bad.append(BadRecord(location, error.field, error.reason))
+
+    def flush() -> Iterator[tuple[str, Example]]:
+        batch = list(pending)
+        pending.clear()
+        for (location, _), example in zip(batch, renderer.examples([item for _, item in batch])):
+            if isinstance(example, RecordError):
+                skip(location, example)
+                continue
+            if len(example.input_ids) > spec.max_seq_len:
+                if spec.too_long == "error":
+                    raise DataError(tenant, source, f"longer than max_seq_len={spec.max_seq_len} tokens "
+                                                    "(too_long: error)", location)
+                if spec.too_long == "drop":
+                    report.dropped_too_long += 1
+                    continue
+                report.truncated += 1
+                example = Example(example.input_ids[: spec.max_seq_len], example.labels[: spec.max_seq_len])
+            if all(label == IGNORE_INDEX for label in example.labels):
+                report.dropped_no_target += 1  # e.g. the answer was truncated away entirely
+                continue
+            report.used += 1
+            yield location, example
+
+    fmt = spec.format
+    for location, record in read_records(source, tenant, read_options(spec)):
+        report.records += 1
+        if isinstance(record, RecordError):
+            skip(location, record)
+            continue
+        if fmt == "auto":
+            detected = detect_format(record)
+            if detected is None:
+                keys = ", ".join(sorted(record)) if isinstance(record, dict) else kind(record)
+                skip(location, RecordError(None, f"unrecognised schema ({keys}): expected 'messages', "
+                                                 "'conversations', 'instruction'+'output', 'prompt'+'completion' or 'text'"))
+                continue
+            fmt = report.format = detected
+        try:
+            pending.append((location, normalize_record(record, fmt)))
+        except RecordError as exc:
+            skip(location, exc)
+            continue
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+        if len(pending) >= BATCH:
+            yield from flush()
+    yield from flush()
+    report.fingerprint = digest.hexdigest()
+
+
+def load_tenant_data(tenant: str, spec: DataSpec, tokenizer) -> TenantData:
+    """Read, validate and tokenize one tenant's dataset into train and eval rows (streamed)."""
+    report = DataReport(tenant=tenant, source=spec.path or "<no path>", format=spec.format)
+    store = ExampleStore()
+    batch: list[Example] = []
+    for _, example in tenant_examples(tenant, spec, tokenizer, report):
+        batch.append(example)
+        if len(batch) >= BATCH:
+            store.add(batch)
+            batch.clear()
+    store.add(batch)
+    store.seal()
+    if report.records == 0:
+        raise DataError(tenant, report.source, "dataset is empty")
+    if report.used < 2:
+        reasons = "; ".join(f"{count} {reason}" for reason, count in report.not_used().items())
+        first = f" (first bad: {report.bad[0].location}: {report.bad[0].reason})" if report.bad else ""
+        raise DataError(tenant, report.source, f"only {report.used} usable example(s) of {report.records} "
+                                               f"records ({reasons or 'nothing skipped'}){first}; need at least 2 "
+                                               "(one to train, one to evaluate)")
+    train_idx, eval_idx = split_indices(report.used, spec.eval_fraction, spec.split_seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = pack_rows(store, train_idx, spec.max_seq_len, pad_id, spec.packing)
+    evaluation = pack_rows(store, eval_idx, spec.max_seq_len, pad_id, spec.packing)
+    report.train_rows, report.eval_rows = len(train), len(evaluation)
+    report.tokens = train.real_tokens + evaluation.real_tokens
+    return TenantData(train=train, eval=evaluation, report=report)
+
+
+def preview_examples(tenant: str, spec: DataSpec, tokenizer, count: int) -> list[tuple[str, Example]]:
+    """The first ``count`` usable examples, exactly as training sees them (for `farm data preview`)."""
+    report = DataReport(tenant=tenant, source=spec.path or "<no path>", format=spec.format)
+    return list(itertools.islice(tenant_examples(tenant, spec, tokenizer, report), count))

@@ -1,0 +1,150 @@
+"""Normalised records -> token ids and loss labels, through the base model's chat template.
+
+Chat turns go through the tokenizer's own chat template (tools included, where the template
+reads them). The tokens of each assistant answer are found by rendering the conversation up to
+that answer (with the generation prompt) and up to its end: the difference is the answer,
+whatever the template looks like. Segments are tokenised separately, so a segment boundary is
+always a token boundary, and a whole batch of records is tokenised in one call.
+
+Before anything is rendered, each text is cut to ``char_budget`` characters: enough for more
+than ``max_seq_len`` tokens (no token of the vocabulary is longer than ``max_token_chars``
+characters), so a record of millions of tokens costs what a record of ``max_seq_len`` does,
+and its first ``max_seq_len`` tokens are the same as if it had been tokenised whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from farm.data.records import Chat, RecordError
+from farm.data.rows import IGNORE_INDEX, Example
+
+_CUT_MARGIN_TOKENS = 16  # tokens past max_seq_len kept before a cut, so the cut never shows
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters any one token of the vocabulary stands for (an upper bound)."""
+    # Byte-level tokens are written one character per byte, so their length bounds the
+    # characters they decode to; SentencePiece pieces are the characters themselves.
+    return max(1, max((len(token) for token in tokenizer.get_vocab()), default=1))
+
+
+class Renderer:
+    """Renders and tokenises records for one tokenizer, training target and row length."""
+
+    def __init__(self, tokenizer, train_on: str, max_seq_len: int):
+        self.tokenizer = tokenizer
+        self.train_on = train_on
+        self.max_seq_len = max_seq_len
+        self.char_budget = (max_seq_len + _CUT_MARGIN_TOKENS) * max_token_chars(tokenizer)
+        self.template = tokenizer.chat_template
+        # The template's variables, as apply_chat_template passes them (bos_token, ...).
+        self.template_vars = dict(tokenizer.special_tokens_map)
+        # A template that never reads tool_calls would silently drop them from the text.
+        self.tools_ok = bool(self.template) and "tool_calls" in self.template
+        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def cut(self, text: str) -> str:
+        """``text``, cut to the character budget."""
+        return text if len(text) <= self.char_budget else text[: self.char_budget]
+
+    def segments(self, item: Chat | str) -> list[tuple[str, bool]]:
+        """The record as ``(text, trained)`` pieces, in order (texts already cut)."""
+        if isinstance(item, str):
+            return [(self.cut(item), True)]
+        if item.uses_tools and not self.tools_ok:
+            raise RecordError("messages", "uses tool calls, but the base model's chat template has no tool "
+                                          "support (it never reads 'tool_calls'); use a base whose template does, "
+                                          "or drop the tool turns")
+        messages = self._within_budget(item.messages)
+        train_all = self.train_on == "all"
+        out: list[tuple[str, bool]] = []
+        rendered = ""
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for index in answers:
+            prompt = self._render(messages[:index], item.tools, True)
+            full = self._render(messages[: index + 1], item.tools, False)
+            if not prompt.startswith(rendered) or not full.startswith(prompt):
+                raise RecordError(None, "the tokenizer's chat template does not render conversations "
+                                        "as growing prefixes; cannot locate the answers")
+            out += [(prompt[len(rendered):], train_all), (full[len(prompt):], True)]
+            rendered = full
+        ends_on_answer = bool(answers) and answers[-1] == len(messages) - 1
+        tail = rendered if ends_on_answer else self._render(messages, item.tools, False)
+        if len(tail) > len(rendered):
+            out.append((tail[len(rendered):], train_all))
+        return out
+
+    def _within_budget(self, messages: list[dict]) -> list[dict]:
+        """The turns that can reach the first max_seq_len tokens, each cut to the budget.
+
+        If the answers all lie past the budget, none is kept: the example then has nothing
+        to learn from within max_seq_len, which the caller counts.
+        """
+        kept, chars = [], 0
+        for message in messages:
+            if len(message["content"]) > self.char_budget:
+                message = {**message, "content": message["content"][: self.char_budget]}
+            kept.append(message)
+            chars += len(message["content"])
+            if chars > self.char_budget:
+                break
+        return kept
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            # The function apply_chat_template calls, minus its per-call overhead.
+            rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=self.template,
+                                                add_generation_prompt=generation_prompt, **self.template_vars)
+        except TemplateError as exc:
+            raise RecordError(None, f"the chat template refused this conversation: {exc}") from None
+        return rendered[0]
+
+    # -- tokenising ------------------------------------------------------------------------
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text; special tokens the template wrote are parsed as specials."""
+        if not texts:
+            return []
+        if self.backend is not None:
+            return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def examples(self, items: Sequence[Chat | str]) -> list[Example | RecordError]:
+        """Render and tokenise a batch of records (one tokeniser call for all of them)."""
+        pieces: list[list[tuple[str, bool]] | RecordError] = []
+        for item in items:
+            try:
+                pieces.append(self.segments(item))
+            except RecordError as exc:
+                pieces.append(exc)
+        texts = [text for p in pieces if not isinstance(p, RecordError) for text, _ in p if text]
+        encoded = iter(self.encode_texts(texts))
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        out: list[Example | RecordError] = []
+        for item, piece in zip(items, pieces):
+            if isinstance(piece, RecordError):
+                out.append(piece)
+                continue
+            ids: list[int] = []
+            labels: list[int] = []
+            for text, trained in piece:
+                if not text:
+                    continue
+                tokens = next(encoded)
+                ids += tokens
+                labels += tokens if trained else [IGNORE_INDEX] * len(tokens)
+            if isinstance(item, str):  # plain text: framed by bos/eos like a document
+                ids = ([bos] if bos is not None else []) + ids + [eos]
+                labels = list(ids)
+            if labels:
+                # The first token of an example has nothing before it in its own example; in a
+                # packed row the token before it belongs to another example: never a target.
+                labels[0] = IGNORE_INDEX
+            out.append(Example(ids, labels))
+        return out
