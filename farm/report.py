@@ -1,15 +1,28 @@
-"""The sweep's summary: a terminal table, JSON, Markdown and a PNG of every tenant's loss curve."""
+"""The sweep's summary: a terminal table, JSON, Markdown and a PNG of every tenant's loss curve.
+
+A sweep id's report covers every tenant any run of that sweep id ran: a re-run of some tenants
+replaces their lines and keeps the others' latest outcome from the earlier ``report.json``
+(``merge_with_previous``). Every file is written to a temporary name and renamed into place, so
+a crash leaves the previous report or the new one, never half of one.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+import time
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from pydantic import TypeAdapter
 from rich.console import Console
 from rich.table import Table
 
 STATUS_OK = ("trained", "skipped")  # skipped: finished in an earlier run of the same sweep id
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
 
 
 @dataclass
@@ -34,10 +47,28 @@ class TenantOutcome:
     pack: str | None = None                   # the co-training pack it trained in (packing: auto)
     packed_with: list[str] = field(default_factory=list)  # tenants that shared its steps
     losses: list[tuple[int, float]] = field(default_factory=list)
+    # When the run that produced this outcome wrote it (UTC, ISO 8601); None in reports written
+    # before this field existed. Tells a re-run's own lines from those kept from earlier runs.
+    reported_at: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.status in STATUS_OK
+
+    @classmethod
+    def from_json(cls, data: object) -> TenantOutcome:
+        """An outcome from its ``report.json`` entry; keys this version does not know are ignored
+        (reports of newer versions still load) and missing optional ones take their defaults
+        (older reports too). Raises ``ValueError`` when the entry is not an outcome."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a tenant's outcome must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        return _OUTCOME.validate_python({key: value for key, value in data.items() if key in known})
+
+
+# Validates types as well as names, so a hand-edited or damaged entry is refused here instead
+# of breaking the table or Markdown later (pydantic's ValidationError is a ValueError).
+_OUTCOME = TypeAdapter(TenantOutcome)
 
 
 @dataclass
@@ -45,18 +76,136 @@ class SweepReport:
     """Every tenant's outcome plus the sweep's identity and wall time."""
 
     sweep_id: str
-    wall_seconds: float
+    wall_seconds: float                 # of this run
     outcomes: list[TenantOutcome]
     comparison: list = field(default_factory=list)  # farm.baseline.ComparisonRow, LoRA vs full
+    ran: list[str] | None = None        # tenants this run was asked for; None: every tenant in outcomes
+    notes: list[str] = field(default_factory=list)  # what the reader must know (a report kept aside)
 
     @property
     def ok(self) -> bool:
+        """Every tenant of the sweep id succeeded, including those kept from earlier runs."""
         return all(o.ok for o in self.outcomes)
+
+    @property
+    def ran_ok(self) -> bool:
+        """Every tenant this run was asked for succeeded (the sweep job's exit code)."""
+        ran = self.this_run
+        return all(o.ok for o in self.outcomes if o.tenant in ran)
+
+    @property
+    def this_run(self) -> list[str]:
+        """The tenants this run was asked for."""
+        return [o.tenant for o in self.outcomes] if self.ran is None else list(self.ran)
+
+    @property
+    def earlier(self) -> list[TenantOutcome]:
+        """Outcomes kept from earlier runs of this sweep id (tenants this run was not asked for)."""
+        ran = set(self.this_run)
+        return [o for o in self.outcomes if o.tenant not in ran]
 
     def to_json(self) -> dict:
         return {"sweep_id": self.sweep_id, "wall_seconds": round(self.wall_seconds, 2), "ok": self.ok,
+                "this_run": self.this_run, "notes": list(self.notes),
                 "tenants": [asdict(o) for o in self.outcomes],
                 "comparison": [{**asdict(row), "plan_error": round(row.plan_error, 4)} for row in self.comparison]}
+
+
+@dataclass(frozen=True)
+class PreviousReport:
+    """What an earlier run of the sweep id left in ``report.json``."""
+
+    outcomes: list[TenantOutcome]
+    comparison: list                    # farm.baseline.ComparisonRow
+    note: str | None = None             # set when the file could not be read and was kept aside
+
+
+def parse_report(data: object) -> tuple[list[TenantOutcome], list]:
+    """The outcomes and comparison rows of a parsed ``report.json``; ``ValueError`` when it is
+    not a report (so the caller keeps it aside whole instead of dropping the parts it cannot read)."""
+    from farm.baseline import ComparisonRow
+
+    if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
+        raise ValueError("not a sweep report: no list of tenants")
+    outcomes = [TenantOutcome.from_json(entry) for entry in data["tenants"]]
+    rows = data.get("comparison") or []
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("not a sweep report: its comparison is not a list of rows")
+    known = {f.name for f in fields(ComparisonRow)}
+    adapter = TypeAdapter(ComparisonRow)
+    comparison = [adapter.validate_python({k: v for k, v in row.items() if k in known}) for row in rows]
+    return outcomes, comparison
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _keep_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.unreadable-<UTC time>`` (never over an earlier one)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.unreadable-{stamp}")
+    counter = 1
+    while aside.exists() or aside.is_symlink():
+        aside = path.with_name(f"{path.name}.unreadable-{stamp}-{counter}")
+        counter += 1
+    os.replace(path, aside)
+    return aside
+
+
+def read_previous_report(folder: Path) -> PreviousReport:
+    """The outcomes of an earlier run's ``report.json`` in ``folder`` (none if there is none).
+
+    A file that cannot be read or is not a report never stops the sweep and is never lost: it is
+    renamed to ``report.json.unreadable-<UTC time>`` and the returned note says so.
+    """
+    path = folder / REPORT_JSON
+    if not path.exists():
+        return PreviousReport([], [])
+    try:
+        outcomes, comparison = parse_report(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:  # JSON, UTF-8 and pydantic errors are ValueErrors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        try:
+            aside = _keep_aside(path)
+        except OSError as rename_error:  # then writing the new report will fail loudly, as it should
+            return PreviousReport([], [], f"{path} could not be read ({reason}) nor kept aside "
+                                          f"({rename_error}); this report lists only this run's tenants")
+        return PreviousReport([], [], f"the earlier {REPORT_JSON} could not be read ({reason}); it was kept "
+                                      f"as {aside.name} and this report lists only this run's tenants")
+    return PreviousReport(outcomes, comparison)
+
+
+def merge_outcomes(previous: Sequence[TenantOutcome], outcomes: Sequence[TenantOutcome]) -> list[TenantOutcome]:
+    """Every tenant's latest outcome: ``outcomes`` (this run's) replace the previous line of the
+    same tenant in place; previous tenants this run did not touch keep theirs; tenants new to
+    the report follow in this run's order."""
+    latest = {o.tenant: o for o in outcomes}
+    merged: dict[str, TenantOutcome] = {}  # insertion order: the previous report's, then this run's
+    for outcome in previous:  # a hand-edited report could list a tenant twice: the first line wins
+        merged.setdefault(outcome.tenant, latest.get(outcome.tenant, outcome))
+    for outcome in outcomes:
+        merged.setdefault(outcome.tenant, latest[outcome.tenant])
+    return list(merged.values())
+
+
+def merge_with_previous(report: SweepReport, folder: Path, compared: Collection[str] = ()) -> SweepReport:
+    """``report`` (this run's tenants) merged with the earlier report of the sweep id in ``folder``.
+
+    Tenants of this run replace their earlier lines; the others keep their latest outcome, so
+    the merged ``ok`` and summary cover every tenant the sweep id has run. Comparison rows
+    follow the same rule for the tenants this run ran a baseline for (``compared``). This run's
+    outcomes are stamped with the current time (``reported_at``).
+    """
+    now = _utc_stamp()
+    for outcome in report.outcomes:
+        outcome.reported_at = outcome.reported_at or now
+    previous = read_previous_report(folder)
+    replaced = set(compared) | {row.tenant for row in report.comparison}
+    comparison = [row for row in previous.comparison if row.tenant not in replaced] + list(report.comparison)
+    return SweepReport(report.sweep_id, report.wall_seconds, merge_outcomes(previous.outcomes, report.outcomes),
+                       comparison, ran=report.this_run,
+                       notes=list(report.notes) + ([previous.note] if previous.note else []))
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -79,16 +228,30 @@ def _cells(o: TenantOutcome) -> list[str]:
             o.error or ""]
 
 
+def _summary(report: SweepReport) -> str:
+    """One line: how many tenants of the sweep id succeeded, and which lines are older."""
+    line = f"{sum(o.ok for o in report.outcomes)} of {len(report.outcomes)} tenants succeeded"
+    earlier = report.earlier
+    if not earlier:
+        return f"{line} in {report.wall_seconds:.0f} s."
+    kept = ", ".join(f"{o.tenant} ({o.status}{', ' + o.reported_at if o.reported_at else ''})" for o in earlier)
+    return (f"{line}. This run ({report.wall_seconds:.0f} s): {', '.join(report.this_run) or 'no tenant'}; "
+            f"kept from earlier runs of this sweep id: {kept}.")
+
+
 def print_report(report: SweepReport, console: Console | None = None) -> None:
     """The summary table, coloured by status."""
     console = console or Console()
-    table = Table(*_COLUMNS, title=f"sweep {report.sweep_id} ({report.wall_seconds:.0f} s)")
+    table = Table(*_COLUMNS, title=f"sweep {report.sweep_id} ({report.wall_seconds:.0f} s)",
+                  caption=_summary(report) if report.earlier else None)
     colours = {"trained": "green", "skipped": "cyan", "invalid": "red", "failed": "red"}
     for outcome in report.outcomes:
         cells = _cells(outcome)
         cells[2] = f"[{colours.get(outcome.status, 'white')}]{outcome.status}[/]"
         table.add_row(*cells)
     console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
     if report.comparison:
         from farm.baseline import comparison_table
 
@@ -97,10 +260,9 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
 
 def markdown(report: SweepReport) -> str:
     """The summary table as Markdown."""
-    lines = [f"# Sweep `{report.sweep_id}`", "",
-             f"{sum(o.ok for o in report.outcomes)} of {len(report.outcomes)} tenants succeeded "
-             f"in {report.wall_seconds:.0f} s.", "",
-             "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines = [f"# Sweep `{report.sweep_id}`", "", _summary(report), ""]
+    lines += [f"Note: {note}" for note in report.notes] + ([""] if report.notes else [])
+    lines += ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for outcome in report.outcomes:
         cells = [c.replace("|", "\\|").replace("\n", " ") for c in _cells(outcome)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -138,17 +300,41 @@ def plot_losses(report: SweepReport, path: Path) -> Path | None:
     return path
 
 
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path | None:
+    """Have ``write`` fill a temporary file next to ``path``, flush it to disk and rename it over
+    ``path``: readers (and a crash) see the old file or the new one, never a partial one.
+    Returns ``path``, or None when ``write`` wrote nothing (``path`` is then left as it was)."""
+    # same folder (a rename never crosses file systems); the real suffix, so writers that pick
+    # a format from the name (matplotlib) still do
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        if not tmp.exists():
+            return None
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_report(report: SweepReport, folder: Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``loss_curves.png`` into ``folder``."""
+    """Write ``report.json``, ``report.md`` and ``loss_curves.png`` into ``folder``, each atomically.
+
+    ``report`` is written as given: ``merge_with_previous`` is what keeps earlier tenants' lines.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
-    paths["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    paths["markdown"].write_text(markdown(report))
-    png = plot_losses(report, folder / "loss_curves.png")
+    text = json.dumps(report.to_json(), indent=2) + "\n"
+    paths = {"json": replace_atomically(folder / REPORT_JSON, lambda p: p.write_text(text, encoding="utf-8")),
+             "markdown": replace_atomically(folder / REPORT_MD,
+                                            lambda p: p.write_text(markdown(report), encoding="utf-8"))}
+    png = replace_atomically(folder / "loss_curves.png", lambda p: plot_losses(report, p))
     if png:
         paths["png"] = png
     if report.comparison:
         from farm.baseline import plot_comparison
 
-        paths["comparison_png"] = plot_comparison(report.comparison, folder / "lora_vs_full.png")
+        paths["comparison_png"] = replace_atomically(folder / "lora_vs_full.png",
+                                                     lambda p: plot_comparison(report.comparison, p))
     return paths

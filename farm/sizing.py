@@ -201,11 +201,20 @@ def pack_memory(plans: list[MemoryPlan]) -> int:
         sum(line.bytes for plan in plans for line in plan.lines if line.name not in shared)
 
 
-def plan_packs(jobs: list[TenantJob], capacity: Capacity) -> list[Pack]:
+def plan_packs(jobs: list[TenantJob], capacity: Capacity, max_training: int | None = None) -> list[Pack]:
     """Group tenants into co-training packs: same pack key (base, row layout), as many slots
     as fit one device by memory and the step-token budget, as many packs as the cluster has
-    worker slots (each pack's queue refills its slots as tenants finish)."""
+    worker slots (each pack's queue refills its slots as tenants finish).
+
+    ``max_training`` (the sweep's ``--max-concurrent``: tenants training at once) caps a pack's
+    slots, since a pack trains that many tenants at once, and the number of packs per group to
+    those that could train side by side within it (more would only wait, each holding its own
+    copy of the base, while one pack's queue does the same work).
+    """
     from farm.train.cotrain import pack_key
+
+    if max_training is not None and max_training < 1:
+        raise ValueError(f"max_training must be at least 1, got {max_training}")
 
     groups: dict[tuple, list[TenantJob]] = {}
     for job in jobs:
@@ -216,11 +225,14 @@ def plan_packs(jobs: list[TenantJob], capacity: Capacity) -> list[Pack]:
         plans = {job.tenant: plan_memory(shape, adapter_request(job, capacity, shape)) for job in group}
         biggest = max(plans.values(), key=lambda plan: plan.total_bytes)
         tokens = max(job.settings.train.batch_size * job.settings.data.max_seq_len for job in group)
-        slots = max(1, min(MAX_SLOTS, len(group), STEP_TOKEN_BUDGET[capacity.kind] // tokens))
+        slots = max(1, min(MAX_SLOTS, len(group), STEP_TOKEN_BUDGET[capacity.kind] // tokens,
+                           max_training or MAX_SLOTS))
         if capacity.device_bytes is not None:
             while slots > 1 and pack_memory([biggest] * slots) > capacity.device_bytes:
                 slots -= 1
         count = max(1, min(max(capacity.devices, 1), -(-len(group) // slots)))
+        if max_training is not None:
+            count = max(1, min(count, max_training // slots))
         # Largest tenants first, dealt round-robin, so packs finish at about the same time.
         order = sorted(group, key=lambda j: -j.settings.train.max_steps * j.settings.train.batch_size)
         queues = [order[i::count] for i in range(count)]

@@ -14,7 +14,7 @@ Layout of ``<output_dir>/<sweep_id>/``::
 
     <tenant>/adapter/          the final PEFT adapter (safetensors), copied by the driver
     <tenant>/result.json       metrics of the run that produced it (+ its registry serve name)
-    report.json, report.md, loss_curves.png
+    report.json, report.md, loss_curves.png    every tenant any run of this sweep id ran (latest outcome)
     .ray/<tenant>/             Ray Train's run folder (checkpoints) unless --storage is given
 """
 
@@ -36,7 +36,7 @@ from rich.console import Console
 
 from farm.data import DataError, load_tenant_data
 from farm.models import load_tokenizer
-from farm.report import SweepReport, TenantOutcome, print_report, write_report
+from farm.report import SweepReport, TenantOutcome, merge_with_previous, print_report, write_report
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
 from farm.methods import method_info
 from farm.spec import ResolvedSweep, ResourceSpec, SpecError, TenantJob
@@ -54,9 +54,41 @@ class SweepOptions:
 
     sweep_id: str
     tenants: tuple[str, ...] | None = None  # None: every tenant of the spec
-    max_concurrent: int | None = None       # None: as many as the cluster takes
+    # Tenants training at once (a co-training pack counts its slots); None: as many as the cluster takes
+    max_concurrent: int | None = None
     storage: str | None = None              # Ray Train storage root; default: <sweep dir>/.ray
     progress_every_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
+
+
+#: A work unit of the sweep: ("tenant", name) trains one tenant alone, ("pack", Pack) co-trains a pack.
+Unit = tuple[str, object]
+
+
+def unit_tenants(unit: Unit) -> int:
+    """How many tenants a work unit trains at once: one alone, a pack's slots for a pack
+    (its queue refills them as tenants finish, so never more)."""
+    kind, item = unit
+    return item.slots if kind == "pack" else 1
+
+
+def admit(queue: list[Unit], training: int, limit: int) -> list[Unit]:
+    """Take from ``queue`` (in order, first fit) the units that can start while ``training``
+    tenants train, keeping tenants training at once within ``limit``; returns them, removed
+    from ``queue``. A unit larger than the limit (the planner never makes one) starts alone
+    once nothing trains, so the sweep cannot stall on it."""
+    taken: list[Unit] = []
+    for unit in list(queue):
+        if training + unit_tenants(unit) <= limit:
+            taken.append(unit)
+            training += unit_tenants(unit)
+            queue.remove(unit)
+    if not taken and training == 0 and queue:
+        taken.append(queue.pop(0))
+    return taken
 
 
 @dataclass(frozen=True)
@@ -412,7 +444,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     submitted: dict[str, float] = {}
     printed: dict[str, int] = {}
     # Work units: a tenant alone, or a pack of tenants co-trained by one worker (packing: auto).
-    units: list[tuple[str, object]] = [("tenant", name) for name in pending]
+    units: list[Unit] = [("tenant", name) for name in pending]
     packs: list[Pack] = []
     if sweep.spec.resources.packing == "auto":
         # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
@@ -426,7 +458,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             console.print(f"train alone, their methods cannot share a batch: {', '.join(alone)}",
                           markup=False, highlight=False)
         if len(packable) > 1:
-            packs = plan_packs([sweep.job(n) for n in packable], capacity)
+            packs = plan_packs([sweep.job(n) for n in packable], capacity, options.max_concurrent)
             for pack in packs:
                 console.print(pack.note, markup=False, highlight=False)
             units = [("tenant", n) for n in pending if n not in packable] + [("pack", p) for p in packs]
@@ -445,18 +477,20 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                       f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
         hand_off(name, outcomes[name])
 
-    limit = options.max_concurrent or len(units) or 1
+    # --max-concurrent counts tenants training at once: a pack counts as many as its slots.
+    limit = options.max_concurrent or sum(unit_tenants(u) for u in units) or 1
+    if options.max_concurrent and units:
+        console.print(f"at most {limit} tenant(s) train at once (--max-concurrent)", markup=False, highlight=False)
     if sweep.spec.resources.request_up_front and units:
         # The autoscaler sees queued work only as it is submitted; asking for the whole first
         # wave at once lets it add every node it needs in one go.
-        demand = [bundle for kind, item in units[:limit]
+        demand = [bundle for kind, item in admit(list(units), 0, limit)
                   for bundle in resources[item if kind == "tenant" else item.tenants[0]].demand()]
         _request_resources(demand, console)
 
     queue = list(units)
     while queue or running:
-        while queue and len(running) < limit:
-            kind, item = queue.pop(0)
+        for kind, item in admit(queue, sum(unit_tenants(u) for u in running.values()), limit):
             if kind == "tenant":
                 name = item
                 job: TenantJob = sweep.job(name)
@@ -517,7 +551,12 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
 
     for name in names:  # sweeps may mix methods: every line says which one
         outcomes[name].method = method_label(sweep.job(name))
-    report = SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names], comparison)
+    # The report covers every tenant this sweep id has run: this run's tenants replace their
+    # earlier lines, the others keep theirs (errors included), read from the earlier report.json.
+    compared = [n for n in names if sweep.spec.baseline and n in sweep.spec.baseline.tenants]
+    report = merge_with_previous(
+        SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names], comparison),
+        out, compared)
     print_report(report, console)
     paths = write_report(report, out)
     console.print("report: " + ", ".join(str(p) for p in paths.values()))

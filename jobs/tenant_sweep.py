@@ -5,9 +5,10 @@
 
 Under ``ray job submit`` it joins that cluster; run directly it connects to a running local
 cluster (``ray start --head``) or starts one. Re-running with the same ``--sweep-id`` skips
-finished tenants and resumes interrupted ones from their last checkpoint. Exit code 0 means
-every tenant succeeded; 1 means at least one is invalid or failed (see the report); 2 means
-the spec itself is invalid.
+finished tenants and resumes interrupted ones from their last checkpoint; its report keeps the
+latest outcome of every tenant the sweep id has run, including those not asked for this time.
+Exit code 0 means every tenant this run was asked for succeeded; 1 means at least one of them
+is invalid or failed (see the report); 2 means the spec itself is invalid.
 """
 
 from __future__ import annotations
@@ -18,12 +19,25 @@ import sys
 from pathlib import Path
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="sweep spec YAML")
     parser.add_argument("--tenants", help="comma-separated subset of the spec's tenants")
     parser.add_argument("--sweep-id", help="sweep id (default: the spec's name); reuse it to resume")
-    parser.add_argument("--max-concurrent", type=int, help="tenants training at once (default: all)")
+    parser.add_argument("--max-concurrent", type=_at_least_one, metavar="N",
+                        help="at most N tenants training at once; a co-training pack counts as the tenants it "
+                             "trains at once (its slots) and is planned with at most N (default: as many as "
+                             "the cluster takes)")
     # On a cluster these come from the environment its definition sets (cluster/*.yaml).
     parser.add_argument("--storage", default=os.environ.get("FARM_STORAGE"),
                         help="Ray Train storage root shared by all nodes (folder or s3://...); default $FARM_STORAGE")
@@ -80,7 +94,9 @@ def main(argv: list[str] | None = None, extra_overrides: dict | None = None) -> 
     except SpecError as exc:  # refused up front (a method this cluster cannot run): nothing started
         print(exc, file=sys.stderr)
         return 2
-    return 0 if report.ok else 1
+    # report.ok covers every tenant of the sweep id, earlier runs' included; the exit code
+    # answers for what this run was asked to do, so re-running the failed tenants can exit 0.
+    return 0 if report.ran_ok else 1
 
 
 if __name__ == "__main__":

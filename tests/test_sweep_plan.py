@@ -117,3 +117,187 @@ def test_spec_rejects_a_baseline_for_an_unknown_tenant(base_model_dir):
            "baseline": {"tenants": ["nobody"]}, "tenants": [{"name": "acme", "data": {"path": "x.jsonl"}}]}
     with pytest.raises(SpecError, match="'nobody' not among the spec's tenants"):
         parse_spec(raw)
+
+
+# --- re-runs merge reports (issue 16) -------------------------------------------------------
+
+def _earlier_report(folder):
+    """What a first run of sweep S left: a and b trained, c failed."""
+    from farm.report import merge_with_previous, write_report
+
+    first = SweepReport("S", 30.0, [
+        TenantOutcome("a", "trained", steps=5, losses=[(1, 2.0), (5, 1.0)]),
+        TenantOutcome("b", "invalid", error="line 2: field 'text': expected a string"),
+        TenantOutcome("c", "failed", error="RuntimeError: c ran out of retries | worker died")])
+    write_report(merge_with_previous(first, folder), folder)
+
+
+def test_a_rerun_of_some_tenants_keeps_the_others_latest_outcome_errors_included(tmp_path):
+    from farm.report import merge_with_previous, write_report
+
+    _earlier_report(tmp_path)
+    again = SweepReport("S", 4.0, [TenantOutcome("a", "skipped", steps=5), TenantOutcome("b", "trained", steps=5)])
+    merged = merge_with_previous(again, tmp_path)
+    paths = write_report(merged, tmp_path)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    by_name = {t["tenant"]: t for t in report["tenants"]}
+    assert [t["tenant"] for t in report["tenants"]] == ["a", "b", "c"]  # the earlier report's order
+    assert by_name["a"]["status"] == "skipped" and by_name["b"]["status"] == "trained"  # this run's lines
+    assert by_name["c"]["status"] == "failed" and by_name["c"]["error"].startswith("RuntimeError: c ran out")
+    assert report["ok"] is False and report["this_run"] == ["a", "b"]
+    assert all(t["reported_at"] for t in report["tenants"])
+    assert merged.ran_ok and not merged.ok  # the job's exit code answers for a and b only
+    text = (tmp_path / "report.md").read_text()
+    assert "2 of 3 tenants succeeded" in text and "kept from earlier runs of this sweep id: c (failed" in text
+    assert "| c | " in text and "RuntimeError: c ran out of retries \\| worker died" in text
+    assert set(paths) >= {"json", "markdown"} and not list(tmp_path.glob(".*tmp*"))
+
+    # a third run of c alone: its new line replaces the failure; a and b keep this run's lines
+    third = merge_with_previous(SweepReport("S", 3.0, [TenantOutcome("c", "trained", steps=5)]), tmp_path)
+    assert [(o.tenant, o.status) for o in third.outcomes] == [("a", "skipped"), ("b", "trained"), ("c", "trained")]
+    assert third.ok and "3 of 3 tenants succeeded" in markdown(third)
+
+
+def test_a_first_run_reports_as_before(tmp_path):
+    from farm.report import merge_with_previous
+
+    report = merge_with_previous(SweepReport("S", 12.0, [TenantOutcome("a", "trained")]), tmp_path)
+    assert report.this_run == ["a"] and report.earlier == [] and report.notes == []
+    assert "1 of 1 tenants succeeded in 12 s." in markdown(report)
+
+
+@pytest.mark.parametrize("content", [b'{"sweep_id": "S", "tenants": [{"tenant": "c", "sta',  # cut short
+                                     b"\xff\xfe\x00garbage",  # not UTF-8
+                                     b'{"sweep_id": "S", "tenants": [{"tenant": "c"}]}',  # no status
+                                     b'{"sweep_id": "S", "tenants": [{"tenant": "c", "status": "failed", '
+                                     b'"steps": "many"}]}',  # a field of the wrong type
+                                     b'["not", "a", "report"]'])
+def test_an_unreadable_earlier_report_is_kept_aside_not_deleted_and_the_sweep_goes_on(tmp_path, content):
+    from farm.report import merge_with_previous, write_report
+
+    (tmp_path / "report.json").write_bytes(content)
+    report = merge_with_previous(SweepReport("S", 1.0, [TenantOutcome("a", "trained")]), tmp_path)
+    kept = list(tmp_path.glob("report.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == content
+    assert not (tmp_path / "report.json").exists()
+    assert [o.tenant for o in report.outcomes] == ["a"]
+    assert len(report.notes) == 1 and kept[0].name in report.notes[0] and "could not be read" in report.notes[0]
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["notes"] == report.notes
+    assert kept[0].name in (tmp_path / "report.md").read_text()
+    # a second bad file later is kept next to the first, never over it
+    (tmp_path / "report.json").write_bytes(content)
+    merge_with_previous(SweepReport("S", 1.0, [TenantOutcome("a", "trained")]), tmp_path)
+    assert len(list(tmp_path.glob("report.json.unreadable-*"))) == 2
+
+
+def test_outcomes_load_from_older_and_newer_reports():
+    old = {"tenant": "a", "status": "trained", "steps": 3, "losses": [[1, 2.5]], "eval_loss_after": 1.0}
+    outcome = TenantOutcome.from_json(old)  # written before reported_at existed
+    assert outcome.reported_at is None and outcome.losses == [(1, 2.5)] and outcome.ok
+    newer = TenantOutcome.from_json({**old, "reported_at": "2030-01-01T00:00:00Z", "a_future_field": {"x": 1}})
+    assert newer.reported_at == "2030-01-01T00:00:00Z"
+    for bad in ({"status": "trained"}, {"tenant": "a", "status": "failed", "losses": [[1, "x"]]}, ["a"]):
+        with pytest.raises(ValueError):
+            TenantOutcome.from_json(bad)
+    from dataclasses import asdict
+
+    assert TenantOutcome.from_json(asdict(newer)) == newer  # the JSON shape round-trips
+
+
+def test_a_report_file_is_replaced_whole_or_not_at_all(tmp_path):
+    from farm.report import replace_atomically
+
+    target = tmp_path / "report.json"
+    target.write_text("the earlier report\n")
+
+    def crash(path):
+        path.write_text('{"half": ')
+        raise KeyboardInterrupt  # the driver killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically(target, crash)
+    assert target.read_text() == "the earlier report\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert replace_atomically(target, lambda p: p.write_text("new\n")) == target and target.read_text() == "new\n"
+    assert replace_atomically(tmp_path / "none.png", lambda p: None) is None  # nothing drawn: nothing written
+
+
+def test_comparison_rows_of_tenants_not_compared_this_time_are_kept(tmp_path):
+    from farm.baseline import ComparisonRow
+    from farm.report import merge_with_previous, write_report
+
+    def row(tenant: str, run: str) -> ComparisonRow:
+        return ComparisonRow(tenant, run, 1, 3, 2.0, 1.0, 5.0, 4.0, 100.0, 2**20, 2**20, 10, 2**10, [(1, 2.0)])
+
+    first = SweepReport("S", 1.0, [TenantOutcome("a", "trained"), TenantOutcome("b", "trained")],
+                        [row("a", "lora r8"), row("a", "full ZeRO-2"), row("b", "lora r8"), row("b", "full ZeRO-2")])
+    write_report(merge_with_previous(first, tmp_path, compared=["a", "b"]), tmp_path)
+    again = merge_with_previous(SweepReport("S", 1.0, [TenantOutcome("b", "skipped")], []), tmp_path, compared=["b"])
+    assert [(r.tenant, r.run) for r in again.comparison] == [("a", "lora r8"), ("a", "full ZeRO-2")]
+    assert again.comparison[0].losses == [(1, 2.0)]
+
+
+# --- --max-concurrent counts tenants training at once (issue 16) -----------------------------
+
+def _pack(name: str, tenants: tuple[str, ...], slots: int):
+    from farm.sizing import Pack
+
+    return Pack(name, tenants, slots, 0, "")
+
+
+def test_max_concurrent_counts_a_pack_as_the_tenants_it_trains_at_once():
+    from farm.sweep import admit, unit_tenants
+
+    pack = ("pack", _pack("pack-1", ("a", "b", "c", "d"), 3))
+    assert unit_tenants(pack) == 3 and unit_tenants(("tenant", "e")) == 1
+    queue = [pack, ("tenant", "e"), ("tenant", "f")]
+    assert admit(queue, 0, 4) == [pack, ("tenant", "e")]  # 3 + 1 tenants training
+    assert admit(queue, 4, 4) == [] and queue == [("tenant", "f")]
+    assert admit(queue, 3, 4) == [("tenant", "f")] and queue == []
+    # one at a time: a lone tenant waits while another trains
+    queue = [("tenant", "a"), ("tenant", "b")]
+    assert admit(queue, 0, 1) == [("tenant", "a")] and admit(queue, 1, 1) == []
+    # first fit: a pack that does not fit yet lets a lone tenant behind it start
+    queue = [("pack", _pack("pack-2", ("x", "y"), 2)), ("tenant", "z")]
+    assert admit(queue, 1, 2) == [("tenant", "z")]
+    # a unit larger than the limit (the planner never makes one) starts alone rather than never
+    queue = [("pack", _pack("pack-3", ("x", "y"), 2))]
+    assert admit(queue, 1, 1) == [] and len(admit(queue, 0, 1)) == 1
+
+
+def test_packs_are_planned_within_max_concurrent(base_model_dir):
+    from farm.plan import GiB
+    from farm.sizing import Capacity, plan_packs
+    from farm.spec import parse_spec
+
+    raw = {"name": "s", "base_model": {"name_or_path": str(base_model_dir)},
+           "defaults": {"train": {"batch_size": 2}, "data": {"max_seq_len": 64}},
+           "tenants": [{"name": n, "data": {"path": "x.jsonl"}} for n in ("a", "b", "c", "d", "e")]}
+    sweep = parse_spec(raw)
+    jobs = [sweep.job(n) for n in sweep.jobs]
+    capacity = Capacity("cpu", 16 * GiB, 4, "ray")
+
+    def plan(limit):
+        return [(p.slots, len(p.tenants)) for p in plan_packs(jobs, capacity, limit)]
+
+    assert plan(None) == [(5, 5)]          # all five at once in one pack
+    assert plan(1) == [(1, 5)]             # --max-concurrent 1: one pack training one tenant at a time
+    assert plan(2) == [(2, 5)]             # one pack of two slots, not two packs that could not run together
+    assert plan(3) == [(3, 5)]
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_packs(jobs, capacity, 0)
+    # more tenants than one pack's slots: two packs side by side, unless the limit allows one only
+    many = [sweep.job("a").model_copy(update={"tenant": f"t{i}"}) for i in range(10)]
+    assert [(p.slots, len(p.tenants)) for p in plan_packs(many, capacity)] == [(5, 5), (5, 5)]
+    assert [(p.slots, len(p.tenants)) for p in plan_packs(many, capacity, 6)] == [(6, 10)]
+    assert [(p.slots, len(p.tenants)) for p in plan_packs(many, capacity, 16)] == [(5, 5), (5, 5)]
+    assert [(p.slots, len(p.tenants)) for p in plan_packs(many, capacity, 4)] == [(4, 10)]
+
+
+def test_max_concurrent_must_be_at_least_one():
+    from farm.sweep import SweepOptions
+
+    with pytest.raises(ValueError, match="at least 1"):
+        SweepOptions(sweep_id="s", max_concurrent=0)
+    assert SweepOptions(sweep_id="s", max_concurrent=2).max_concurrent == 2
