@@ -50,6 +50,8 @@ class TenantOutcome:
     # When the run that produced this outcome wrote it (UTC, ISO 8601); None in reports written
     # before this field existed. Tells a re-run's own lines from those kept from earlier runs.
     reported_at: str | None = None
+    # What its data became (farm.data.DataReport.to_json): records read, used, skipped, ...
+    data: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -239,8 +241,20 @@ def _summary(report: SweepReport) -> str:
             f"kept from earlier runs of this sweep id: {kept}.")
 
 
+def _data_rows(report: SweepReport) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The data table: for each tenant whose data was read, the columns of `farm data check`."""
+    from farm.data import DataReport
+
+    rows = []
+    for outcome in report.outcomes:
+        if outcome.data:
+            cells = DataReport.from_json(outcome.data).columns()
+            rows.append([outcome.tenant, *[cells[c] for c in DataReport.COLUMNS]])
+    return ("tenant", *DataReport.COLUMNS), rows
+
+
 def print_report(report: SweepReport, console: Console | None = None) -> None:
-    """The summary table, coloured by status."""
+    """The summary table, coloured by status, then what each tenant's data became."""
     console = console or Console()
     table = Table(*_COLUMNS, title=f"sweep {report.sweep_id} ({report.wall_seconds:.0f} s)",
                   caption=_summary(report) if report.earlier else None)
@@ -250,6 +264,12 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
         cells[2] = f"[{colours.get(outcome.status, 'white')}]{outcome.status}[/]"
         table.add_row(*cells)
     console.print(table)
+    header, rows = _data_rows(report)
+    if rows:
+        data_table = Table(*header, title="tenant data")
+        for row in rows:
+            data_table.add_row(*row)
+        console.print(data_table)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     if report.comparison:
@@ -266,6 +286,10 @@ def markdown(report: SweepReport) -> str:
     for outcome in report.outcomes:
         cells = [c.replace("|", "\\|").replace("\n", " ") for c in _cells(outcome)]
         lines.append("| " + " | ".join(cells) + " |")
+    header, rows = _data_rows(report)
+    if rows:
+        lines += ["", "## Tenant data", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "![loss curves](loss_curves.png)", ""]
     if report.comparison:
         from farm.baseline import comparison_markdown

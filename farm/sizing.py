@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from farm.data import pipeline_bytes
 from farm.methods import planner_fields
 from farm.plan import GiB, MemoryPlan, ModelShape, PlanRequest, jobs_per_device, load_shape, plan_memory
 from farm.spec import BaselineSpec, ResourceSpec, TenantJob
@@ -129,7 +130,10 @@ def size_adapter(job: TenantJob, resources: ResourceSpec, capacity: Capacity) ->
     elif resources.gpus_per_worker == "auto":
         updates["gpus_per_worker"] = 0.0
     if capacity.kind == "cpu" and resources.memory_per_worker is None:
-        updates["memory_per_worker"] = plan.total_bytes
+        # On CPU the worker's memory is the host's: the data pipeline shares it with the model.
+        data = pipeline_bytes(job.settings.data)
+        updates["memory_per_worker"] = plan.total_bytes + data
+        note += f" + {data / GiB:.2f} GB data pipeline"
     return Sizing(resources.model_copy(update=updates), plan.total_bytes, note)
 
 
@@ -241,6 +245,8 @@ def plan_packs(jobs: list[TenantJob], capacity: Capacity, max_training: int | No
             slot_count = min(slots, len(queue))
             memory = pack_memory([plans[j.tenant] for j in sorted(queue, key=lambda j: -plans[j.tenant].total_bytes)
                                   [:slot_count]])
+            if capacity.kind == "cpu":  # host memory: tenants load their data one at a time
+                memory += max(pipeline_bytes(j.settings.data) for j in queue)
             packs.append(Pack(name, tuple(j.tenant for j in queue), slot_count, memory,
                               f"{name}: {', '.join(j.tenant for j in queue)} ({slot_count} at a time, "
                               f"planned {memory / GiB:.2f} GB)"))

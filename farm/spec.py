@@ -56,7 +56,7 @@ class DataSpec(StrictModel):
     format: Literal["auto", "chat", "sharegpt", "alpaca", "completion", "text"] = Field("auto", description="record schema; auto detects it from the first record")
     encoding: Optional[str] = Field(None, description="text encoding of the files (for example cp1252); null: UTF-8, with or without a byte-order mark")
     split: str = Field("train", min_length=1, description="the split to read from a saved DatasetDict")
-    max_record_mb: int = Field(64, ge=1, le=1024, description="largest single record (a line, row or item) read, in MiB; a larger one is a bad record")
+    max_record_mb: int = Field(16, ge=1, le=1024, description="largest single record (a line, row or item) read, in MiB; a larger one is a bad record")
     max_seq_len: int = Field(512, ge=8, le=131072, description="tokens per training row")
     packing: bool = Field(True, description="pack several examples into each row (no cross-example attention); prefix and prompt tuning always train one example per row")
     train_on: Literal["completions", "all"] = Field("completions", description="which tokens carry loss: assistant answers only, or everything")

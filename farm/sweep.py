@@ -34,7 +34,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from farm.data import DataError, load_tenant_data
+from farm.data import DataError, DataReport, load_tenant_data
 from farm.models import load_tokenizer
 from farm.report import SweepReport, TenantOutcome, merge_with_previous, print_report, write_report
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
@@ -208,18 +208,21 @@ def check_methods_can_run(sweep: ResolvedSweep, tenants: list[str], capacity: Ca
         raise SpecError(sweep.source, problems)
 
 
-def validate_tenants(sweep: ResolvedSweep, tenants: list[str]) -> dict[str, str]:
-    """Check every tenant's data up front; returns tenant -> error for the invalid ones."""
+def validate_tenants(sweep: ResolvedSweep, tenants: list[str]) -> tuple[dict[str, str], dict[str, DataReport]]:
+    """Check every tenant's data up front: (tenant -> error for the invalid ones, tenant ->
+    data report for the others). Anything not used as is (skipped, dropped, truncated) is printed."""
     tokenizer = load_tokenizer(sweep.spec.base_model)
     errors: dict[str, str] = {}
+    reports: dict[str, DataReport] = {}
     for name in tenants:
         try:
-            report = load_tenant_data(name, sweep.job(name).settings.data, tokenizer).report
-            if report.bad:
-                print(report.summary(), flush=True)
+            report = reports[name] = load_tenant_data(name, sweep.job(name).settings.data, tokenizer).report
         except DataError as exc:
             errors[name] = str(exc)
-    return errors
+            continue
+        if report.skipped or report.dropped or report.truncated:
+            print(report.summary(), flush=True)
+    return errors, reports
 
 
 def _publish_adapter(checkpoint, destination: Path) -> dict:
@@ -417,7 +420,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     # the whole spec is refused here, before any tenant's data is read or any trainer starts.
     capacity = cluster_capacity(sweep.spec.resources)
     check_methods_can_run(sweep, pending, capacity)
-    for name, error in validate_tenants(sweep, pending).items():
+    errors, data_reports = validate_tenants(sweep, pending)
+    for name, error in errors.items():
         outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
         console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
         pending.remove(name)
@@ -551,6 +555,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
 
     for name in names:  # sweeps may mix methods: every line says which one
         outcomes[name].method = method_label(sweep.job(name))
+        if name in data_reports:  # what its data became, as `farm data check` shows it
+            outcomes[name].data = data_reports[name].to_json()
     # The report covers every tenant this sweep id has run: this run's tenants replace their
     # earlier lines, the others keep theirs (errors included), read from the earlier report.json.
     compared = [n for n in names if sweep.spec.baseline and n in sweep.spec.baseline.tenants]

@@ -80,9 +80,13 @@ def test_planner_packs_lora_jobs_per_gpu_and_refuses_what_cannot_fit(base_model_
     three = size_adapter(job, ResourceSpec(gpus_per_worker="auto"), Capacity("gpu", 3 * planned + 1, 4, "spec"))
     assert three.resources.gpus_per_worker == round(1 / 3, 4)
     assert trainer_resources(three.resources).resources_per_worker["GPU"] == round(1 / 3, 4)
-    # CPU clusters: no GPU, and Ray's memory resource reserves the plan per worker
+    # CPU clusters: no GPU, and Ray's memory resource reserves the plan plus the data pipeline
+    from farm.data import pipeline_bytes
+
     cpu = size_adapter(job, ResourceSpec(gpus_per_worker="auto"), Capacity("cpu", 16 * GiB, 2, "ray"))
-    assert trainer_resources(cpu.resources).resources_per_worker == {"CPU": 1.0, "memory": cpu.planned_bytes}
+    assert trainer_resources(cpu.resources).resources_per_worker == {
+        "CPU": 1.0, "memory": cpu.planned_bytes + pipeline_bytes(job.settings.data)}
+    assert "data pipeline" in cpu.note
     # a job no device can hold is refused with the numbers
     with pytest.raises(DoesNotFit, match=r"tenant 'acme': a lora worker needs .* GB \(weights .*\), more than"):
         size_adapter(job, ResourceSpec(gpus_per_worker=1), Capacity("gpu", planned // 2, 4, "spec"))

@@ -22,7 +22,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from farm.data.readers import SHAPES, DataError, ReadOptions, read_records
 from farm.data.records import FORMATS, ROLE_ALIASES, Chat, NothingToLearn, RecordError, detect_format, kind, normalize_record
@@ -33,7 +33,7 @@ from farm.spec import DataSpec
 __all__ = ["BATCH", "SHAPES", "FORMATS", "ROLE_ALIASES", "IGNORE_INDEX", "BadRecord", "Chat", "DataError",
            "DataReport", "Example", "ExampleStore", "NothingToLearn", "ReadOptions", "RecordError", "Renderer",
            "Rows", "TenantData", "detect_format", "kind", "load_tenant_data", "max_token_chars",
-           "normalize_record", "pack_lengths", "pack_rows", "preview_examples", "read_options", "read_records",
+           "normalize_record", "pack_lengths", "pack_rows", "pipeline_bytes", "preview_examples", "read_options", "read_records",
            "split_indices", "tenant_examples"]
 
 BATCH = 512        # records rendered and tokenised per call
@@ -118,6 +118,14 @@ class DataReport:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict) -> "DataReport":
+        """A report from ``to_json``'s output (keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["bad"] = [BadRecord(**b) for b in values.get("bad", [])]
+        return cls(**values)
+
 
 @dataclass
 class TenantData:
@@ -126,6 +134,18 @@ class TenantData:
     train: Rows
     eval: Rows
     report: DataReport
+
+
+def pipeline_bytes(spec: DataSpec) -> int:
+    """Host memory a tenant's data pipeline may take at its peak, on top of the process itself.
+
+    The batch being rendered (BATCH examples of up to max_seq_len tokens as Python lists of
+    ids and labels, about 80 bytes a token with the rendered text), the largest record while it
+    is parsed (its bytes, its text and the parsed strings: 4x data.max_record_mb), and the
+    read buffers. The examples themselves are spilled to a file, and memory-mapped rows are
+    page cache the kernel can reclaim, so neither counts.
+    """
+    return BATCH * spec.max_seq_len * 80 + 4 * (spec.max_record_mb << 20) + (8 << 20)
 
 
 def read_options(spec: DataSpec) -> ReadOptions:

@@ -65,7 +65,7 @@ class ReadOptions:
 
     encoding: str | None = None      # None: UTF-8, with or without a byte-order mark
     split: str = "train"             # the split of a saved DatasetDict
-    max_record_bytes: int = 64 << 20
+    max_record_bytes: int = 16 << 20
 
 
 def read_records(uri: str, tenant: str, options: ReadOptions = ReadOptions()) -> Iterator[tuple[str, Any]]:
@@ -217,7 +217,7 @@ class _Reader:
 
     def read(self, size: int = CHUNK) -> bytes:
         if self._head:
-            head, self._head = self._head, b""
+            head, self._head = self._head[:size], self._head[size:]
             return head
         try:
             return self.stream.read(size)
