@@ -19,21 +19,26 @@ is counted (``no_assistant``), never an error.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
 
 from farm.data.readers import SHAPES, DataError, ReadOptions, read_records
-from farm.data.records import FORMATS, ROLE_ALIASES, Chat, NothingToLearn, RecordError, detect_format, kind, normalize_record
+from farm.data.records import (FORMATS, ROLE_ALIASES, Chat, JsonText, NothingToLearn, RecordError, detect_format, kind,
+                                normalize_record, parse_json)
+from farm.data.parallel import BatchPreparer, pipeline_workers
+from farm.data.prepare import PreparedBatch, canonical_json, prepare_batch
 from farm.data.render import Renderer, max_token_chars
 from farm.data.rows import IGNORE_INDEX, Example, ExampleStore, Rows, pack_lengths, pack_rows, split_indices
 from farm.spec import DataSpec
 
-__all__ = ["BATCH", "SHAPES", "FORMATS", "ROLE_ALIASES", "IGNORE_INDEX", "BadRecord", "Chat", "DataError",
-           "DataReport", "Example", "ExampleStore", "NothingToLearn", "ReadOptions", "RecordError", "Renderer",
+__all__ = ["BATCH", "SHAPES", "FORMATS", "ROLE_ALIASES", "IGNORE_INDEX", "BadRecord", "BatchPreparer", "Chat",
+           "DataError", "DataReport", "Example", "ExampleBatch", "ExampleStore", "JsonText", "PreparedBatch",
+           "canonical_json", "parse_json", "prepare_batch", "NothingToLearn", "ReadOptions", "RecordError", "Renderer",
            "Rows", "TenantData", "detect_format", "kind", "load_tenant_data", "max_token_chars",
-           "normalize_record", "pack_lengths", "pack_rows", "pipeline_bytes", "preview_examples", "read_options", "read_records",
+           "normalize_record", "pack_lengths", "pack_rows", "pipeline_bytes", "pipeline_workers", "preview_examples", "read_options", "read_records",
            "split_indices", "tenant_examples"]
 
 BATCH = 512        # records rendered and tokenised per call
@@ -153,16 +158,37 @@ def read_options(spec: DataSpec) -> ReadOptions:
     return ReadOptions(encoding=spec.encoding, split=spec.split, max_record_bytes=spec.max_record_mb << 20)
 
 
-def tenant_examples(tenant: str, spec: DataSpec, tokenizer, report: DataReport) -> Iterator[tuple[str, Example]]:
-    """Yield ``(location, example)`` for every usable record, counting everything else in ``report``.
+@dataclass
+class ExampleBatch:
+    """Usable examples of a batch of records, after the tenant's policies, back to back."""
 
-    Records are rendered and tokenised ``BATCH`` at a time; the policies of ``spec``
-    (``on_bad_record``, ``too_long``) are applied here, so every consumer sees the same examples.
+    locations: list[str]
+    ids: np.ndarray       # int32
+    trained: np.ndarray   # uint8
+    lengths: list[int]
+    targets: list[int]    # tokens that carry loss after the next-token shift, per example
+
+    def example(self, k: int) -> Example:
+        start = sum(self.lengths[:k])
+        ids = self.ids[start: start + self.lengths[k]].tolist()
+        trained = self.trained[start: start + self.lengths[k]].tolist()
+        return Example(ids, [t if on else IGNORE_INDEX for t, on in zip(ids, trained)])
+
+
+def tenant_examples(tenant: str, spec: DataSpec, tokenizer, report: DataReport) -> Iterator[ExampleBatch]:
+    """Yield the usable examples of a tenant's dataset, batch by batch, counting everything
+    else in ``report``.
+
+    Records are prepared (parsed, normalised, rendered, tokenised) ``BATCH`` at a time, on
+    worker processes once a dataset is large (``farm.data.parallel``); the policies of ``spec``
+    (``on_bad_record``, ``too_long``) are applied here, in record order, so every consumer sees
+    the same examples.
     """
     source = report.source
-    renderer = Renderer(tokenizer, spec.train_on, spec.max_seq_len)
+    preparer = BatchPreparer(Renderer(tokenizer, spec.train_on, spec.max_seq_len))
     digest = hashlib.sha256()
-    pending: list[tuple[str, Chat | str]] = []
+    pending: list[tuple[str, Any]] = []
+    limit = spec.max_seq_len
 
     def skip(location: str, error: RecordError) -> None:
         if isinstance(error, NothingToLearn):
@@ -174,52 +200,73 @@ def tenant_examples(tenant: str, spec: DataSpec, tokenizer, report: DataReport) 
         if len(report.bad) < LISTED_BAD:
             report.bad.append(BadRecord(location, error.field, error.reason))
 
-    def flush() -> Iterator[tuple[str, Example]]:
-        batch = list(pending)
-        pending.clear()
-        for (location, _), example in zip(batch, renderer.examples([item for _, item in batch])):
-            if isinstance(example, RecordError):
-                skip(location, example)
-                continue
-            if len(example.input_ids) > spec.max_seq_len:
-                if spec.too_long == "error":
-                    raise DataError(tenant, source, f"longer than max_seq_len={spec.max_seq_len} tokens "
-                                                    "(too_long: error)", location)
-                if spec.too_long == "drop":
-                    report.dropped_too_long += 1
+    def apply_policies(ready) -> Iterator[ExampleBatch]:
+        for batch, prepared in ready:
+            digest.update(prepared.canonical)
+            offsets = prepared.offsets.tolist()
+            # trained tokens before each position: targets of any span in O(1)
+            before = np.concatenate(([0], np.cumsum(prepared.trained, dtype=np.int64))).tolist()
+            kept = ExampleBatch([], prepared.ids, prepared.trained, [], [])
+            spans: list[tuple[int, int]] = []
+            k = 0
+            for (location, _), problem in zip(batch, prepared.problems):
+                if problem is not None:
+                    skip(location, problem)
                     continue
-                report.truncated += 1
-                example = Example(example.input_ids[: spec.max_seq_len], example.labels[: spec.max_seq_len])
-            if all(label == IGNORE_INDEX for label in example.labels):
-                report.dropped_no_target += 1  # e.g. the answer was truncated away entirely
-                continue
-            report.used += 1
-            yield location, example
+                start, length = offsets[k], offsets[k + 1] - offsets[k]
+                k += 1
+                if length > limit:
+                    if spec.too_long == "error":
+                        raise DataError(tenant, source, f"longer than max_seq_len={limit} tokens "
+                                                        "(too_long: error)", location)
+                    if spec.too_long == "drop":
+                        report.dropped_too_long += 1
+                        continue
+                    report.truncated += 1
+                    length = limit
+                targets = before[start + length] - before[start]
+                if not targets:
+                    report.dropped_no_target += 1  # e.g. the answer was truncated away entirely
+                    continue
+                kept.locations.append(location)
+                kept.lengths.append(length)
+                kept.targets.append(targets)
+                spans.append((start, length))
+            if len(spans) != k or sum(kept.lengths) != len(prepared.ids):  # something was cut or left out
+                kept.ids = np.concatenate([prepared.ids[a: a + n] for a, n in spans] or [prepared.ids[:0]])
+                kept.trained = np.concatenate([prepared.trained[a: a + n] for a, n in spans] or [prepared.trained[:0]])
+            report.used += len(spans)
+            if spans:
+                yield kept
 
     fmt = spec.format
-    for location, record in read_records(source, tenant, read_options(spec)):
-        report.records += 1
-        if isinstance(record, RecordError):
-            skip(location, record)
-            continue
-        if fmt == "auto":
-            detected = detect_format(record)
-            if detected is None:
-                keys = ", ".join(sorted(record)) if isinstance(record, dict) else kind(record)
-                skip(location, RecordError(None, f"unrecognised schema ({keys}): expected 'messages', "
-                                                 "'conversations', 'instruction'+'output', 'prompt'+'completion' or 'text'"))
-                continue
-            fmt = report.format = detected
-        try:
-            pending.append((location, normalize_record(record, fmt)))
-        except RecordError as exc:
-            skip(location, exc)
-            continue
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode())
-        digest.update(b"\n")
-        if len(pending) >= BATCH:
-            yield from flush()
-    yield from flush()
+    try:
+        for location, record in read_records(source, tenant, read_options(spec)):
+            report.records += 1
+            if fmt == "auto" and not isinstance(record, RecordError):
+                # The first record that parses decides the schema of the whole dataset.
+                try:
+                    record = parse_json(record) if isinstance(record, JsonText) else record
+                except RecordError as exc:
+                    skip(location, exc)
+                    continue
+                detected = detect_format(record)
+                if detected is None:
+                    keys = ", ".join(sorted(record)) if isinstance(record, dict) else kind(record)
+                    skip(location, RecordError(None, f"unrecognised schema ({keys}): expected 'messages', "
+                                                     "'conversations', 'instruction'+'output', 'prompt'+'completion' or 'text'"))
+                    continue
+                fmt = report.format = detected
+            pending.append((location, record))
+            if len(pending) >= BATCH:
+                batch = list(pending)
+                pending.clear()
+                yield from apply_policies(preparer.submit(batch, fmt))
+        if pending:
+            yield from apply_policies(preparer.submit(list(pending), fmt))
+        yield from apply_policies(preparer.drain())
+    finally:
+        preparer.close()  # also when a policy raised or the consumer stopped early
     report.fingerprint = digest.hexdigest()
 
 
@@ -227,13 +274,8 @@ def load_tenant_data(tenant: str, spec: DataSpec, tokenizer) -> TenantData:
     """Read, validate and tokenize one tenant's dataset into train and eval rows (streamed)."""
     report = DataReport(tenant=tenant, source=spec.path or "<no path>", format=spec.format)
     store = ExampleStore()
-    batch: list[Example] = []
-    for _, example in tenant_examples(tenant, spec, tokenizer, report):
-        batch.append(example)
-        if len(batch) >= BATCH:
-            store.add(batch)
-            batch.clear()
-    store.add(batch)
+    for batch in tenant_examples(tenant, spec, tokenizer, report):
+        store.add(batch.ids, batch.trained, batch.lengths, batch.targets)
     store.seal()
     if report.records == 0:
         raise DataError(tenant, report.source, "dataset is empty")
@@ -255,4 +297,13 @@ def load_tenant_data(tenant: str, spec: DataSpec, tokenizer) -> TenantData:
 def preview_examples(tenant: str, spec: DataSpec, tokenizer, count: int) -> list[tuple[str, Example]]:
     """The first ``count`` usable examples, exactly as training sees them (for `farm data preview`)."""
     report = DataReport(tenant=tenant, source=spec.path or "<no path>", format=spec.format)
-    return list(itertools.islice(tenant_examples(tenant, spec, tokenizer, report), count))
+    out: list[tuple[str, Example]] = []
+    examples = tenant_examples(tenant, spec, tokenizer, report)
+    try:
+        for batch in examples:
+            out += [(batch.locations[k], batch.example(k)) for k in range(min(len(batch.locations), count - len(out)))]
+            if len(out) >= count:
+                break
+    finally:
+        examples.close()  # stops any workers at once
+    return out

@@ -1,6 +1,7 @@
 """Tenant files -> records, streamed, in the shapes users export.
 
-``read_records(uri, tenant, options)`` yields ``(location, record)`` for every record of:
+``read_records(uri, tenant, options)`` yields ``(location, record)`` for every record of (a
+JSON Lines line comes as ``JsonText``, parsed later with the rest of its batch):
 
 ==========================  ===============================================================
 a path or URI to            read as
@@ -30,12 +31,11 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from farm.data.records import RecordError
+from farm.data.records import JsonText, RecordError
 
 CHUNK = 1 << 20  # bytes read at a time
 _COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
@@ -287,6 +287,9 @@ def _likely_encoding(raw: bytes) -> str:
     for match in from_bytes(raw[:65536]):
         if match.encoding not in names and match.encoding not in ("utf_8", "ascii"):
             names.append(match.encoding)
+    # One line is little to go on and the Windows code pages decode each other's bytes; the one
+    # spreadsheets on Windows write (Western European) goes first when it fits at all.
+    names.sort(key=lambda name: name != "cp1252")
     if not names:
         return "declare the file's encoding with data.encoding"
     return f"it looks like {' or '.join(names[:3])}: declare it with data.encoding (for example '{names[0]}')"
@@ -343,14 +346,10 @@ def _read_json_lines(reader: _Reader, options: ReadOptions, source: str, tenant:
             continue
         if not line.strip():
             continue
-        try:
-            yield location, json.loads(line)
-        except json.JSONDecodeError as exc:
-            hint = ""
-            if suffix == ".json" and number == 1:
-                hint = ("; a .json file must hold one JSON object per line (JSON Lines) or one JSON "
-                        "array of objects")
-            yield location, RecordError(None, f"invalid JSON: {exc.msg} at column {exc.colno}{hint}")
+        hint = ""
+        if suffix == ".json" and number == 1:
+            hint = "; a .json file must hold one JSON object per line (JSON Lines) or one JSON array of objects"
+        yield location, JsonText(line, hint)
 
 
 class _Utf8:
@@ -381,7 +380,9 @@ def _read_json_array(reader: _Reader, options: ReadOptions, source: str, tenant:
         raise DataError(tenant, source, f"not valid {options.encoding or 'UTF-8'}: {exc.reason}",
                         f"after item {number}") from None
     except ijson.JSONError as exc:
-        raise DataError(tenant, source, f"invalid JSON array: {exc}; the rest of the file cannot be read",
+        # The parser's first line only: the rest quotes the tenant's bytes with an ASCII pointer.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(tenant, source, f"invalid JSON array ({reason}); the rest of the file cannot be read",
                         f"after item {number}") from None
 
 

@@ -41,6 +41,9 @@ class RecordError(ValueError):
         self.field, self.reason = field_name, reason
         super().__init__(f"field '{field_name}': {reason}" if field_name else reason)
 
+    def __reduce__(self):  # pickled by worker processes (farm.data.parallel) with both fields
+        return (self.__class__, (self.field, self.reason))
+
 
 class NothingToLearn(RecordError):
     """A well-formed record without a single assistant turn: counted and reported, not an error."""
@@ -56,6 +59,22 @@ class Chat:
     @property
     def uses_tools(self) -> bool:
         return bool(self.tools) or any("tool_calls" in m or m["role"] == "tool" for m in self.messages)
+
+
+@dataclass(frozen=True)
+class JsonText:
+    """One JSON Lines line, parsed where its batch is prepared (possibly a worker process)."""
+
+    text: str
+    hint: str = ""  # added to a parse error (what a .json file must hold)
+
+
+def parse_json(item: JsonText) -> Any:
+    """The record a JSON Lines line holds; ``RecordError`` when it is not JSON."""
+    try:
+        return json.loads(item.text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(None, f"invalid JSON: {exc.msg} at column {exc.colno}{item.hint}") from None
 
 
 def kind(value: Any) -> str:

@@ -15,6 +15,7 @@ and its first ``max_seq_len`` tokens are the same as if it had been tokenised wh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from farm.data.records import Chat, RecordError
 from farm.data.rows import IGNORE_INDEX, Example
@@ -115,8 +116,8 @@ class Renderer:
             return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def examples(self, items: Sequence[Chat | str]) -> list[Example | RecordError]:
-        """Render and tokenise a batch of records (one tokeniser call for all of them)."""
+    def render_batch(self, items: Sequence[Chat | str]) -> "Rendered":
+        """Render and tokenise a batch of records with one tokeniser call for all of them."""
         pieces: list[list[tuple[str, bool]] | RecordError] = []
         for item in items:
             try:
@@ -126,25 +127,51 @@ class Renderer:
         texts = [text for p in pieces if not isinstance(p, RecordError) for text, _ in p if text]
         encoded = iter(self.encode_texts(texts))
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        out: list[Example | RecordError] = []
+        out = Rendered()
         for item, piece in zip(items, pieces):
             if isinstance(piece, RecordError):
-                out.append(piece)
+                out.problems.append(piece)
                 continue
-            ids: list[int] = []
-            labels: list[int] = []
-            for text, trained in piece:
-                if not text:
-                    continue
-                tokens = next(encoded)
-                ids += tokens
-                labels += tokens if trained else [IGNORE_INDEX] * len(tokens)
-            if isinstance(item, str):  # plain text: framed by bos/eos like a document
-                ids = ([bos] if bos is not None else []) + ids + [eos]
-                labels = list(ids)
-            if labels:
+            out.problems.append(None)
+            start = len(out.ids)
+            if isinstance(item, str):  # plain text: framed by bos/eos like a document, all trained
+                tokens = ([bos] if bos is not None else []) + next(encoded) + [eos]
+                out.ids += tokens
+                out.trained += [1] * len(tokens)
+            else:
+                for text, trained in piece:
+                    if text:
+                        tokens = next(encoded)
+                        out.ids += tokens
+                        out.trained += [int(trained)] * len(tokens)
+            if len(out.ids) > start:
                 # The first token of an example has nothing before it in its own example; in a
                 # packed row the token before it belongs to another example: never a target.
-                labels[0] = IGNORE_INDEX
-            out.append(Example(ids, labels))
+                out.trained[start] = 0
+            out.offsets.append(len(out.ids))
         return out
+
+    def examples(self, items: Sequence[Chat | str]) -> list[Example | RecordError]:
+        """``render_batch`` as one ``Example`` (or the record's problem) per item."""
+        rendered = self.render_batch(items)
+        out: list[Example | RecordError] = []
+        k = 0
+        for problem in rendered.problems:
+            if problem is not None:
+                out.append(problem)
+                continue
+            start, end = rendered.offsets[k], rendered.offsets[k + 1]
+            ids = rendered.ids[start:end]
+            out.append(Example(ids, [t if on else IGNORE_INDEX for t, on in zip(ids, rendered.trained[start:end])]))
+            k += 1
+        return out
+
+
+@dataclass
+class Rendered:
+    """A rendered batch: every example's tokens back to back, and for each record its problem."""
+
+    problems: list[RecordError | None] = field(default_factory=list)  # per record; None: it made an example
+    ids: list[int] = field(default_factory=list)
+    trained: list[int] = field(default_factory=list)  # 1 where the token carries loss
+    offsets: list[int] = field(default_factory=lambda: [0])  # example k is ids[offsets[k]:offsets[k + 1]]

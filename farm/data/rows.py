@@ -40,18 +40,18 @@ class ExampleStore:
         self._ids: np.ndarray | None = None
         self._trained: np.ndarray | None = None
 
-    def add(self, examples: Sequence[Example]) -> None:
-        """Append examples (one write per file for the whole batch)."""
-        if not examples:
+    def add(self, ids: np.ndarray, trained: np.ndarray, lengths: Sequence[int], targets: Sequence[int]) -> None:
+        """Append examples given back to back: int32 ``ids``, uint8 ``trained`` flags, and each
+        example's length and count of targets (one write per file for the whole batch)."""
+        if not len(lengths):
             return
-        ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32)
-        trained = np.fromiter((label != IGNORE_INDEX for e in examples for label in e.labels), dtype=np.uint8)
-        self._files[0].write(ids.tobytes())
-        self._files[1].write(trained.tobytes())
-        for example in examples:
-            self._offsets.append(self._offsets[-1] + len(example.input_ids))
-            # targets after the next-token shift: the first token of a row never is one
-            self._targets.append(sum(1 for label in example.labels[1:] if label != IGNORE_INDEX))
+        self._files[0].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._files[1].write(np.ascontiguousarray(trained, dtype=np.uint8).tobytes())
+        end = self._offsets[-1]
+        for length in lengths:
+            end += length
+            self._offsets.append(end)
+        self._targets.extend(targets)
 
     def seal(self) -> None:
         """Finish writing; the examples become readable."""

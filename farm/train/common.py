@@ -67,13 +67,10 @@ def make_batch(rows: Rows, indices: list[int], device: torch.device) -> dict[str
     block-diagonal mask from the position ids). Unpacked rows are trimmed to the longest row
     of the batch, so padding costs no compute beyond that.
     """
-    batch = {
-        "input_ids": torch.tensor([rows.input_ids[i] for i in indices], dtype=torch.long),
-        "labels": torch.tensor([rows.labels[i] for i in indices], dtype=torch.long),
-        "position_ids": torch.tensor([rows.position_ids[i] for i in indices], dtype=torch.long),
-    }
+    arrays = rows.batch(indices)
+    batch = {name: torch.from_numpy(arrays[name]) for name in ("input_ids", "labels", "position_ids")}
     if rows.attention_mask is not None:
-        mask = torch.tensor([rows.attention_mask[i] for i in indices], dtype=torch.long)
+        mask = torch.from_numpy(arrays["attention_mask"])
         width = int(mask.sum(dim=1).max())
         # Right-padded rows: the model's own positions (0, 1, ...) are the same; leaving them to
         # the model lets PEFT's prompt-learning methods place their virtual tokens first.
