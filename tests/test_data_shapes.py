@@ -253,3 +253,39 @@ def test_cut_before_tokenising_keeps_the_first_max_seq_len_tokens(tokenizer, tmp
     whole = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = [data.train.input_ids[i] for i in range(len(data.train))] + [data.eval.input_ids[0]]
     assert whole[:64] in rows
+
+
+def test_worker_processes_give_the_same_examples_and_errors(tokenizer, tmp_path, monkeypatch):
+    """Batches prepared on worker processes (farm.data.parallel) come back in order: the same
+    rows, fingerprint and counts as in this process, and a bad record after the workers started
+    is named by its own line."""
+    import psutil
+
+    import farm.data.parallel as parallel
+
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Where is order {i}?"},
+                                      {"role": "assistant", "content": f"Order {i} ships today."}]}) for i in range(3000)]
+    lines[2500] = '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}'
+    lines[2700] = '{"messages": [{"role": "user", "content": "no answer"}]}'
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    spec = _spec(tmp_path / "d.jsonl", on_bad_record="skip")
+    monkeypatch.setenv("FARM_DATA_WORKERS", "1")
+    alone = load_tenant_data("t", spec, tokenizer)
+    monkeypatch.setattr(parallel, "POOL_AFTER_BATCHES", 2)  # workers from the third batch of 512 on
+    monkeypatch.setenv("FARM_DATA_WORKERS", "2")
+    started: list[int] = []
+    original = parallel._Worker.__init__
+
+    def spy(self, *args):
+        original(self, *args)
+        started.append(self.process.pid)
+
+    monkeypatch.setattr(parallel._Worker, "__init__", spy)
+    pooled = load_tenant_data("t", spec, tokenizer)
+    assert len(started) == 2
+    assert pooled.report.to_json() == alone.report.to_json()
+    assert pooled.report.bad[0].location == "line 2501" and pooled.report.no_assistant == 1
+    assert list(pooled.train.input_ids) == list(alone.train.input_ids)
+    with pytest.raises(DataError, match=r"d\.jsonl line 2501: field 'messages\[0\]\.content': expected a string, got a number"):
+        load_tenant_data("t", _spec(tmp_path / "d.jsonl"), tokenizer)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started)

@@ -28,9 +28,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from farm.data.prepare import PreparedBatch, prepare_batch
-from farm.data.render import Renderer
+from farm.data.render import Renderer, TokenizerParts
 
-POOL_AFTER_BATCHES = 16   # batches rendered here before workers start (their start-up costs seconds)
+POOL_AFTER_BATCHES = 32   # batches prepared here before workers start (about a second of start-up each)
 IN_FLIGHT_PER_WORKER = 2  # batches outstanding per worker: enough to keep it busy, few enough to bound memory
 MAX_WORKERS = 8
 RESULT_FD = "FARM_DATA_RESULT_FD"
@@ -68,7 +68,7 @@ def read_frame(stream) -> Any:
 class _Worker:
     """One worker process; a thread writes its input so that a full pipe never blocks the reader."""
 
-    def __init__(self, renderer: Renderer):
+    def __init__(self, renderer: Renderer, parts: TokenizerParts):
         read_end, write_end = os.pipe()
         env = {**os.environ, RESULT_FD: str(write_end),
                # one thread per worker: the workers are the parallelism
@@ -80,7 +80,7 @@ class _Worker:
         self.outbox: queue.Queue[bytes | None] = queue.Queue()
         self.writer = threading.Thread(target=self._write, daemon=True)
         self.writer.start()
-        self.outbox.put(frame(("init", renderer.tokenizer, renderer.train_on, renderer.max_seq_len)))
+        self.outbox.put(frame(("init", parts, renderer.train_on, renderer.max_seq_len)))
 
     def _write(self) -> None:
         stdin = self.process.stdin
@@ -133,8 +133,11 @@ class BatchPreparer:
         batch that is ready, oldest first."""
         self.submitted += 1
         items = [item for _, item in batch]
-        if not self.pool and self.workers > 1 and self.submitted > POOL_AFTER_BATCHES:
-            self.pool = [_Worker(self.renderer) for _ in range(self.workers)]
+        if not self.pool and self.workers > 1 and self.submitted == POOL_AFTER_BATCHES + 1:
+            # Workers rebuild a fast tokenizer from its parts; a slow (Python) one stays here.
+            parts = self.renderer.parts()
+            if parts is not None:
+                self.pool = [_Worker(self.renderer, parts) for _ in range(self.workers)]
         if not self.pool:
             yield batch, prepare_batch(items, fmt, self.renderer)
             return

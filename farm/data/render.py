@@ -23,27 +23,71 @@ from farm.data.rows import IGNORE_INDEX, Example
 _CUT_MARGIN_TOKENS = 16  # tokens past max_seq_len kept before a cut, so the cut never shows
 
 
-def max_token_chars(tokenizer) -> int:
-    """The most characters any one token of the vocabulary stands for (an upper bound)."""
+def max_token_chars(vocab) -> int:
+    """The most characters any one token of ``vocab`` (its token strings) stands for (an upper bound)."""
     # Byte-level tokens are written one character per byte, so their length bounds the
     # characters they decode to; SentencePiece pieces are the characters themselves.
-    return max(1, max((len(token) for token in tokenizer.get_vocab()), default=1))
+    return max(1, max((len(token) for token in vocab), default=1))
+
+
+@dataclass(frozen=True)
+class TokenizerParts:
+    """What rendering and tokenising need from a fast tokenizer, without transformers' object.
+
+    Picklable and light: a data worker rebuilds the Rust tokenizer from its JSON and renders
+    with the template, never importing transformers' tokenizer classes (which load torch,
+    about 350 MB per process).
+    """
+
+    tokenizer_json: str            # tokenizers.Tokenizer.to_str()
+    chat_template: str | None
+    template_vars: dict            # bos_token, eos_token, ... as apply_chat_template passes them
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    @classmethod
+    def of(cls, tokenizer) -> "TokenizerParts | None":
+        """The parts of a transformers tokenizer; None for a slow (Python) tokenizer."""
+        if not getattr(tokenizer, "is_fast", False):
+            return None
+        return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template, dict(tokenizer.special_tokens_map),
+                   tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
 class Renderer:
-    """Renders and tokenises records for one tokenizer, training target and row length."""
+    """Renders and tokenises records for one tokenizer, training target and row length.
+
+    ``tokenizer`` is a transformers tokenizer, or ``TokenizerParts`` (in a data worker).
+    """
 
     def __init__(self, tokenizer, train_on: str, max_seq_len: int):
-        self.tokenizer = tokenizer
         self.train_on = train_on
         self.max_seq_len = max_seq_len
-        self.char_budget = (max_seq_len + _CUT_MARGIN_TOKENS) * max_token_chars(tokenizer)
+        self.source = tokenizer
+        if isinstance(tokenizer, TokenizerParts):
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(tokenizer.tokenizer_json)
+            self.slow = None
+        else:
+            fast = getattr(tokenizer, "is_fast", False)
+            self.backend = tokenizer.backend_tokenizer if fast else None
+            self.slow = None if fast else tokenizer
         self.template = tokenizer.chat_template
         # The template's variables, as apply_chat_template passes them (bos_token, ...).
-        self.template_vars = dict(tokenizer.special_tokens_map)
+        self.template_vars = dict(tokenizer.template_vars if isinstance(tokenizer, TokenizerParts)
+                                  else tokenizer.special_tokens_map)
+        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        vocab = self.backend.get_vocab() if self.backend is not None else tokenizer.get_vocab()
+        self.char_budget = (max_seq_len + _CUT_MARGIN_TOKENS) * max_token_chars(vocab)
         # A template that never reads tool_calls would silently drop them from the text.
         self.tools_ok = bool(self.template) and "tool_calls" in self.template
-        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+
+    def parts(self) -> TokenizerParts | None:
+        """This renderer's tokenizer as ``TokenizerParts`` (None for a slow tokenizer)."""
+        if isinstance(self.source, TokenizerParts):
+            return self.source
+        return TokenizerParts.of(self.source)
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -114,7 +158,7 @@ class Renderer:
             return []
         if self.backend is not None:
             return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.slow(texts, add_special_tokens=False)["input_ids"]
 
     def render_batch(self, items: Sequence[Chat | str]) -> "Rendered":
         """Render and tokenise a batch of records with one tokeniser call for all of them."""
@@ -126,7 +170,7 @@ class Renderer:
                 pieces.append(exc)
         texts = [text for p in pieces if not isinstance(p, RecordError) for text, _ in p if text]
         encoded = iter(self.encode_texts(texts))
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        bos, eos = self.bos_token_id, self.eos_token_id
         out = Rendered()
         for item, piece in zip(items, pieces):
             if isinstance(piece, RecordError):
