@@ -30,6 +30,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from farm.jsonwords import shown
+
 LAUNCHER = "ray launcher"
 KUBERAY = "kuberay"
 UNKNOWN = "unknown"
@@ -212,11 +214,11 @@ def _check_launcher(config: dict[str, Any], problem) -> None:
         where = f"available_node_types.{name}"
         min_workers = node.get("min_workers", 0)
         if min_workers != 0:
-            problem(f"{where}.min_workers", f"must be 0 so the type scales to zero (got {min_workers})")
+            problem(f"{where}.min_workers", f"must be 0 so the type scales to zero (got {shown(min_workers)})")
         max_workers = node.get("max_workers", 0)
         if max_workers < 1:
             problem(f"{where}.max_workers",
-                    f"must be at least 1 or the autoscaler never launches this type (got {max_workers})")
+                    f"must be at least 1 or the autoscaler never launches this type (got {shown(max_workers)})")
         # Declared GPUs win; otherwise Ray autodetects them from the instance type at `ray up`.
         declared = node.get("resources", {}).get("GPU")
         instance = str(node.get("node_config", {}).get("InstanceType", ""))
@@ -371,17 +373,17 @@ def _check_kuberay(data: dict[str, Any], problem) -> None:
 
     if spec.enableInTreeAutoscaling is not True:
         problem("spec.enableInTreeAutoscaling",
-                f"must be true so the Ray autoscaler scales the worker groups (got {spec.enableInTreeAutoscaling})")
+                f"must be true so the Ray autoscaler scales the worker groups (got {shown(spec.enableInTreeAutoscaling)})")
     idle = spec.autoscalerOptions.idleTimeoutSeconds
     if idle is None or idle <= 0:
         problem("spec.autoscalerOptions.idleTimeoutSeconds",
-                f"must be a positive number of seconds so idle GPU pods are removed (got {idle})")
+                f"must be a positive number of seconds so idle GPU pods are removed (got {shown(idle)})")
 
     service = spec.headGroupSpec.serviceType
     if service not in (None, "ClusterIP"):
         problem("spec.headGroupSpec.serviceType",
                 f"must be ClusterIP (or absent) so the dashboard / Jobs API stays private; operators use "
-                f"`kubectl port-forward` (got {service})")
+                f"`kubectl port-forward` (got {shown(service)})")
 
     # Token authentication on every container of every Ray pod; the token itself comes from
     # authOptions (KubeRay's generated Secret) or from RAY_AUTH_TOKEN set by hand.
@@ -389,13 +391,13 @@ def _check_kuberay(data: dict[str, Any], problem) -> None:
     templates += [(f"spec.workerGroupSpecs[{i}]", g.template) for i, g in enumerate(spec.workerGroupSpecs)]
     token_from_operator = spec.authOptions is not None and spec.authOptions.mode == "token"
     if spec.authOptions is not None and spec.authOptions.mode != "token":
-        problem("spec.authOptions.mode", f"must be token (got {spec.authOptions.mode})")
+        problem("spec.authOptions.mode", f"must be token (got {shown(spec.authOptions.mode)})")
     for where, template in templates:
         for j, container in enumerate(template.spec.containers):
             at = f"{where}.template.spec.containers[{j}].env"
             mode = container.env_value("RAY_AUTH_MODE")
             if mode != "token":
-                problem(at, f"RAY_AUTH_MODE=token is missing: token authentication must be on (got {mode})")
+                problem(at, f"RAY_AUTH_MODE=token is missing: token authentication must be on (got {shown(mode)})")
             elif not token_from_operator and container.env_value("RAY_AUTH_TOKEN") is None:
                 problem(at, "no token: set spec.authOptions.mode: token or RAY_AUTH_TOKEN from a Secret")
 
@@ -408,12 +410,12 @@ def _check_kuberay(data: dict[str, Any], problem) -> None:
     for i, group in enumerate(spec.workerGroupSpecs):
         where = f"spec.workerGroupSpecs[{i}]"
         if group.minReplicas != 0:
-            problem(f"{where}.minReplicas", f"must be 0 so the group scales to zero (got {group.minReplicas})")
+            problem(f"{where}.minReplicas", f"must be 0 so the group scales to zero (got {shown(group.minReplicas)})")
         if group.maxReplicas is None or group.maxReplicas < 1:
             problem(f"{where}.maxReplicas",
-                    f"must be set and at least 1: the group's ceiling (got {group.maxReplicas})")
+                    f"must be set and at least 1: the group's ceiling (got {shown(group.maxReplicas)})")
         elif group.replicas is not None and group.replicas > group.maxReplicas:
-            problem(f"{where}.replicas", f"must not exceed maxReplicas {group.maxReplicas} (got {group.replicas})")
+            problem(f"{where}.replicas", f"must not exceed maxReplicas {group.maxReplicas} (got {shown(group.replicas)})")
         if any(_gpu_count(c.resources.limits.get("nvidia.com/gpu")) >= 1 for c in group.template.spec.containers):
             has_gpu = True
     if not has_gpu:

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from farm.methods import METHODS, MethodName, StrictModel, method_info
+from farm.jsonwords import kind, shown
 
 #: Tenant (and later adapter) names: lower-case, digits, '-' and '_'; they become path parts
 #: and serve names, so nothing that could traverse or confuse a path is allowed.
@@ -301,11 +302,11 @@ def _describe(error: dict) -> str:
         return "required key is missing"
     for prefix, words in _TYPE_WORDS.items():
         if kind.startswith(prefix + "_") and ("type" in kind or "parsing" in kind):
-            return f"{words}, got {error.get('input')!r}"
+            return f"{words}, got {shown(error.get('input'))}"
     if kind == "value_error":  # our own validators: the message says it all; a whole mapping is noise
         message = error["msg"].removeprefix("Value error, ")
-        return message if isinstance(error.get("input"), (dict, list)) else f"{message} (got {error.get('input')!r})"
-    return f"{error['msg']} (got {error.get('input')!r})"
+        return message if isinstance(error.get("input"), (dict, list)) else f"{message} (got {shown(error.get('input'))})"
+    return f"{error['msg']} (got {shown(error.get('input'))})"
 
 
 def _path(prefix: str, loc: tuple) -> str:
@@ -355,7 +356,7 @@ def parse_spec(raw: Any, source: str = "<spec>", spec_dir: Path | None = None) -
     """Validate a spec given as plain data (as YAML loads it); raises ``SpecError``."""
     spec_dir = spec_dir or Path.cwd()
     if not isinstance(raw, dict):
-        raise SpecError(source, [f"<root>: expected a mapping, got {type(raw).__name__}"])
+        raise SpecError(source, [f"<root>: expected a mapping, got {kind(raw)}"])
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:

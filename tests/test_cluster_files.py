@@ -133,7 +133,7 @@ GPU_GROUP = next(i for i, g in enumerate(KUBE["spec"]["workerGroupSpecs"]) if g[
     (lambda c: c["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"),
      "spec.headGroupSpec.serviceType", "must be ClusterIP (or absent) so the dashboard / Jobs API stays private"),
     (lambda c: c["spec"].pop("enableInTreeAutoscaling"),
-     "spec.enableInTreeAutoscaling", "must be true so the Ray autoscaler scales the worker groups (got None)"),
+     "spec.enableInTreeAutoscaling", "must be true so the Ray autoscaler scales the worker groups (got null)"),
     (lambda c: c["spec"]["autoscalerOptions"].update(idleTimeoutSeconds=0),
      "spec.autoscalerOptions.idleTimeoutSeconds", "must be a positive number of seconds"),
     (_drop_worker_auth, f"spec.workerGroupSpecs[{GPU_GROUP}].template.spec.containers[0].env",

@@ -34,7 +34,7 @@ def _raw(**tenant_extra):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ({"lora": {"rank": "eight"}}, "tenants[2].lora.rank: expected int, got 'eight'"),
+    ({"lora": {"rank": "eight"}}, 'tenants[2].lora.rank: expected int, got "eight"'),
     ({"lora": {"rnak": 8}}, "tenants[2].lora.rnak: unknown key"),
     ({"train": {"learning_rate": -1}}, "tenants[2].train.learning_rate: Input should be greater than 0"),
     ({"data": {"path": "c.jsonl", "format": "csv"}}, "tenants[2].data.format:"),
@@ -87,4 +87,4 @@ def test_cli_validate_exit_codes(tmp_path):
     result = subprocess.run([sys.executable, "-m", "farm.cli", "spec", "validate", str(bad)],
                             capture_output=True, text=True)
     assert result.returncode == 1
-    assert "tenants[0].lora.rank: expected int, got 'many'" in result.stderr
+    assert 'tenants[0].lora.rank: expected int, got "many"' in result.stderr

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from farm.data.readers import SHAPES, DataError, ReadOptions, read_records
-from farm.data.records import (FORMATS, ROLE_ALIASES, Chat, JsonText, NothingToLearn, RecordError, detect_format, kind,
+from farm.data.records import (FORMATS, ROLE_ALIASES, Chat, JsonText, NothingToLearn, RecordError, detect_format,
                                 normalize_record, parse_json)
+from farm.jsonwords import kind
 from farm.data.parallel import BatchPreparer, pipeline_workers
 from farm.data.prepare import PreparedBatch, canonical_json, prepare_batch
 from farm.data.render import Renderer, max_token_chars

@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from farm.jsonwords import kind
+
 #: Role names from the exports users bring, mapped to the chat template's roles. Explicit on
 #: purpose: an unknown role is an error, never a guess.
 ROLE_ALIASES = {
@@ -75,23 +77,6 @@ def parse_json(item: JsonText) -> Any:
         return json.loads(item.text)
     except json.JSONDecodeError as exc:
         raise RecordError(None, f"invalid JSON: {exc.msg} at column {exc.colno}{item.hint}") from None
-
-
-def kind(value: Any) -> str:
-    """A JSON value's type in the words a user knows (``null``, not ``NoneType``)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def detect_format(record: Any) -> str | None:

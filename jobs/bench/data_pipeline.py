@@ -177,7 +177,7 @@ def main() -> int:
     parser.add_argument("--base-model", default=str(REPO / ".farm" / "base-model"))
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "bench-results" / "data_pipeline.json"))
-    parser.add_argument("--smoke", action="store_true", help="1,000 and 10,000 records only (the smoke test)")
+    parser.add_argument("--smoke", action="store_true", help="1,000 and 20,000 records only (the smoke test; workers start at 16,384)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,7 +187,7 @@ def main() -> int:
     from serving import ensure_base_model
 
     base_model = str(ensure_base_model(Path(args.base_model).resolve()))
-    sizes = [1_000, 10_000] if args.smoke else [int(n) for n in args.sizes.split(",")]
+    sizes = [1_000, 20_000] if args.smoke else [int(n) for n in args.sizes.split(",")]
     formats = args.formats.split(",")
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="farm-bench-data-") as folder:
