@@ -6,20 +6,11 @@ used, the larger size goes through the worker processes, and the goals are judge
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from ..conftest import REPO
+from .conftest import run_smoke
 
 
 def test_data_pipeline_benchmark_smoke(tmp_path, base_model_dir):
-    out = tmp_path / "d.json"
-    run = subprocess.run([sys.executable, "jobs/bench/data_pipeline.py", "--smoke", "--out", str(out),
-                          "--base-model", str(base_model_dir)],
-                         cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
-    result = json.loads(out.read_text())
+    result, stdout = run_smoke("data_pipeline.py", tmp_path / "d.json", base_model_dir)
     assert result["benchmark"] == "data_pipeline" and result["failed"] == []
     for fmt in ("jsonl", "parquet"):
         runs = result["results"][fmt]
@@ -31,4 +22,4 @@ def test_data_pipeline_benchmark_smoke(tmp_path, base_model_dir):
         if runs["20000"]["workers"] > 1:
             assert runs["20000"]["worker_peak_rss_mib"] > 0
         assert result["goals"][fmt]["records_per_s"]["at"] == 20000
-    assert "records/s" in run.stdout and "peak RSS" in run.stdout
+    assert "records/s" in stdout and "peak RSS" in stdout

@@ -6,24 +6,15 @@ failures are checked, never timings.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from ..conftest import REPO
+from .conftest import run_smoke
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_gateway_benchmark_smoke(tmp_path, base_model_dir):
-    out = tmp_path / "g.json"
-    run = subprocess.run([sys.executable, "jobs/bench/gateway.py", "--smoke", "--out", str(out),
-                          "--base-model", str(base_model_dir)],
-                         cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
-    result = json.loads(out.read_text())
+    result, _ = run_smoke("gateway.py", tmp_path / "g.json", base_model_dir)
     assert result["benchmark"] == "gateway" and not result["failed"] and result["warmup_errors"] == []
     assert len(result["adapters"]) == 16
     for mode in ("non-stream", "stream"):
