@@ -131,7 +131,7 @@ def size_adapter(job: TenantJob, resources: ResourceSpec, capacity: Capacity) ->
         updates["gpus_per_worker"] = 0.0
     if capacity.kind == "cpu" and resources.memory_per_worker is None:
         # On CPU the worker's memory is the host's: the data pipeline shares it with the model.
-        data = pipeline_bytes(job.settings.data)
+        data = pipeline_bytes(job.settings.data, resources.cpus_per_worker)
         updates["memory_per_worker"] = plan.total_bytes + data
         note += f" + {data / GiB:.2f} GB data pipeline"
     return Sizing(resources.model_copy(update=updates), plan.total_bytes, note)

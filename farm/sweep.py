@@ -34,7 +34,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from farm.data import DataError, DataReport, load_tenant_data
+from farm.data import DataError, DataReport, load_tenant_data, pipeline_bytes
 from farm.models import load_tokenizer
 from farm.report import SweepReport, TenantOutcome, merge_with_previous, print_report, write_report
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
@@ -299,7 +299,7 @@ def _request_resources(bundles: list[dict], console: Console) -> None:
         console.print(f"asked the autoscaler for {len(bundles)} worker bundle(s) up front", markup=False, highlight=False)
 
 
-def _pack_resources(single: TrainerResources, pack: Pack, packs: int) -> TrainerResources:
+def _pack_resources(single: TrainerResources, pack: Pack, packs: int, jobs: list[TenantJob]) -> TrainerResources:
     """A pack's worker request: the planner's memory for all its slots and the CPUs of the
     trainers it replaces (``slots`` x CPUs per worker), within one node and a fair share of the
     cluster's CPUs among the packs, so the shared forward pass has threads to run on."""
@@ -311,7 +311,10 @@ def _pack_resources(single: TrainerResources, pack: Pack, packs: int) -> Trainer
     pack_cpus = max(cpus, min(cpus * pack.slots, max(nodes, default=cpus), share))
     per_worker = {**single.resources_per_worker, "CPU": pack_cpus}
     if "memory" in per_worker:
-        per_worker["memory"] = pack.planned_bytes
+        # The plan holds one CPU's data pipeline; a pack with more CPUs also runs data workers.
+        data = [job.settings.data for job in jobs]
+        per_worker["memory"] = (pack.planned_bytes - max(pipeline_bytes(d) for d in data)
+                                + max(pipeline_bytes(d, pack_cpus) for d in data))
     return dataclasses.replace(single, resources_per_worker=per_worker, torch_threads=max(1, int(pack_cpus)))
 
 
@@ -505,7 +508,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             else:
                 pack = item
                 name = pack.name
-                pack_resources = _pack_resources(resources[pack.tenants[0]], pack, len(packs))
+                pack_resources = _pack_resources(resources[pack.tenants[0]], pack, len(packs), [sweep.job(t) for t in pack.tenants])
                 per_worker = pack_resources.resources_per_worker
                 ref = pack_task.remote([sweep.job(t).model_dump() for t in pack.tenants], pack.slots, pack_resources,
                                        storage, name, sweep.spec.resources.max_retries, board)

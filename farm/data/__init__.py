@@ -29,7 +29,7 @@ from farm.data.readers import SHAPES, DataError, ReadOptions, read_records
 from farm.data.records import (FORMATS, ROLE_ALIASES, Chat, JsonText, NothingToLearn, RecordError, detect_format,
                                 normalize_record, parse_json)
 from farm.jsonwords import kind
-from farm.data.parallel import BatchPreparer, pipeline_workers
+from farm.data.parallel import MAX_WORKERS, WORKER_BYTES, BatchPreparer, pipeline_workers
 from farm.data.prepare import PreparedBatch, canonical_json, prepare_batch
 from farm.data.render import Renderer, max_token_chars
 from farm.data.rows import IGNORE_INDEX, Example, ExampleStore, Rows, pack_lengths, pack_rows, split_indices
@@ -142,16 +142,19 @@ class TenantData:
     report: DataReport
 
 
-def pipeline_bytes(spec: DataSpec) -> int:
+def pipeline_bytes(spec: DataSpec, cpus: float = 1.0) -> int:
     """Host memory a tenant's data pipeline may take at its peak, on top of the process itself.
 
-    The batch being rendered (BATCH examples of up to max_seq_len tokens as Python lists of
-    ids and labels, about 80 bytes a token with the rendered text), the largest record while it
-    is parsed (its bytes, its text and the parsed strings: 4x data.max_record_mb), and the
-    read buffers. The examples themselves are spilled to a file, and memory-mapped rows are
-    page cache the kernel can reclaim, so neither counts.
+    The batch being prepared (BATCH examples of up to max_seq_len tokens as Python lists of
+    ids and flags, about 80 bytes a token with the rendered text), the largest record while it
+    is parsed (its bytes, its text and the parsed strings: 4x data.max_record_mb), the read
+    buffers, and with ``cpus`` of 2 or more the data workers that many CPUs start (each a
+    light process with a batch of its own). Examples are spilled to a file and memory-mapped
+    rows are page cache the kernel can reclaim, so neither counts.
     """
-    return BATCH * spec.max_seq_len * 80 + 4 * (spec.max_record_mb << 20) + (8 << 20)
+    one = BATCH * spec.max_seq_len * 80 + 4 * (spec.max_record_mb << 20) + (8 << 20)
+    workers = min(int(cpus), MAX_WORKERS) if cpus >= 2 else 0
+    return one + workers * (WORKER_BYTES + one)
 
 
 def read_options(spec: DataSpec) -> ReadOptions:
