@@ -4,8 +4,10 @@ The pipeline, for one tenant, streamed in batches of ``BATCH`` records::
 
     read_records()          farm.data.readers: JSONL, JSON arrays, CSV/TSV, Parquet, compressed,
                             folders and globs of shards, saved Dataset/DatasetDict; local or URI
-      -> normalize_record() farm.data.records: chat / sharegpt / alpaca / completion / text
-      -> Renderer           farm.data.render: chat template, cut, tokenize, labels masked
+      -> prepare_batch()    farm.data.prepare, here or on workers (farm.data.parallel):
+           parse + normalize_record()   farm.data.records: chat / sharegpt / alpaca / completion / text
+           Renderer                     farm.data.render: chat template, cut, tokenize, labels masked
+      -> policies           tenant_examples(): bad records, too long, nothing to learn (record order)
       -> ExampleStore       farm.data.rows: examples spilled to disk, lengths kept in memory
       -> split + pack_rows  deterministic train/eval split; rows of max_seq_len, built lazily
 
@@ -28,21 +30,21 @@ import numpy as np
 from farm.data.readers import SHAPES, DataError, ReadOptions, read_records
 from farm.data.records import (FORMATS, ROLE_ALIASES, Chat, JsonText, NothingToLearn, RecordError, detect_format,
                                 normalize_record, parse_json)
-from farm.jsonwords import kind
 from farm.data.parallel import MAX_WORKERS, WORKER_BYTES, BatchPreparer, pipeline_workers
 from farm.data.prepare import PreparedBatch, canonical_json, prepare_batch
-from farm.data.render import Renderer, max_token_chars
+from farm.data.render import Renderer, TokenizerParts, max_token_chars
 from farm.data.rows import IGNORE_INDEX, Example, ExampleStore, Rows, pack_lengths, pack_rows, split_indices
+from farm.jsonwords import kind
 from farm.spec import DataSpec
 
-__all__ = ["BATCH", "SHAPES", "FORMATS", "ROLE_ALIASES", "IGNORE_INDEX", "BadRecord", "BatchPreparer", "Chat",
-           "DataError", "DataReport", "Example", "ExampleBatch", "ExampleStore", "JsonText", "PreparedBatch",
-           "canonical_json", "parse_json", "prepare_batch", "NothingToLearn", "ReadOptions", "RecordError", "Renderer",
-           "Rows", "TenantData", "detect_format", "kind", "load_tenant_data", "max_token_chars",
-           "normalize_record", "pack_lengths", "pack_rows", "pipeline_bytes", "pipeline_workers", "preview_examples", "read_options", "read_records",
-           "split_indices", "tenant_examples"]
+__all__ = ["BATCH", "FORMATS", "IGNORE_INDEX", "ROLE_ALIASES", "SHAPES", "BadRecord", "BatchPreparer", "Chat",
+           "DataError", "DataReport", "Example", "ExampleBatch", "ExampleStore", "JsonText", "NothingToLearn",
+           "PreparedBatch", "ReadOptions", "RecordError", "Renderer", "Rows", "TenantData", "TokenizerParts",
+           "canonical_json", "detect_format", "kind", "load_tenant_data", "max_token_chars", "normalize_record",
+           "pack_lengths", "pack_rows", "parse_json", "pipeline_bytes", "pipeline_workers", "prepare_batch",
+           "preview_examples", "read_options", "read_records", "split_indices", "tenant_examples"]
 
-BATCH = 512        # records rendered and tokenised per call
+BATCH = 512        # records prepared (parsed, rendered, tokenised) per call
 LISTED_BAD = 20    # bad records listed by location in a report (all are counted)
 
 

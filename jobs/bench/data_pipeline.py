@@ -158,7 +158,7 @@ def print_table(results: dict[str, dict[int, dict]], judged: dict[str, dict]) ->
             table.add_row(fmt, f"{n:,}", f"{r['seconds']:.1f}", f"{r['records_per_s']:,}",
                           f"{r['tokens'] / max(r['used'], 1):.1f}", f"{r['rows']:,}", f"{r['padding']:.1%}",
                           f"{r['peak_rss_mib']:.0f}", f"{r['worker_peak_rss_mib']:.0f}")
-    console = Console()
+    console = Console(width=max(Console().width, 130))  # the whole table, also in a log file
     console.print(table)
     for fmt, g in judged.items():
         flat, speed = g["rss_flat_100k_to_1m"], g["records_per_s"]
