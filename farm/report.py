@@ -43,6 +43,7 @@ class TenantOutcome:
     error: str | None = None
     resumed_from_step: int | None = None
     first_step_delay_s: float | None = None   # from submission to the first training step
+    handed_off_s: float | None = None         # from the sweep's start to its adapter's hand-off
     baseline_error: str | None = None         # why the full fine-tuning baseline did not run
     pack: str | None = None                   # the co-training pack it trained in (packing: auto)
     packed_with: list[str] = field(default_factory=list)  # tenants that shared its steps

@@ -322,11 +322,11 @@ def _run_pack(jobs: list[dict], slots: int, resources: TrainerResources, storage
               max_retries: int, board) -> dict:
     """Ray task body: one co-training pack's TorchTrainer (one worker); returns each finished
     tenant's final folder (as a Ray ``Checkpoint``) and the tenants that failed (never raises)."""
-    from ray.train import Checkpoint, FailureConfig, RunConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from farm.train.cotrain import ray_cotrain_loop
-    from farm.train.ray_support import FINAL_DIR, storage_fs
+    from farm.train.ray_support import final_checkpoint
 
     pack_dir = f"{storage.rstrip('/')}/{name}"
     errors: dict = {}
@@ -343,9 +343,9 @@ def _run_pack(jobs: list[dict], slots: int, resources: TrainerResources, storage
         failure = error_summary(exc)
     finals = {}
     for job in jobs:
-        fs, path = storage_fs(f"{pack_dir}/{job['tenant']}/{FINAL_DIR}")
-        if fs.get_file_info(f"{path}/{RESULT_FILE}").is_file:
-            finals[job["tenant"]] = Checkpoint(path=path, filesystem=fs)
+        final = final_checkpoint(f"{pack_dir}/{job['tenant']}")
+        if final is not None:
+            finals[job["tenant"]] = final
     return {"finals": finals, "errors": errors, "error": failure}
 
 
@@ -379,6 +379,8 @@ def _progress_line(tenant: str, event: dict) -> str:
 def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | None = None) -> SweepReport:
     """Run (or resume) a sweep on the connected Ray cluster and write its report."""
     import ray
+
+    from farm.train.ray_support import final_checkpoint
 
     # Job logs are not terminals: give the summary table room instead of 80 columns.
     console = console or Console(width=None if sys.stdout.isatty() else 180)
@@ -479,7 +481,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
             adapter_dir=result["adapter_dir"], resumed_from_step=result.get("resumed_from_step"),
             first_step_delay_s=round(delay, 2) if delay is not None else None,
-            losses=[tuple(x) for x in result["losses"]], pack=pack, packed_with=result.get("packed_with", []))
+            losses=[tuple(x) for x in result["losses"]], pack=pack, packed_with=result.get("packed_with", []),
+            handed_off_s=round(time.time() - started, 2))
         console.print(f"[green]{name}[/green]: done, eval loss "
                       f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
         hand_off(name, outcomes[name])
@@ -522,6 +525,19 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             if printed.get(tenant) != event["step"]:
                 printed[tenant] = event["step"]
                 console.print(_progress_line(tenant, event), markup=False, highlight=False)
+        # A pack's tenants are handed off the moment their final adapter is on storage, while the
+        # pack trains the others: they do not wait for the whole pack to end.
+        for kind, item in running.values():
+            if kind != "pack":
+                continue
+            for tenant in item.tenants:
+                if tenant in outcomes:
+                    continue
+                final = final_checkpoint(f"{storage}/{item.name}/{tenant}")
+                if final is not None:
+                    delay = first_step[tenant] - submitted[item.name] if tenant in first_step else None
+                    finish_tenant(tenant, _publish_adapter(final, out / tenant), time.time() - submitted[item.name],
+                                  delay, pack=item.name)
         for ref in ready:
             kind, item = running.pop(ref)
             outcome = ray.get(ref)
@@ -537,6 +553,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                     console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
                 continue
             for tenant in item.tenants:  # a pack: hand off what finished, report the rest
+                if tenant in outcomes:
+                    continue  # handed off while the pack ran
                 delay = first_step[tenant] - submitted[name] if tenant in first_step else None
                 final = outcome.get("finals", {}).get(tenant)
                 if final is not None:

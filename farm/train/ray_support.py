@@ -140,6 +140,18 @@ def upload(folder: Path, destination: str) -> None:
 FINAL_DIR = "final"
 
 
+def final_checkpoint(root: str):
+    """The tenant's final folder under ``root`` (``<root>/final``) as a Ray ``Checkpoint`` once
+    every file of it is on storage, else None: a pack's driver hands a tenant off the moment
+    this appears, while the pack trains on, and an upload cut short never counts."""
+    from ray.train import Checkpoint
+
+    from farm.train.common import checkpoint_is_complete
+
+    fs, path = storage_fs(f"{root.rstrip('/')}/{FINAL_DIR}")
+    return Checkpoint(path=path, filesystem=fs) if checkpoint_is_complete(fs, path) else None
+
+
 class StorageCheckpoints:
     """One tenant's checkpoints written straight to shared storage (``root`` = a folder or URI).
 

@@ -212,3 +212,29 @@ def test_packed_sweep_co_trains_survives_a_killed_worker_and_matches_isolated_tr
             assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_pack_hands_off_each_tenant_the_moment_it_finishes(tmp_path, base_model_dir):
+    """Two short tenants co-train with a long one in one pack: each short one is handed off
+    (adapter copied, published, reported) while the long one is still training, not when the
+    pack ends."""
+    import re
+
+    tenants = [{"name": n, "data": {"path": str(REPO / f"jobs/data/{n}.jsonl")}, "train": {"max_steps": steps}}
+               for n, steps in (("hooli", 4), ("acme", 4), ("globex", 60))]
+    spec = _spec(tmp_path, base_model_dir, tenants, checkpoint_every=50)
+    raw = yaml.safe_load(spec.read_text())
+    raw["resources"]["packing"] = "auto"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = _run(["--config", str(spec), "--sweep-id", "handoff", "--progress-every", "1"])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "pack-1: hooli, acme, globex" in run.stdout or "pack-1: globex, hooli, acme" in run.stdout, run.stdout[-3000:]
+    report = json.loads((tmp_path / "runs" / "handoff" / "report.json").read_text())
+    by_name = {t["tenant"]: t for t in report["tenants"]}
+    assert all(by_name[n]["status"] == "trained" and by_name[n]["pack"] == "pack-1" for n in by_name)
+    for short in ("hooli", "acme"):
+        published = run.stdout.index(f"{short}: published as {short}.")
+        later_steps = [int(s) for s in re.findall(r"\[globex\] step (\d+)/60", run.stdout[published:])]
+        assert later_steps and min(later_steps) < 60, f"{short} was not handed off while globex trained"
+        assert by_name[short]["handed_off_s"] < by_name["globex"]["handed_off_s"]
+        assert (tmp_path / "runs" / "handoff" / short / "adapter" / "adapter_model.safetensors").is_file()
