@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,9 @@ from farm.report import SweepReport, TenantOutcome, merge_with_previous, print_r
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
 from farm.methods import method_info
 from farm.spec import ResolvedSweep, ResourceSpec, SpecError, TenantJob
+from farm.sweep_progress import SweepProgress
+
+logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
@@ -221,7 +225,7 @@ def validate_tenants(sweep: ResolvedSweep, tenants: list[str]) -> tuple[dict[str
             errors[name] = str(exc)
             continue
         if report.skipped or report.dropped or report.truncated:
-            print(report.summary(), flush=True)
+            logger.info(report.summary())
     return errors, reports
 
 
@@ -370,12 +374,6 @@ def _progress_board():
     return ProgressBoard.remote()
 
 
-def _progress_line(tenant: str, event: dict) -> str:
-    eta = int(event["eta_s"])
-    return (f"[{tenant}] step {event['step']}/{event['max_steps']}  loss {event['loss']:.4f}  "
-            f"{event['tokens_per_s']:,.0f} tok/s  eta {eta // 60}m{eta % 60:02d}s")
-
-
 def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | None = None) -> SweepReport:
     """Run (or resume) a sweep on the connected Ray cluster and write its report."""
     import ray
@@ -451,7 +449,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
     running: dict = {}
     submitted: dict[str, float] = {}
-    printed: dict[str, int] = {}
+    progress = SweepProgress(console, pending)
     # Work units: a tenant alone, or a pack of tenants co-trained by one worker (packing: auto).
     units: list[Unit] = [("tenant", name) for name in pending]
     packs: list[Pack] = []
@@ -483,6 +481,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             first_step_delay_s=round(delay, 2) if delay is not None else None,
             losses=[tuple(x) for x in result["losses"]], pack=pack, packed_with=result.get("packed_with", []),
             handed_off_s=round(time.time() - started, 2))
+        progress.set(name, "trained")
         console.print(f"[green]{name}[/green]: done, eval loss "
                       f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
         hand_off(name, outcomes[name])
@@ -498,73 +497,73 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                   for bundle in resources[item if kind == "tenant" else item.tenants[0]].demand()]
         _request_resources(demand, console)
 
-    queue = list(units)
-    while queue or running:
-        for kind, item in admit(queue, sum(unit_tenants(u) for u in running.values()), limit):
-            if kind == "tenant":
-                name = item
-                job: TenantJob = sweep.job(name)
-                ref = task.remote(job.model_dump(), resources[name], storage, name, sweep.spec.resources.max_retries,
-                                  job.settings.train.keep_checkpoints, board)
-                console.print(f"{name}: submitted ({resources[name].num_workers} worker(s), "
-                              f"{resources[name].resources_per_worker} each)")
-            else:
-                pack = item
-                name = pack.name
-                pack_resources = _pack_resources(resources[pack.tenants[0]], pack, len(packs), [sweep.job(t) for t in pack.tenants])
-                per_worker = pack_resources.resources_per_worker
-                ref = pack_task.remote([sweep.job(t).model_dump() for t in pack.tenants], pack.slots, pack_resources,
-                                       storage, name, sweep.spec.resources.max_retries, board)
-                console.print(f"{name}: submitted ({', '.join(pack.tenants)}; {pack.slots} at a time, "
-                              f"{per_worker} per worker)", markup=False, highlight=False)
-            running[ref] = (kind, item)
-            submitted[name] = time.time()
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
-        events, first_step = ray.get(board.snapshot.remote())
-        for tenant, event in sorted(events.items()):
-            if printed.get(tenant) != event["step"]:
-                printed[tenant] = event["step"]
-                console.print(_progress_line(tenant, event), markup=False, highlight=False)
-        # A pack's tenants are handed off the moment their final adapter is on storage, while the
-        # pack trains the others: they do not wait for the whole pack to end.
-        for kind, item in running.values():
-            if kind != "pack":
-                continue
-            for tenant in item.tenants:
-                if tenant in outcomes:
-                    continue
-                final = final_checkpoint(f"{storage}/{item.name}/{tenant}")
-                if final is not None:
-                    delay = first_step[tenant] - submitted[item.name] if tenant in first_step else None
-                    finish_tenant(tenant, _publish_adapter(final, out / tenant), time.time() - submitted[item.name],
-                                  delay, pack=item.name)
-        for ref in ready:
-            kind, item = running.pop(ref)
-            outcome = ray.get(ref)
-            name = item if kind == "tenant" else item.name
-            wall = time.time() - submitted[name]
-            if kind == "tenant":
-                delay = first_step[name] - submitted[name] if name in first_step else None
-                if outcome["ok"]:
-                    finish_tenant(name, _publish_adapter(outcome["checkpoint"], out / name), wall, delay)
+    with progress:  # a live table on a terminal; lines in a log
+        queue = list(units)
+        while queue or running:
+            for kind, item in admit(queue, sum(unit_tenants(u) for u in running.values()), limit):
+                if kind == "tenant":
+                    name = item
+                    job: TenantJob = sweep.job(name)
+                    ref = task.remote(job.model_dump(), resources[name], storage, name, sweep.spec.resources.max_retries,
+                                      job.settings.train.keep_checkpoints, board)
+                    console.print(f"{name}: submitted ({resources[name].num_workers} worker(s), "
+                                  f"{resources[name].resources_per_worker} each)")
                 else:
-                    outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
-                                                   error=outcome["error"])
-                    console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
-                continue
-            for tenant in item.tenants:  # a pack: hand off what finished, report the rest
-                if tenant in outcomes:
-                    continue  # handed off while the pack ran
-                delay = first_step[tenant] - submitted[name] if tenant in first_step else None
-                final = outcome.get("finals", {}).get(tenant)
-                if final is not None:
-                    finish_tenant(tenant, _publish_adapter(final, out / tenant), wall, delay, pack=name)
+                    pack = item
+                    name = pack.name
+                    pack_resources = _pack_resources(resources[pack.tenants[0]], pack, len(packs), [sweep.job(t) for t in pack.tenants])
+                    per_worker = pack_resources.resources_per_worker
+                    ref = pack_task.remote([sweep.job(t).model_dump() for t in pack.tenants], pack.slots, pack_resources,
+                                           storage, name, sweep.spec.resources.max_retries, board)
+                    console.print(f"{name}: submitted ({', '.join(pack.tenants)}; {pack.slots} at a time, "
+                                  f"{per_worker} per worker)", markup=False, highlight=False)
+                running[ref] = (kind, item)
+                submitted[name] = time.time()
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
+            events, first_step = ray.get(board.snapshot.remote())
+            progress.update(events)
+            # A pack's tenants are handed off the moment their final adapter is on storage, while the
+            # pack trains the others: they do not wait for the whole pack to end.
+            for kind, item in running.values():
+                if kind != "pack":
                     continue
-                error = outcome.get("errors", {}).get(tenant) or outcome.get("error") or "pack ended without it"
-                status = "invalid" if tenant in outcome.get("errors", {}) else "failed"
-                outcomes[tenant] = TenantOutcome(tenant=tenant, status=status, wall_seconds=round(wall, 2),
-                                                 error=error, pack=name)
-                console.print(f"{tenant}: {status}: {error}", markup=False, highlight=False)
+                for tenant in item.tenants:
+                    if tenant in outcomes:
+                        continue
+                    final = final_checkpoint(f"{storage}/{item.name}/{tenant}")
+                    if final is not None:
+                        delay = first_step[tenant] - submitted[item.name] if tenant in first_step else None
+                        finish_tenant(tenant, _publish_adapter(final, out / tenant), time.time() - submitted[item.name],
+                                      delay, pack=item.name)
+            for ref in ready:
+                kind, item = running.pop(ref)
+                outcome = ray.get(ref)
+                name = item if kind == "tenant" else item.name
+                wall = time.time() - submitted[name]
+                if kind == "tenant":
+                    delay = first_step[name] - submitted[name] if name in first_step else None
+                    if outcome["ok"]:
+                        finish_tenant(name, _publish_adapter(outcome["checkpoint"], out / name), wall, delay)
+                    else:
+                        outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
+                                                       error=outcome["error"])
+                        progress.set(name, "failed")
+                        console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
+                    continue
+                for tenant in item.tenants:  # a pack: hand off what finished, report the rest
+                    if tenant in outcomes:
+                        continue  # handed off while the pack ran
+                    delay = first_step[tenant] - submitted[name] if tenant in first_step else None
+                    final = outcome.get("finals", {}).get(tenant)
+                    if final is not None:
+                        finish_tenant(tenant, _publish_adapter(final, out / tenant), wall, delay, pack=name)
+                        continue
+                    error = outcome.get("errors", {}).get(tenant) or outcome.get("error") or "pack ended without it"
+                    status = "invalid" if tenant in outcome.get("errors", {}) else "failed"
+                    outcomes[tenant] = TenantOutcome(tenant=tenant, status=status, wall_seconds=round(wall, 2),
+                                                     error=error, pack=name)
+                    progress.set(tenant, status)
+                    console.print(f"{tenant}: {status}: {error}", markup=False, highlight=False)
 
     if sweep.spec.resources.request_up_front and pending:
         _request_resources([], console)  # release: idle nodes may now be removed

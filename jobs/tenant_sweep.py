@@ -14,6 +14,7 @@ is invalid or failed (see the report); 2 means the spec itself is invalid.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -47,8 +48,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override registry.store (folder or s3://...); default $FARM_REGISTRY_STORE")
     parser.add_argument("--registry-catalog", default=os.environ.get("FARM_REGISTRY_CATALOG"),
                         help="override registry.catalog (SQLAlchemy URL); default $FARM_REGISTRY_CATALOG")
-    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress updates")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own logs and what the training workers print (default: the sweep's "
+                             "progress, outcomes and report only; worker logs stay in Ray's session folder)")
     return parser.parse_args(argv)
+
+
+def configure_logging(verbose: bool) -> None:
+    """The farm's log records as plain lines on stdout (the job log); Ray's only when verbose."""
+    farm = logging.getLogger("farm")
+    if not any(getattr(h, "farm_sweep", False) for h in farm.handlers):  # main() may run twice in a process
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.farm_sweep = True
+        farm.addHandler(handler)
+    farm.setLevel(logging.INFO)
+    farm.propagate = False
+    for name in ("ray", "ray.train", "ray.data", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def main(argv: list[str] | None = None, extra_overrides: dict | None = None) -> int:
@@ -83,9 +101,12 @@ def main(argv: list[str] | None = None, extra_overrides: dict | None = None) -> 
               file=sys.stderr)
         return 2
 
+    configure_logging(args.verbose)
     import ray
 
-    ray.init(log_to_driver=True)
+    # Workers' own output (library warnings, Ray Train's start-up chatter) stays in Ray's log
+    # files unless asked for: every tenant's outcome and error reaches the report regardless.
+    ray.init(log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING)
     options = SweepOptions(sweep_id=args.sweep_id or sweep.spec.name, tenants=tenants,
                            max_concurrent=args.max_concurrent, storage=args.storage,
                            progress_every_s=args.progress_every)

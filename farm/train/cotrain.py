@@ -34,6 +34,7 @@ with one ``bmm`` for all tenants where their shapes agree.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -55,6 +56,8 @@ from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, 
                                TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint, make_batch,
                                next_token_loss, peak_memory_bytes, rows_for, write_checkpoint)
 from farm.train.adapter import ADAPTER_DIR, CHECKPOINT_DIR, RESULT_FILE, TrainResult
+
+logger = logging.getLogger(__name__)
 
 
 def pack_key(job: TenantJob) -> tuple:
@@ -270,7 +273,7 @@ class CoTrainer:
                     active[job.tenant] = self._admit(job)
                 except DataError as exc:  # this tenant's data, nobody else's problem
                     self.errors[job.tenant] = str(exc)
-                    print(f"[{job.tenant}] not started: {exc}", flush=True)
+                    logger.warning("[%s] not started: %s", job.tenant, exc)
             for name in list(finished):
                 if len(self.model.peft_config) > 1:
                     self.model.delete_adapter(name)
