@@ -194,6 +194,9 @@ class Pack:
     slots: int
     planned_bytes: int  # one worker with ``slots`` adapters at once
     note: str
+    # Packs of one group (same pack key) are pools sharing one queue: ``tenants`` is the order
+    # planned for this pack, but any pool of the group may take any of the group's tenants.
+    group: str = ""
 
 
 def pack_memory(plans: list[MemoryPlan]) -> int:
@@ -224,7 +227,7 @@ def plan_packs(jobs: list[TenantJob], capacity: Capacity, max_training: int | No
     for job in jobs:
         groups.setdefault(pack_key(job), []).append(job)
     packs: list[Pack] = []
-    for group in groups.values():
+    for group_index, group in enumerate(groups.values(), start=1):
         shape = load_shape(group[0].base_model.name_or_path)
         plans = {job.tenant: plan_memory(shape, adapter_request(job, capacity, shape)) for job in group}
         biggest = max(plans.values(), key=lambda plan: plan.total_bytes)
@@ -249,5 +252,5 @@ def plan_packs(jobs: list[TenantJob], capacity: Capacity, max_training: int | No
                 memory += max(pipeline_bytes(j.settings.data) for j in queue)
             packs.append(Pack(name, tuple(j.tenant for j in queue), slot_count, memory,
                               f"{name}: {', '.join(j.tenant for j in queue)} ({slot_count} at a time, "
-                              f"planned {memory / GiB:.2f} GB)"))
+                              f"planned {memory / GiB:.2f} GB)", group=f"group-{group_index}"))
     return packs

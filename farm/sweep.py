@@ -322,35 +322,33 @@ def _pack_resources(single: TrainerResources, pack: Pack, packs: int, jobs: list
     return dataclasses.replace(single, resources_per_worker=per_worker, torch_threads=max(1, int(pack_cpus)))
 
 
-def _run_pack(jobs: list[dict], slots: int, resources: TrainerResources, storage: str, name: str,
+POOLED_DIR = "pooled"  # <storage>/pooled/<tenant>/: a pool's tenant's checkpoints and final adapter
+
+
+def _run_pack(prototype: dict, queue, slots: int, resources: TrainerResources, storage: str, name: str,
               max_retries: int, board) -> dict:
-    """Ray task body: one co-training pack's TorchTrainer (one worker); returns each finished
-    tenant's final folder (as a Ray ``Checkpoint``) and the tenants that failed (never raises)."""
+    """Ray task body: one pool's TorchTrainer (one co-training worker) taking tenants from its
+    group's ``queue`` until it runs dry. Returns the tenants that failed (never raises); each
+    finished tenant's final adapter is on storage under ``<storage>/pooled/<tenant>``."""
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from farm.train.cotrain import ray_cotrain_loop
-    from farm.train.ray_support import final_checkpoint
 
-    pack_dir = f"{storage.rstrip('/')}/{name}"
     errors: dict = {}
     failure = None
     try:
         trainer = TorchTrainer(
             ray_cotrain_loop,
-            train_loop_config={"jobs": jobs, "slots": slots, "board": board, "threads": resources.torch_threads,
-                               "pack_dir": pack_dir},
+            train_loop_config={"prototype": prototype, "queue": queue, "pool": name, "slots": slots, "board": board,
+                               "threads": resources.torch_threads,
+                               "tenants_dir": f"{storage.rstrip('/')}/{POOLED_DIR}"},
             scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
             run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_retries)))
         errors = (trainer.fit().return_value or {}).get("errors", {})
-    except Exception as exc:  # the pack's retries ran out; tenants that finished before still count
+    except Exception as exc:  # the pool's retries ran out; tenants that finished before still count
         failure = error_summary(exc)
-    finals = {}
-    for job in jobs:
-        final = final_checkpoint(f"{pack_dir}/{job['tenant']}")
-        if final is not None:
-            finals[job["tenant"]] = final
-    return {"finals": finals, "errors": errors, "error": failure}
+    return {"errors": errors, "error": failure}
 
 
 def _progress_board():
@@ -378,6 +376,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     """Run (or resume) a sweep on the connected Ray cluster and write its report."""
     import ray
 
+    from farm.pools import queue_actor
     from farm.train.ray_support import final_checkpoint
 
     # Job logs are not terminals: give the summary table room instead of 80 columns.
@@ -469,6 +468,15 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             for pack in packs:
                 console.print(pack.note, markup=False, highlight=False)
             units = [("tenant", n) for n in pending if n not in packable] + [("pack", p) for p in packs]
+    # One queue per group of packs: its pools take the group's tenants in the planned order
+    # (largest first, as plan_packs dealt them), whichever pool has a free slot.
+    queues: dict[str, object] = {}
+    group_tenants: dict[str, list[str]] = {}
+    for group in dict.fromkeys(p.group for p in packs):
+        lists = [p.tenants for p in packs if p.group == group]
+        group_tenants[group] = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
+        queues[group] = queue_actor([sweep.job(t).model_dump() for t in group_tenants[group]])
+    tenants_dir = f"{storage}/{POOLED_DIR}"
     pack_task = ray.remote(num_cpus=0, max_retries=0)(_run_pack).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
 
@@ -513,28 +521,28 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                     name = pack.name
                     pack_resources = _pack_resources(resources[pack.tenants[0]], pack, len(packs), [sweep.job(t) for t in pack.tenants])
                     per_worker = pack_resources.resources_per_worker
-                    ref = pack_task.remote([sweep.job(t).model_dump() for t in pack.tenants], pack.slots, pack_resources,
-                                           storage, name, sweep.spec.resources.max_retries, board)
-                    console.print(f"{name}: submitted ({', '.join(pack.tenants)}; {pack.slots} at a time, "
-                                  f"{per_worker} per worker)", markup=False, highlight=False)
+                    ref = pack_task.remote(sweep.job(pack.tenants[0]).model_dump(), queues[pack.group], pack.slots,
+                                           pack_resources, storage, name, sweep.spec.resources.max_retries, board)
+                    console.print(f"{name}: submitted (a pool of {pack.group}: {', '.join(group_tenants[pack.group])}; "
+                                  f"{pack.slots} at a time, {per_worker} per worker)", markup=False, highlight=False)
                 running[ref] = (kind, item)
                 submitted[name] = time.time()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
             events, first_step = ray.get(board.snapshot.remote())
             progress.update(events)
-            # A pack's tenants are handed off the moment their final adapter is on storage, while the
-            # pack trains the others: they do not wait for the whole pack to end.
-            for kind, item in running.values():
-                if kind != "pack":
-                    continue
-                for tenant in item.tenants:
-                    if tenant in outcomes:
+            # A pool's tenants are handed off the moment their final adapter is on storage, while the
+            # pool trains the others: they do not wait for the pool to end.
+            for group in {item.group for kind, item in running.values() if kind == "pack"}:
+                taken = ray.get(queues[group].state.remote())["taken"]
+                for tenant in group_tenants[group]:
+                    if tenant in outcomes or tenant not in taken:
                         continue
-                    final = final_checkpoint(f"{storage}/{item.name}/{tenant}")
+                    final = final_checkpoint(f"{tenants_dir}/{tenant}")
                     if final is not None:
-                        delay = first_step[tenant] - submitted[item.name] if tenant in first_step else None
-                        finish_tenant(tenant, _publish_adapter(final, out / tenant), time.time() - submitted[item.name],
-                                      delay, pack=item.name)
+                        pool = taken[tenant]
+                        delay = first_step[tenant] - submitted[pool] if tenant in first_step else None
+                        finish_tenant(tenant, _publish_adapter(final, out / tenant), time.time() - submitted[pool],
+                                      delay, pack=pool)
             for ref in ready:
                 kind, item = running.pop(ref)
                 outcome = ray.get(ref)
@@ -550,18 +558,27 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                         progress.set(name, "failed")
                         console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
                     continue
-                for tenant in item.tenants:  # a pack: hand off what finished, report the rest
+                # A pool: hand off what it finished, report what it took and did not; once no pool of
+                # its group is left, a tenant still waiting had nobody to train it.
+                state = ray.get(queues[item.group].state.remote())
+                group_left = any(k == "pack" and i.group == item.group for k, i in running.values()) or \
+                    any(k == "pack" and i.group == item.group for k, i in queue)
+                for tenant in group_tenants[item.group]:
                     if tenant in outcomes:
-                        continue  # handed off while the pack ran
-                    delay = first_step[tenant] - submitted[name] if tenant in first_step else None
-                    final = outcome.get("finals", {}).get(tenant)
-                    if final is not None:
+                        continue  # handed off while the pool ran
+                    mine = state["taken"].get(tenant) == name
+                    final = final_checkpoint(f"{tenants_dir}/{tenant}")
+                    if final is not None and (mine or tenant not in state["taken"]):
+                        delay = first_step[tenant] - submitted[name] if tenant in first_step else None
                         finish_tenant(tenant, _publish_adapter(final, out / tenant), wall, delay, pack=name)
                         continue
-                    error = outcome.get("errors", {}).get(tenant) or outcome.get("error") or "pack ended without it"
-                    status = "invalid" if tenant in outcome.get("errors", {}) else "failed"
+                    if not mine and (tenant in state["taken"] or group_left):
+                        continue  # another pool's, or it may still take it
+                    error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
+                        outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
+                    status = "invalid" if tenant in state["errors"] or tenant in outcome.get("errors", {}) else "failed"
                     outcomes[tenant] = TenantOutcome(tenant=tenant, status=status, wall_seconds=round(wall, 2),
-                                                     error=error, pack=name)
+                                                     error=error, pack=name if mine else None)
                     progress.set(tenant, status)
                     console.print(f"{tenant}: {status}: {error}", markup=False, highlight=False)
 

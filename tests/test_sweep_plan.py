@@ -305,3 +305,19 @@ def test_max_concurrent_must_be_at_least_one():
     with pytest.raises(ValueError, match="at least 1"):
         SweepOptions(sweep_id="s", max_concurrent=0)
     assert SweepOptions(sweep_id="s", max_concurrent=2).max_concurrent == 2
+
+
+def test_a_group_queue_hands_each_tenant_to_one_pool_and_a_restarted_pool_gets_its_own_back():
+    from farm.pools import TenantQueue
+
+    queue = TenantQueue([{"tenant": t} for t in ("a", "b", "c", "d", "e")])
+    assert [j["tenant"] for j in queue.take("pool-1", 2)] == ["a", "b"]
+    assert [j["tenant"] for j in queue.take("pool-2", 2)] == ["c", "d"]
+    queue.finish("a")
+    queue.fail("d", "tenant 'd': bad data")
+    # pool-1's worker died: its restart resumes what it took and did not finish, then takes more
+    assert [j["tenant"] for j in queue.resume("pool-1")] == ["b"]
+    assert [j["tenant"] for j in queue.resume("pool-2")] == ["c"]
+    assert [j["tenant"] for j in queue.take("pool-1", 5)] == ["e"] and queue.take("pool-2", 1) == []
+    assert queue.state() == {"taken": {"a": "pool-1", "b": "pool-1", "c": "pool-2", "d": "pool-2", "e": "pool-1"},
+                             "done": ["a"], "errors": {"d": "tenant 'd': bad data"}, "waiting": []}

@@ -67,6 +67,23 @@ def pack_key(job: TenantJob) -> tuple:
             job.settings.method, job.settings.train.precision)
 
 
+class ListSource:
+    """The tenants of a fixed pack, handed out in order (``farm train``'s and the tests' source)."""
+
+    def __init__(self, jobs: list[TenantJob]):
+        self.waiting = list(jobs)
+
+    def take(self, count: int) -> list[TenantJob]:
+        taken, self.waiting = self.waiting[:count], self.waiting[count:]
+        return taken
+
+    def finished(self, tenant: str) -> None:
+        pass
+
+    def failed(self, tenant: str, error: str) -> None:
+        pass
+
+
 @dataclass
 class Slot:
     """One active tenant in the pack: its data, optimizer, schedule, progress and checkpoints."""
@@ -188,7 +205,8 @@ class CoTrainer:
     """
 
     def __init__(self, jobs: list[TenantJob], slots: int, progress: Progress | None = None, resume: bool = True,
-                 checkpoints_for: Callable[[TenantJob], CheckpointIO] | None = None, batched: bool | None = None):
+                 checkpoints_for: Callable[[TenantJob], CheckpointIO] | None = None, batched: bool | None = None,
+                 source=None):
         if not jobs:
             raise ValueError("co-training needs at least one tenant")
         keys = {pack_key(job) for job in jobs}
@@ -199,6 +217,10 @@ class CoTrainer:
             raise ValueError(f"method {jobs[0].settings.method!r} cannot be co-trained (co-trainable: "
                              f"{', '.join(co_trainable_methods())}); train it alone with `farm train`")
         self.jobs, self.slots = list(jobs), max(1, slots)
+        # Where tenants come from: this fixed list, or a pool's queue (``take``, ``finished``,
+        # ``failed``; farm.pools) whose tenants must all share the first job's pack key.
+        self.source = source if source is not None else ListSource(self.jobs)
+        self.key = pack_key(jobs[0])
         self.progress = progress or ConsoleProgress(every=jobs[0].settings.train.log_every)
         self.resume = resume
         self.checkpoints_for = checkpoints_for or (
@@ -260,26 +282,29 @@ class CoTrainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, TrainResult | str]:
-        """Train every tenant; slots freed by finished tenants go to waiting ones."""
+        """Train every tenant the source hands out; slots freed by finished tenants take the next."""
         if self.model is None and not hasattr(self, "base"):
             self.setup()
-        waiting = list(self.jobs)
         active: dict[str, Slot] = {}
         finished: list[str] = []  # adapters still in the model; PEFT cannot remove its last one
-        while waiting or active:
-            while waiting and len(active) < self.slots:
-                job = waiting.pop(0)
-                try:
-                    active[job.tenant] = self._admit(job)
-                except DataError as exc:  # this tenant's data, nobody else's problem
-                    self.errors[job.tenant] = str(exc)
-                    logger.warning("[%s] not started: %s", job.tenant, exc)
+        while True:
+            while len(active) < self.slots and (jobs := self.source.take(self.slots - len(active))):
+                for job in jobs:
+                    try:
+                        if pack_key(job) != self.key:
+                            raise DataError(job.tenant, job.settings.data.path or "", "cannot share this pool: it "
+                                            "differs in base model, max_seq_len, packing, method or precision")
+                        active[job.tenant] = self._admit(job)
+                    except DataError as exc:  # this tenant's data, nobody else's problem
+                        self.errors[job.tenant] = str(exc)
+                        self.source.failed(job.tenant, str(exc))
+                        logger.warning("[%s] not started: %s", job.tenant, exc)
             for name in list(finished):
                 if len(self.model.peft_config) > 1:
                     self.model.delete_adapter(name)
                     finished.remove(name)
             if not active:
-                break
+                break  # nothing training and nothing left to take
             # Adding or deleting an adapter makes PEFT mark only its "active" one trainable.
             for slot in active.values():
                 for param in slot.params:
@@ -290,6 +315,7 @@ class CoTrainer:
             for name in [n for n, s in active.items()
                          if s.state.step >= s.job.settings.train.max_steps or s.state.stopped_early]:
                 self.results[name] = self._finish(active.pop(name))
+                self.source.finished(name)
                 finished.append(name)
         return {**self.results, **self.errors}
 
@@ -436,35 +462,72 @@ class _PackProgress:
         self.per_tenant[event.tenant].on_step(event)
 
 
-def ray_cotrain_loop(config: dict) -> dict:
-    """Ray Train ``train_loop_per_worker`` of a co-training pack (one worker).
+class QueueSource:
+    """A pool's tenants, from its group's ``TenantQueue`` actor (farm.pools).
 
-    ``config`` holds the pack's ``jobs`` (dicts), its ``slots``, the torch ``threads``, the
-    ``board`` actor and ``pack_dir``, the pack's folder on shared storage. Each tenant's
-    checkpoints and final adapter go to ``<pack_dir>/<tenant>/`` (``StorageCheckpoints``); a
-    restarted worker group skips tenants whose final adapter is there and resumes the others
-    from their newest complete checkpoint.
+    First the tenants this pool took before a restart (they resume from their checkpoints),
+    then new ones. A tenant whose final adapter is already on storage finished before the
+    restart: it is marked done and skipped.
+    """
+
+    def __init__(self, queue, pool: str, tenants_dir: str, local: str):
+        self.queue, self.pool, self.tenants_dir, self.local = queue, pool, tenants_dir, local
+        self._resumed = False
+
+    def take(self, count: int) -> list[TenantJob]:
+        import ray
+
+        from farm.train.ray_support import final_checkpoint
+
+        out: list[TenantJob] = []
+        while len(out) < count:
+            if not self._resumed:
+                self._resumed = True
+                raw = ray.get(self.queue.resume.remote(self.pool))
+                if not raw:
+                    continue  # nothing to resume: take new ones
+            else:
+                raw = ray.get(self.queue.take.remote(self.pool, count - len(out)))
+                if not raw:
+                    return out
+            for job in raw:
+                if final_checkpoint(f"{self.tenants_dir}/{job['tenant']}") is not None:
+                    self.queue.finish.remote(job["tenant"])
+                    continue
+                out.append(TenantJob.model_validate(job).model_copy(
+                    update={"output_dir": f"{self.local}/{job['tenant']}"}))
+        return out
+
+    def finished(self, tenant: str) -> None:
+        self.queue.finish.remote(tenant)
+
+    def failed(self, tenant: str, error: str) -> None:
+        self.queue.fail.remote(tenant, error)
+
+
+def ray_cotrain_loop(config: dict) -> dict:
+    """Ray Train ``train_loop_per_worker`` of a pool: a co-training worker that takes tenants
+    from its group's queue until the queue runs dry.
+
+    ``config`` holds the group's ``prototype`` job (dict: base model and precision to load),
+    the ``queue`` actor and this ``pool``'s name, its ``slots``, the torch ``threads``, the
+    ``board`` actor and ``tenants_dir``, the folder on shared storage where each tenant's
+    checkpoints and final adapter go (``<tenants_dir>/<tenant>/``, whichever pool trains it).
+    A restarted worker group resumes the tenants this pool had taken from their newest complete
+    checkpoint, skipping those whose final adapter is there.
     """
     import tempfile
 
-    from farm.train.ray_support import FINAL_DIR, StorageCheckpoints, storage_fs
+    from farm.train.ray_support import StorageCheckpoints
 
     torch.set_num_threads(config.get("threads", 1))
-    local = tempfile.mkdtemp(prefix="farm-pack-")
-    pack_dir = config["pack_dir"].rstrip("/")
-    jobs = [TenantJob.model_validate(raw) for raw in config["jobs"]]
-    jobs = [job.model_copy(update={"output_dir": f"{local}/{job.tenant}"}) for job in jobs]
-
-    def finished(job: TenantJob) -> bool:
-        fs, path = storage_fs(f"{pack_dir}/{job.tenant}/{FINAL_DIR}/{RESULT_FILE}")
-        return fs.get_file_info(path).is_file
-
-    pending = [job for job in jobs if not finished(job)]
+    local = tempfile.mkdtemp(prefix="farm-pool-")
+    tenants_dir = config["tenants_dir"].rstrip("/")
+    prototype = TenantJob.model_validate(config["prototype"])
+    source = QueueSource(config["queue"], config["pool"], tenants_dir, local)
     try:
-        if not pending:
-            return {"errors": {}, "packed_with": {}}
-        trainer = CoTrainer(pending, config["slots"], progress=_PackProgress(config.get("board")),
-                            checkpoints_for=lambda job: StorageCheckpoints(f"{pack_dir}/{job.tenant}",
+        trainer = CoTrainer([prototype], config["slots"], progress=_PackProgress(config.get("board")), source=source,
+                            checkpoints_for=lambda job: StorageCheckpoints(f"{tenants_dir}/{job.tenant}",
                                                                            job.settings.train.keep_checkpoints))
         trainer.setup().run()
         return {"errors": trainer.errors, "packed_with": trainer.packed_with}

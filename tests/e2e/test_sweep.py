@@ -186,7 +186,7 @@ def test_packed_sweep_co_trains_survives_a_killed_worker_and_matches_isolated_tr
     raw["resources"]["packing"] = "auto"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    pack_dir = tmp_path / "runs" / "packed" / ".ray" / "pack-1"
+    pack_dir = tmp_path / "runs" / "packed" / ".ray" / "pooled"
     killed, returncode, output = _sweep_killing_a_worker(
         spec, "packed", lambda: any((pack_dir / n / "checkpoint-0000004" / "state.json").is_file() for n in names))
     assert killed is not None, "the pack's worker was never seen running after a checkpoint"

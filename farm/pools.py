@@ -1,0 +1,59 @@
+"""Warm pools' shared queues: tenants wait here until a pool takes them.
+
+A pool is a long-running Ray Train worker that loads the base once and takes tenants as its
+slots free up (today: a co-training pack). Every pool of a group (same base, row layout, method
+and precision) takes from the group's one ``TenantQueue``, so a pool whose tenants finish early
+takes the next waiting tenant instead of idling while another pool still has a list. The queue
+remembers which pool took which tenant: a pool that Ray Train restarts after its worker died
+resumes exactly those (from their checkpoints on storage) before it takes more.
+
+``TenantQueue`` is a plain class, tested without Ray; the sweep runs it as a Ray actor
+(``queue_actor``), one per group, owned by the sweep's driver.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class TenantQueue:
+    """Jobs (``TenantJob`` dicts) waiting for a pool, in the order they should start."""
+
+    def __init__(self, jobs: list[dict]):
+        self.waiting: deque[dict] = deque(jobs)
+        self.jobs = {job["tenant"]: job for job in jobs}
+        self.taken: dict[str, str] = {}   # tenant -> the pool that took it
+        self.done: set[str] = set()
+        self.errors: dict[str, str] = {}  # tenant -> why it could not train (its data, ...)
+
+    def take(self, pool: str, count: int) -> list[dict]:
+        """Up to ``count`` waiting jobs for ``pool`` (fewer, or none, when the queue runs dry)."""
+        out = []
+        while self.waiting and len(out) < count:
+            job = self.waiting.popleft()
+            self.taken[job["tenant"]] = pool
+            out.append(job)
+        return out
+
+    def resume(self, pool: str) -> list[dict]:
+        """The jobs ``pool`` took and did not finish or fail: a restarted pool trains them first."""
+        return [self.jobs[t] for t, owner in self.taken.items()
+                if owner == pool and t not in self.done and t not in self.errors]
+
+    def finish(self, tenant: str) -> None:
+        self.done.add(tenant)
+
+    def fail(self, tenant: str, error: str) -> None:
+        self.errors[tenant] = error
+
+    def state(self) -> dict:
+        """Who took what, what finished and failed, what still waits (for the driver's report)."""
+        return {"taken": dict(self.taken), "done": sorted(self.done), "errors": dict(self.errors),
+                "waiting": [job["tenant"] for job in self.waiting]}
+
+
+def queue_actor(jobs: list[dict]):
+    """A ``TenantQueue`` as a Ray actor (no CPU: it only hands out names)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(TenantQueue).remote(jobs)
