@@ -24,7 +24,8 @@ class TenantQueue:
         self.jobs = {job["tenant"]: job for job in jobs}
         self.taken: dict[str, str] = {}   # tenant -> the pool that took it
         self.done: set[str] = set()
-        self.errors: dict[str, str] = {}  # tenant -> why it could not train (its data, ...)
+        self.errors: dict[str, str] = {}  # tenant -> why it did not finish
+        self.statuses: dict[str, str] = {}  # tenant -> invalid (its data, refused up front) | failed (in training)
 
     def take(self, pool: str, count: int) -> list[dict]:
         """Up to ``count`` waiting jobs for ``pool`` (fewer, or none, when the queue runs dry)."""
@@ -43,13 +44,14 @@ class TenantQueue:
     def finish(self, tenant: str) -> None:
         self.done.add(tenant)
 
-    def fail(self, tenant: str, error: str) -> None:
+    def fail(self, tenant: str, error: str, status: str = "failed") -> None:
         self.errors[tenant] = error
+        self.statuses[tenant] = status
 
     def state(self) -> dict:
         """Who took what, what finished and failed, what still waits (for the driver's report)."""
         return {"taken": dict(self.taken), "done": sorted(self.done), "errors": dict(self.errors),
-                "waiting": [job["tenant"] for job in self.waiting]}
+                "statuses": dict(self.statuses), "waiting": [job["tenant"] for job in self.waiting]}
 
 
 def queue_actor(jobs: list[dict]):

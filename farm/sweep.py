@@ -576,7 +576,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                         continue  # another pool's, or it may still take it
                     error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
                         outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
-                    status = "invalid" if tenant in state["errors"] or tenant in outcome.get("errors", {}) else "failed"
+                    status = state["statuses"].get(tenant) or ("invalid" if tenant in outcome.get("errors", {}) else "failed")
                     outcomes[tenant] = TenantOutcome(tenant=tenant, status=status, wall_seconds=round(wall, 2),
                                                      error=error, pack=name if mine else None)
                     progress.set(tenant, status)

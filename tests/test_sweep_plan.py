@@ -314,10 +314,11 @@ def test_a_group_queue_hands_each_tenant_to_one_pool_and_a_restarted_pool_gets_i
     assert [j["tenant"] for j in queue.take("pool-1", 2)] == ["a", "b"]
     assert [j["tenant"] for j in queue.take("pool-2", 2)] == ["c", "d"]
     queue.finish("a")
-    queue.fail("d", "tenant 'd': bad data")
+    queue.fail("d", "tenant 'd': bad data", "invalid")
     # pool-1's worker died: its restart resumes what it took and did not finish, then takes more
     assert [j["tenant"] for j in queue.resume("pool-1")] == ["b"]
     assert [j["tenant"] for j in queue.resume("pool-2")] == ["c"]
     assert [j["tenant"] for j in queue.take("pool-1", 5)] == ["e"] and queue.take("pool-2", 1) == []
     assert queue.state() == {"taken": {"a": "pool-1", "b": "pool-1", "c": "pool-2", "d": "pool-2", "e": "pool-1"},
-                             "done": ["a"], "errors": {"d": "tenant 'd': bad data"}, "waiting": []}
+                             "done": ["a"], "errors": {"d": "tenant 'd': bad data"}, "statuses": {"d": "invalid"},
+                             "waiting": []}

@@ -80,7 +80,7 @@ class ListSource:
     def finished(self, tenant: str) -> None:
         pass
 
-    def failed(self, tenant: str, error: str) -> None:
+    def failed(self, tenant: str, error: str, status: str = "failed") -> None:
         pass
 
 
@@ -297,7 +297,7 @@ class CoTrainer:
                         active[job.tenant] = self._admit(job)
                     except DataError as exc:  # this tenant's data, nobody else's problem
                         self.errors[job.tenant] = str(exc)
-                        self.source.failed(job.tenant, str(exc))
+                        self.source.failed(job.tenant, str(exc), "invalid")
                         logger.warning("[%s] not started: %s", job.tenant, exc)
             for name in list(finished):
                 if len(self.model.peft_config) > 1:
@@ -311,7 +311,12 @@ class CoTrainer:
                     param.requires_grad_(True)
             for name in active:
                 self.packed_with[name] = sorted(set(self.packed_with.get(name, [])) | (set(active) - {name}))
-            self._step(list(active.values()))
+            for name, error in self._step(list(active.values())).items():
+                self.errors[name] = error
+                self.source.failed(name, error)
+                logger.warning("[%s] failed: %s", name, error)
+                finished.append(name)  # its adapter leaves the model with the next change
+                del active[name]
             for name in [n for n, s in active.items()
                          if s.state.step >= s.job.settings.train.max_steps or s.state.stopped_early]:
                 self.results[name] = self._finish(active.pop(name))
@@ -319,22 +324,34 @@ class CoTrainer:
                 finished.append(name)
         return {**self.results, **self.errors}
 
-    def _step(self, slots: list[Slot]) -> None:
-        """One optimizer step for every active tenant: shared forward and backward per micro-batch."""
+    def _step(self, slots: list[Slot]) -> dict[str, str]:
+        """One optimizer step for every active tenant: shared forward and backward per micro-batch.
+
+        Each tenant's batches are built first, apart: a tenant whose rows cannot be read (its
+        spilled data gone, a row it cannot build) leaves the step before anything is computed
+        and is returned (tenant -> error) to end alone; the others step as if it never was.
+        """
         device, autocast = self.placement.device, self.placement.autocast
         self.model.train()
-        accum = max(s.job.settings.train.grad_accum for s in slots)
-        plans = {}
+        plans, built, failed = {}, {}, {}
         for slot in slots:
             spec = slot.job.settings.train
-            micro = [rows_for(len(slot.data.train), spec.seed, slot.state.rows_consumed + m * spec.batch_size,
-                              spec.batch_size) for m in range(spec.grad_accum)]
-            plans[slot.name] = (micro, sum(slot.data.train.targets[i] for rows in micro for i in rows))
+            try:
+                micro = [rows_for(len(slot.data.train), spec.seed, slot.state.rows_consumed + m * spec.batch_size,
+                                  spec.batch_size) for m in range(spec.grad_accum)]
+                plans[slot.name] = (micro, sum(slot.data.train.targets[i] for rows in micro for i in rows))
+                built[slot.name] = [make_batch(slot.data.train, rows, device) for rows in micro]
+            except Exception as exc:  # this tenant's data, nobody else's step
+                failed[slot.name] = f"tenant '{slot.name}': step {slot.state.step + 1}: {type(exc).__name__}: {exc}"
+        slots = [slot for slot in slots if slot.name not in failed]
+        if not slots:
+            return failed
+        accum = max(s.job.settings.train.grad_accum for s in slots)
         losses = {slot.name: 0.0 for slot in slots}
         started = time.perf_counter()
         for m in range(accum):
             members = [s for s in slots if m < s.job.settings.train.grad_accum]
-            batches = [make_batch(s.data.train, plans[s.name][0][m], device) for s in members]
+            batches = [built[s.name][m] for s in members]
             batch = _stack(batches)
             segments, row = [], 0
             for slot, part in zip(members, batches):
@@ -384,6 +401,7 @@ class CoTrainer:
                 tenant=slot.name, step=state.step, max_steps=spec.max_steps, loss=losses[slot.name],
                 learning_rate=slot.scheduler.get_last_lr()[0], tokens_per_s=tokens / elapsed if elapsed else 0.0,
                 eta_s=elapsed * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
+        return failed
 
     def _evaluate(self, slot: Slot) -> float:
         """Mean eval loss per target token of one tenant's adapter (every row routed to it)."""
@@ -501,8 +519,8 @@ class QueueSource:
     def finished(self, tenant: str) -> None:
         self.queue.finish.remote(tenant)
 
-    def failed(self, tenant: str, error: str) -> None:
-        self.queue.fail.remote(tenant, error)
+    def failed(self, tenant: str, error: str, status: str = "failed") -> None:
+        self.queue.fail.remote(tenant, error, status)
 
 
 def ray_cotrain_loop(config: dict) -> dict:

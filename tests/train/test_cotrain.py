@@ -149,3 +149,43 @@ def test_early_stop_ends_one_tenant_and_its_slot_goes_on(tmp_path, base_model_di
     assert alone.stopped_early and alone.steps == 2
     a = load_file(str(tmp_path / "alone" / "adapter" / "adapter_model.safetensors"))
     assert _max_difference(a, _adapter(tmp_path / "co", "acme")) < 1e-5
+
+
+def test_a_tenant_whose_data_fails_mid_training_ends_alone(tmp_path, base_model_dir, isolated):
+    """hooli's rows become unreadable at its third step (as if its spilled data vanished): hooli
+    ends with that error, and the tenants it shared steps with finish exactly as alone."""
+    from farm.train import cotrain as module
+
+    class Vanishing:
+        """A tenant's training rows that stop being readable after ``good`` batches."""
+
+        def __init__(self, rows, good: int):
+            self.rows, self.left = rows, good
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getattr__(self, name):
+            return getattr(self.rows, name)
+
+        def batch(self, indices):
+            if self.left == 0:
+                raise OSError("No such file or directory: 'ids.i32'")
+            self.left -= 1
+            return self.rows.batch(indices)
+
+    class FailingHooli(module.CoTrainer):
+        def _admit(self, job):
+            slot = super()._admit(job)
+            if job.tenant == "hooli":
+                slot.data.train = Vanishing(slot.data.train, good=2)
+            return slot
+
+    sweep = _sweep(tmp_path, base_model_dir)
+    jobs = [sweep.jobs[name] for name in ("acme", "hooli", "globex")]
+    results = FailingHooli(jobs, 3, resume=False).setup().run()
+    assert isinstance(results["hooli"], str)
+    assert results["hooli"].startswith("tenant 'hooli': step 3: OSError: No such file or directory")
+    for name in ("acme", "globex"):
+        assert _max_difference(_adapter(isolated, name), _adapter(tmp_path, name)) < 1e-5
+    assert not (tmp_path / "c" / "hooli" / "adapter").exists()
