@@ -7,6 +7,11 @@ takes the next waiting tenant instead of idling while another pool still has a l
 remembers which pool took which tenant: a pool that Ray Train restarts after its worker died
 resumes exactly those (from their checkpoints on storage) before it takes more.
 
+A queue is open while tenants may still arrive (``add``) and closed once none will: a pool
+whose slots are all free waits up to its idle time for new tenants on an open queue, then ends
+(scales to zero, so an autoscaling cluster gets the devices back); on a closed queue it ends at
+once. A sweep knows all its tenants up front and closes its queues when it makes them.
+
 ``TenantQueue`` is a plain class, tested without Ray; the sweep runs it as a Ray actor
 (``queue_actor``), one per group, owned by the sweep's driver.
 """
@@ -19,13 +24,31 @@ from collections import deque
 class TenantQueue:
     """Jobs (``TenantJob`` dicts) waiting for a pool, in the order they should start."""
 
-    def __init__(self, jobs: list[dict]):
+    def __init__(self, jobs: list[dict], closed: bool = False):
         self.waiting: deque[dict] = deque(jobs)
         self.jobs = {job["tenant"]: job for job in jobs}
+        self.closed = closed
         self.taken: dict[str, str] = {}   # tenant -> the pool that took it
         self.done: set[str] = set()
         self.errors: dict[str, str] = {}  # tenant -> why it did not finish
         self.statuses: dict[str, str] = {}  # tenant -> invalid (its data, refused up front) | failed (in training)
+
+    def add(self, jobs: list[dict]) -> None:
+        """Tenants that arrive while the pools run (refused once the queue is closed)."""
+        if self.closed:
+            raise ValueError("the queue is closed: no tenant may be added")
+        for job in jobs:
+            if job["tenant"] in self.jobs:
+                raise ValueError(f"tenant {job['tenant']!r} is already in this queue")
+            self.jobs[job["tenant"]] = job
+            self.waiting.append(job)
+
+    def close(self) -> None:
+        """No more tenants will come: pools end once they have nothing left."""
+        self.closed = True
+
+    def is_closed(self) -> bool:
+        return self.closed
 
     def take(self, pool: str, count: int) -> list[dict]:
         """Up to ``count`` waiting jobs for ``pool`` (fewer, or none, when the queue runs dry)."""
@@ -54,8 +77,8 @@ class TenantQueue:
                 "statuses": dict(self.statuses), "waiting": [job["tenant"] for job in self.waiting]}
 
 
-def queue_actor(jobs: list[dict]):
+def queue_actor(jobs: list[dict], closed: bool = False):
     """A ``TenantQueue`` as a Ray actor (no CPU: it only hands out names)."""
     import ray
 
-    return ray.remote(num_cpus=0)(TenantQueue).remote(jobs)
+    return ray.remote(num_cpus=0)(TenantQueue).remote(jobs, closed)

@@ -475,7 +475,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     for group in dict.fromkeys(p.group for p in packs):
         lists = [p.tenants for p in packs if p.group == group]
         group_tenants[group] = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
-        queues[group] = queue_actor([sweep.job(t).model_dump() for t in group_tenants[group]])
+        # closed: a sweep knows all its tenants, so its pools end as soon as their queue is empty
+        queues[group] = queue_actor([sweep.job(t).model_dump() for t in group_tenants[group]], closed=True)
     tenants_dir = f"{storage}/{POOLED_DIR}"
     pack_task = ray.remote(num_cpus=0, max_retries=0)(_run_pack).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,25 @@ def write_spec(tmp_path, base_model_dir):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray instance of this module's own: its own temp dir, ports Ray picks, no dashboard;
+    ``ray.shutdown()`` stops exactly the processes it started (never a machine-wide stop)."""
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray connected in this process"
+    temp_dir = tempfile.mkdtemp(prefix="farm-pk-", dir="/tmp")  # short: Ray's socket paths have a limit
+    # The workers import this module (for the worker function) from the checkout.
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_DISABLE_USAGE_STATS", "1")
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp_dir,
+                 logging_level="ERROR", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": python_path}})
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)

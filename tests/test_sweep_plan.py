@@ -322,3 +322,19 @@ def test_a_group_queue_hands_each_tenant_to_one_pool_and_a_restarted_pool_gets_i
     assert queue.state() == {"taken": {"a": "pool-1", "b": "pool-1", "c": "pool-2", "d": "pool-2", "e": "pool-1"},
                              "done": ["a"], "errors": {"d": "tenant 'd': bad data"}, "statuses": {"d": "invalid"},
                              "waiting": []}
+
+
+def test_an_open_queue_takes_new_tenants_and_a_closed_one_refuses_them():
+    import pytest
+
+    from farm.pools import TenantQueue
+
+    queue = TenantQueue([{"tenant": "a"}])
+    assert [j["tenant"] for j in queue.take("pool-1", 2)] == ["a"] and not queue.is_closed()
+    queue.add([{"tenant": "b"}])  # arrives while the pool runs
+    with pytest.raises(ValueError, match="'b' is already in this queue"):
+        queue.add([{"tenant": "b"}])
+    assert [j["tenant"] for j in queue.take("pool-1", 2)] == ["b"]
+    queue.close()
+    with pytest.raises(ValueError, match="closed"):
+        queue.add([{"tenant": "c"}])

@@ -83,6 +83,9 @@ class ListSource:
     def failed(self, tenant: str, error: str, status: str = "failed") -> None:
         pass
 
+    def wait_for_work(self) -> bool:
+        return False  # a fixed list never grows
+
 
 @dataclass
 class Slot:
@@ -303,8 +306,8 @@ class CoTrainer:
                 if len(self.model.peft_config) > 1:
                     self.model.delete_adapter(name)
                     finished.remove(name)
-            if not active:
-                break  # nothing training and nothing left to take
+            if not active and not self.source.wait_for_work():
+                break  # nothing training, nothing left to take, nothing arrived within the idle time
             # Adding or deleting an adapter makes PEFT mark only its "active" one trainable.
             for slot in active.values():
                 for param in slot.params:
@@ -488,9 +491,24 @@ class QueueSource:
     restart: it is marked done and skipped.
     """
 
-    def __init__(self, queue, pool: str, tenants_dir: str, local: str):
+    def __init__(self, queue, pool: str, tenants_dir: str, local: str, idle_s: float = 0.0, poll_s: float = 0.5):
         self.queue, self.pool, self.tenants_dir, self.local = queue, pool, tenants_dir, local
+        self.idle_s, self.poll_s = idle_s, poll_s
         self._resumed = False
+
+    def wait_for_work(self) -> bool:
+        """With every slot free: wait up to the idle time for tenants to arrive on an open queue;
+        True when some did (the caller takes them), False when the pool should end."""
+        import ray
+
+        deadline = time.monotonic() + self.idle_s
+        while True:
+            state = ray.get(self.queue.state.remote())
+            if state["waiting"]:
+                return True
+            if ray.get(self.queue.is_closed.remote()) or time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_s)
 
     def take(self, count: int) -> list[TenantJob]:
         import ray
@@ -528,7 +546,8 @@ def ray_cotrain_loop(config: dict) -> dict:
     from its group's queue until the queue runs dry.
 
     ``config`` holds the group's ``prototype`` job (dict: base model and precision to load),
-    the ``queue`` actor and this ``pool``'s name, its ``slots``, the torch ``threads``, the
+    the ``queue`` actor and this ``pool``'s name, its ``slots``, its ``idle_s`` (how long it
+    waits for tenants on an open queue with every slot free before it ends), the torch ``threads``, the
     ``board`` actor and ``tenants_dir``, the folder on shared storage where each tenant's
     checkpoints and final adapter go (``<tenants_dir>/<tenant>/``, whichever pool trains it).
     A restarted worker group resumes the tenants this pool had taken from their newest complete
@@ -542,7 +561,7 @@ def ray_cotrain_loop(config: dict) -> dict:
     local = tempfile.mkdtemp(prefix="farm-pool-")
     tenants_dir = config["tenants_dir"].rstrip("/")
     prototype = TenantJob.model_validate(config["prototype"])
-    source = QueueSource(config["queue"], config["pool"], tenants_dir, local)
+    source = QueueSource(config["queue"], config["pool"], tenants_dir, local, idle_s=config.get("idle_s", 0.0))
     try:
         trainer = CoTrainer([prototype], config["slots"], progress=_PackProgress(config.get("board")), source=source,
                             checkpoints_for=lambda job: StorageCheckpoints(f"{tenants_dir}/{job.tenant}",

@@ -9,6 +9,7 @@ target modules, so slots are refilled as tenants finish.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,39 @@ def test_a_tenant_whose_data_fails_mid_training_ends_alone(tmp_path, base_model_
     for name in ("acme", "globex"):
         assert _max_difference(_adapter(isolated, name), _adapter(tmp_path, name)) < 1e-5
     assert not (tmp_path / "c" / "hooli" / "adapter").exists()
+
+
+def test_a_pool_takes_tenants_that_arrive_while_it_runs_and_ends_when_idle(tmp_path, base_model_dir, isolated,
+                                                                           local_ray):
+    """A pool on an open queue (farm.pools): hooli arrives only once acme has finished, while the
+    pool waits with every slot free; the pool trains it, then ends after its idle time with
+    nothing more to take. Both adapters equal isolated training."""
+    import threading
+
+    import ray
+
+    from farm.pools import queue_actor
+    from farm.train.cotrain import QueueSource
+
+    sweep = _sweep(tmp_path, base_model_dir)
+    acme, hooli = sweep.jobs["acme"], sweep.jobs["hooli"]
+    queue = queue_actor([acme.model_dump()])  # open: tenants may arrive
+    local = tmp_path / "local"
+
+    def arrive() -> None:
+        while "acme" not in ray.get(queue.state.remote())["done"]:
+            time.sleep(0.1)
+        ray.get(queue.add.remote([hooli.model_dump()]))
+
+    thread = threading.Thread(target=arrive, daemon=True)
+    thread.start()
+    source = QueueSource(queue, "pool-1", str(tmp_path / "pooled"), str(local), idle_s=5.0, poll_s=0.1)
+    results = CoTrainer([acme], 2, resume=False, source=source).setup().run()
+    thread.join(timeout=60)
+    assert results["acme"].steps == 4 and results["hooli"].steps == 5
+    assert results["hooli"].resumed_from_step is None  # a fresh tenant, not a restart
+    state = ray.get(queue.state.remote())
+    assert state["done"] == ["acme", "hooli"] and state["taken"] == {"acme": "pool-1", "hooli": "pool-1"}
+    for name in ("acme", "hooli"):
+        adapter = load_file(str(local / name / "adapter" / "adapter_model.safetensors"))
+        assert _max_difference(_adapter(isolated, name), adapter) < 1e-5
