@@ -37,7 +37,8 @@ from rich.console import Console
 
 from farm.data import DataError, DataReport, load_tenant_data, pipeline_bytes
 from farm.models import load_tokenizer
-from farm.report import SweepReport, TenantOutcome, merge_with_previous, print_report, write_report
+from farm.report import (SweepReport, TenantOutcome, merge_with_previous, print_report, replace_atomically,
+                         write_report)
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
 from farm.methods import method_info
 from farm.spec import ResolvedSweep, ResourceSpec, SpecError, TenantJob
@@ -192,9 +193,7 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str) -> st
         lineage={"dataset_fingerprint": result.get("dataset_fingerprint"), "sweep_id": sweep_id,
                  "dataset": job.settings.data.path, "resumed_from_step": result.get("resumed_from_step")})
     result["serve_name"] = info.serve_name
-    tmp = result_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, result_file)
+    replace_atomically(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return info.serve_name
 
 
@@ -481,10 +480,16 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     pack_task = ray.remote(num_cpus=0, max_retries=0)(_run_pack).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
 
-    def finish_tenant(name: str, result: dict, wall: float, delay: float | None, pack: str | None = None) -> None:
+    first_step: dict[str, float] = {}  # tenant -> time of its first step (the progress board's)
+
+    def finish_tenant(name: str, final, unit: str, pack: str | None = None) -> None:
+        """Copy a finished tenant's final checkpoint into the sweep folder, report and publish it;
+        its times count from the submission of ``unit`` (its trainer or its pool)."""
+        result = _publish_adapter(final, out / name)
+        delay = first_step[name] - submitted[unit] if name in first_step else None
         outcomes[name] = TenantOutcome(
             tenant=name, status="trained", steps=result["steps"], tokens=result["tokens"],
-            wall_seconds=round(wall, 2), eval_loss_before=result["eval_loss_before"],
+            wall_seconds=round(time.time() - submitted[unit], 2), eval_loss_before=result["eval_loss_before"],
             eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
             adapter_dir=result["adapter_dir"], resumed_from_step=result.get("resumed_from_step"),
             first_step_delay_s=round(delay, 2) if delay is not None else None,
@@ -494,6 +499,12 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         console.print(f"[green]{name}[/green]: done, eval loss "
                       f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
         hand_off(name, outcomes[name])
+
+    def fail_tenant(name: str, status: str, error: str, unit: str, pack: str | None = None) -> None:
+        outcomes[name] = TenantOutcome(tenant=name, status=status, wall_seconds=round(time.time() - submitted[unit], 2),
+                                       error=error, pack=pack)
+        progress.set(name, status)
+        console.print(f"{name}: {status}: {error}", markup=False, highlight=False)
 
     # --max-concurrent counts tenants training at once: a pack counts as many as its slots.
     limit = options.max_concurrent or sum(unit_tenants(u) for u in units) or 1
@@ -529,59 +540,46 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                 running[ref] = (kind, item)
                 submitted[name] = time.time()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
-            events, first_step = ray.get(board.snapshot.remote())
+            events, steps_started = ray.get(board.snapshot.remote())
+            first_step.update(steps_started)
             progress.update(events)
             # A pool's tenants are handed off the moment their final adapter is on storage, while the
             # pool trains the others: they do not wait for the pool to end.
+            # The queue hears of a tenant's end once its final adapter is uploaded, so storage is only
+            # looked at for those (and checked complete), not polled for every tenant on every tick.
             for group in {item.group for kind, item in running.values() if kind == "pack"}:
-                taken = ray.get(queues[group].state.remote())["taken"]
-                for tenant in group_tenants[group]:
-                    if tenant in outcomes or tenant not in taken:
-                        continue
-                    final = final_checkpoint(f"{tenants_dir}/{tenant}")
+                state = ray.get(queues[group].state.remote())
+                for tenant in state["done"]:
+                    final = None if tenant in outcomes else final_checkpoint(f"{tenants_dir}/{tenant}")
                     if final is not None:
-                        pool = taken[tenant]
-                        delay = first_step[tenant] - submitted[pool] if tenant in first_step else None
-                        finish_tenant(tenant, _publish_adapter(final, out / tenant), time.time() - submitted[pool],
-                                      delay, pack=pool)
+                        finish_tenant(tenant, final, state["taken"][tenant], pack=state["taken"][tenant])
             for ref in ready:
                 kind, item = running.pop(ref)
                 outcome = ray.get(ref)
-                name = item if kind == "tenant" else item.name
-                wall = time.time() - submitted[name]
                 if kind == "tenant":
-                    delay = first_step[name] - submitted[name] if name in first_step else None
                     if outcome["ok"]:
-                        finish_tenant(name, _publish_adapter(outcome["checkpoint"], out / name), wall, delay)
+                        finish_tenant(item, outcome["checkpoint"], item)
                     else:
-                        outcomes[name] = TenantOutcome(tenant=name, status="failed", wall_seconds=round(wall, 2),
-                                                       error=outcome["error"])
-                        progress.set(name, "failed")
-                        console.print(f"{name}: failed: {outcome['error']}", markup=False, highlight=False)
+                        fail_tenant(item, "failed", outcome["error"], item)
                     continue
                 # A pool: hand off what it finished, report what it took and did not; once no pool of
                 # its group is left, a tenant still waiting had nobody to train it.
+                name = item.name
                 state = ray.get(queues[item.group].state.remote())
-                group_left = any(k == "pack" and i.group == item.group for k, i in running.values()) or \
-                    any(k == "pack" and i.group == item.group for k, i in queue)
+                group_left = any(k == "pack" and i.group == item.group for k, i in [*running.values(), *queue])
                 for tenant in group_tenants[item.group]:
                     if tenant in outcomes:
                         continue  # handed off while the pool ran
                     mine = state["taken"].get(tenant) == name
                     final = final_checkpoint(f"{tenants_dir}/{tenant}")
                     if final is not None and (mine or tenant not in state["taken"]):
-                        delay = first_step[tenant] - submitted[name] if tenant in first_step else None
-                        finish_tenant(tenant, _publish_adapter(final, out / tenant), wall, delay, pack=name)
-                        continue
-                    if not mine and (tenant in state["taken"] or group_left):
-                        continue  # another pool's, or it may still take it
-                    error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
-                        outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
-                    status = state["statuses"].get(tenant) or ("invalid" if tenant in outcome.get("errors", {}) else "failed")
-                    outcomes[tenant] = TenantOutcome(tenant=tenant, status=status, wall_seconds=round(wall, 2),
-                                                     error=error, pack=name if mine else None)
-                    progress.set(tenant, status)
-                    console.print(f"{tenant}: {status}: {error}", markup=False, highlight=False)
+                        finish_tenant(tenant, final, name, pack=name)
+                    elif mine or (tenant not in state["taken"] and not group_left):
+                        error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
+                            outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
+                        status = state["statuses"].get(tenant) or \
+                            ("invalid" if tenant in outcome.get("errors", {}) else "failed")
+                        fail_tenant(tenant, status, error, name, pack=name if mine else None)
 
     if sweep.spec.resources.request_up_front and pending:
         _request_resources([], console)  # release: idle nodes may now be removed

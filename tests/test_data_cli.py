@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
-from pathlib import Path
-
-from .conftest import SAMPLE_DATA
 
 #: Runs a command and prints the peak resident memory of its process tree's largest process.
 _PEAK_RSS = ("import resource, subprocess, sys\n"
@@ -21,7 +19,7 @@ _FARM = [sys.executable, "-c", "from farm.cli import app; app()"]
 
 def _farm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*_FARM, *args], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "COLUMNS": "250"})
+                          env={**os.environ, "COLUMNS": "250"})
 
 
 def _peak_rss_kib(*args: str) -> int:
@@ -106,4 +104,3 @@ def test_sample_tenants_check_clean(write_spec):
     reports = {r["tenant"]: r for r in json.loads(done.stdout)}
     assert set(reports) == {"acme", "globex", "initech", "umbrella", "hooli"}
     assert all(r["used"] == r["records"] and r["tokens"] > 0 for r in reports.values())
-    assert Path(SAMPLE_DATA).is_dir()

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from farm.data.readers import SHAPES, DataError, ReadOptions, read_records
-from farm.data.records import (FORMATS, ROLE_ALIASES, Chat, JsonText, NothingToLearn, RecordError, detect_format,
+from farm.data.records import (ROLE_ALIASES, Chat, JsonText, NothingToLearn, RecordError, detect_format,
                                 normalize_record, parse_json)
 from farm.data.parallel import MAX_WORKERS, WORKER_BYTES, BatchPreparer, pipeline_workers
 from farm.data.prepare import PreparedBatch, canonical_json, prepare_batch
@@ -37,7 +37,7 @@ from farm.data.rows import IGNORE_INDEX, Example, ExampleStore, Rows, pack_lengt
 from farm.jsonwords import kind
 from farm.spec import DataSpec
 
-__all__ = ["BATCH", "FORMATS", "IGNORE_INDEX", "ROLE_ALIASES", "SHAPES", "BadRecord", "BatchPreparer", "Chat",
+__all__ = ["BATCH", "IGNORE_INDEX", "ROLE_ALIASES", "SHAPES", "BadRecord", "BatchPreparer", "Chat",
            "DataError", "DataReport", "Example", "ExampleBatch", "ExampleStore", "JsonText", "NothingToLearn",
            "PreparedBatch", "ReadOptions", "RecordError", "Renderer", "Rows", "TenantData", "TokenizerParts",
            "canonical_json", "detect_format", "kind", "load_tenant_data", "max_token_chars", "normalize_record",

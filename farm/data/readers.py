@@ -76,8 +76,9 @@ def read_records(uri: str, tenant: str, options: ReadOptions = ReadOptions()) ->
         fs, path = _open_fs(uri)
     except Exception as exc:  # bad URI, unknown scheme, unreachable endpoint
         raise DataError(tenant, uri, f"cannot open: {exc}") from None
+    root = None  # files of a folder or glob are labelled by their path under it
     if any(c in path.rsplit("/", 1)[-1] for c in "*?["):
-        files, labelled = _glob(fs, path, uri, tenant), True
+        files, root = _glob(fs, path, uri, tenant), path.rsplit("/", 1)[0] if "/" in path else "."
     else:
         try:
             info = fs.get_file_info(path)
@@ -89,12 +90,11 @@ def read_records(uri: str, tenant: str, options: ReadOptions = ReadOptions()) ->
             if _is_saved_dataset(fs, path):
                 yield from _read_saved_dataset(uri, path, tenant, options)
                 return
-            files, labelled = _folder(fs, path, uri, tenant), True
+            files, root = _folder(fs, path, uri, tenant), path
         else:
-            files, labelled = [path], False
-    root = path.rsplit("/", 1)[0] if labelled and not _is_dir(fs, path) else path
+            files = [path]
     for file in files:
-        label = file[len(root):].lstrip("/") if labelled else ""
+        label = file[len(root):].lstrip("/") if root is not None else ""
         for location, record in _read_file(fs, file, uri, tenant, options, label):
             yield (f"{label} {location}" if label else location), record
 
@@ -108,12 +108,6 @@ def _open_fs(uri: str):
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), uri
-
-
-def _is_dir(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def _is_saved_dataset(fs, path: str) -> bool:
@@ -209,38 +203,33 @@ def _read_file(fs, path: str, uri: str, tenant: str, options: ReadOptions, label
 
 
 class _Reader:
-    """A byte stream read in chunks, whose first bytes can be looked at first."""
+    """A byte stream read in chunks, whose first chunk can be looked at before it is consumed."""
 
     def __init__(self, stream, source: str, tenant: str):
         self.stream, self.source, self.tenant = stream, source, tenant
-        self._head = b""
+        self._head = self._read_stream(CHUNK)  # what read() returns first
 
-    def read(self, size: int = CHUNK) -> bytes:
-        if self._head:
-            head, self._head = self._head[:size], self._head[size:]
-            return head
+    def _read_stream(self, size: int) -> bytes:
         try:
             return self.stream.read(size)
         except OSError as exc:  # a truncated or corrupt compressed file
             raise DataError(self.tenant, self.source, f"cannot read (corrupt or truncated file?): {exc}") from None
 
+    def read(self, size: int = CHUNK) -> bytes:
+        if self._head:
+            head, self._head = self._head[:size], self._head[size:]
+            return head
+        return self._read_stream(size)
+
     def first_byte(self) -> bytes:
         """The first byte that is not a BOM or whitespace (without consuming anything)."""
-        while len(self._head) < CHUNK:
-            more = self.read_more()
-            if not more:
-                break
         head = self._head[3:] if self._head.startswith(_BOM) else self._head
-        stripped = head.lstrip()
-        return stripped[:1]
+        return head.lstrip()[:1]
 
-    def read_more(self) -> bytes:
-        try:
-            more = self.stream.read(CHUNK)
-        except OSError as exc:
-            raise DataError(self.tenant, self.source, f"cannot read (corrupt or truncated file?): {exc}") from None
-        self._head += more
-        return more
+    def drop_bom(self) -> None:
+        """Skip a UTF-8 byte-order mark at the start, if there is one."""
+        if self._head.startswith(_BOM):
+            self._head = self._head[3:]
 
 
 def _byte_lines(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -368,9 +357,7 @@ def _read_json_array(reader: _Reader, options: ReadOptions, source: str, tenant:
     if options.encoding is not None:
         stream: Any = _Utf8(io.TextIOWrapper(_RawAdapter(reader), encoding=options.encoding))
     else:
-        reader.first_byte()
-        if reader._head.startswith(_BOM):
-            reader._head = reader._head[3:]
+        reader.drop_bom()
         stream = reader
     number = 0
     try:

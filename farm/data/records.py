@@ -33,8 +33,6 @@ ROLE_ALIASES = {
     "tool": "tool", "function": "tool",                       # OpenAI's legacy function results
 }
 
-FORMATS = ("chat", "sharegpt", "alpaca", "completion", "text")
-
 
 class RecordError(ValueError):
     """A problem inside one record (the caller adds tenant, file and line)."""

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from farm.data.records import Chat, RecordError
-from farm.data.rows import IGNORE_INDEX, Example
 
 _CUT_MARGIN_TOKENS = 16  # tokens past max_seq_len kept before a cut, so the cut never shows
 
@@ -193,21 +192,6 @@ class Renderer:
                 # packed row the token before it belongs to another example: never a target.
                 out.trained[start] = 0
             out.offsets.append(len(out.ids))
-        return out
-
-    def examples(self, items: Sequence[Chat | str]) -> list[Example | RecordError]:
-        """``render_batch`` as one ``Example`` (or the record's problem) per item."""
-        rendered = self.render_batch(items)
-        out: list[Example | RecordError] = []
-        k = 0
-        for problem in rendered.problems:
-            if problem is not None:
-                out.append(problem)
-                continue
-            start, end = rendered.offsets[k], rendered.offsets[k + 1]
-            ids = rendered.ids[start:end]
-            out.append(Example(ids, [t if on else IGNORE_INDEX for t, on in zip(ids, rendered.trained[start:end])]))
-            k += 1
         return out
 
 
