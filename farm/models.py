@@ -96,6 +96,50 @@ def load_base_model(base: BaseModelSpec, placement: Placement, settings: JobSett
     return model.to(placement.device)
 
 
+class BaseModelCache:
+    """A pool worker's frozen base, loaded once and lent to one tenant at a time.
+
+    ``borrow`` hands out the cached base when it was loaded the same way (same model, revision,
+    device and dtype), else loads one; ``give_back`` takes the tenant's PEFT model, removes the
+    adapter (PEFT's ``unload`` puts every wrapped layer's original module back; prompt-learning
+    methods never touch the base's modules) and keeps the base for the next tenant. A base that
+    may not be exactly as loaded is dropped instead, and the next tenant loads a fresh one: a
+    4-bit base (``prepare_model_for_kbit_training`` changes norms' dtypes and adds hooks), one
+    that ran with gradient checkpointing (PEFT registers an input-grad hook for it), one with a
+    trainable parameter left, or one whose parameter names differ from the loaded base's.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._model = None
+        self._names: list[str] = []
+        self.loads = 0  # how many times a base was read from disk (tests and logs)
+
+    def borrow(self, base: BaseModelSpec, placement: Placement, settings: JobSettings):
+        key = (base.name_or_path, base.revision, str(placement.device), placement.dtype)
+        model, self._model = self._model, None
+        if model is not None and self._key == key and method_info(settings.method).quantization is None:
+            return model
+        model = None  # let a mismatched base go before loading the next one
+        self.loads += 1
+        loaded = load_base_model(base, placement, settings)
+        self._key, self._names = key, [name for name, _ in loaded.named_parameters()]
+        return loaded
+
+    def give_back(self, peft_model, settings: JobSettings) -> None:
+        """Take back the base under ``peft_model`` (the tenant is done with it)."""
+        info = method_info(settings.method)
+        if peft_model is None or info.quantization is not None or settings.train.gradient_checkpointing:
+            return
+        if peft_model.peft_config[peft_model.active_adapter].is_prompt_learning:
+            base = peft_model.get_base_model()
+        else:
+            base = peft_model.base_model.unload()
+        pristine = ([name for name, _ in base.named_parameters()] == self._names
+                    and not any(p.requires_grad for p in base.parameters()))
+        self._model = base if pristine else None
+
+
 def build_peft_model(model, settings: JobSettings, base_model: str):
     """Wrap ``model`` with the adapter of the job's PEFT method (from ``farm.methods``).
 

@@ -1,16 +1,22 @@
 """Warm pools' shared queues: tenants wait here until a pool takes them.
 
-A pool is a long-running Ray Train worker that loads the base once and takes tenants as its
-slots free up (today: a co-training pack). Every pool of a group (same base, row layout, method
-and precision) takes from the group's one ``TenantQueue``, so a pool whose tenants finish early
-takes the next waiting tenant instead of idling while another pool still has a list. The queue
+A pool is a long-running Ray Train ``TorchTrainer`` whose workers load the base once and take
+tenants as their slots free up: a co-training pool (``farm.train.cotrain``: several LoRA tenants
+share each step) or a single-tenant pool (``farm.train.adapter.ray_pool_loop``: any method, one
+tenant at a time, on one worker or data parallel on several). Every pool of a group (pools
+that can train the same tenants: same base, row layout, method and precision for co-training;
+the same resource shape for single-tenant pools) takes from the group's one ``TenantQueue``, so
+a pool whose tenants finish early takes the next waiting tenant instead of idling while another
+pool still has a list. The queue
 remembers which pool took which tenant: a pool that Ray Train restarts after its worker died
 resumes exactly those (from their checkpoints on storage) before it takes more.
 
 A queue is open while tenants may still arrive (``add``) and closed once none will: a pool
 whose slots are all free waits up to its idle time for new tenants on an open queue, then ends
 (scales to zero, so an autoscaling cluster gets the devices back); on a closed queue it ends at
-once. A sweep knows all its tenants up front and closes its queues when it makes them.
+once. A sweep starts its pools before it has read any tenant's data, adds each tenant to its
+queue as its data passes the checks, and closes the queues once every tenant is checked: its
+pools wait for that (no idle limit) and end when their queue is closed and empty.
 
 ``TenantQueue`` is a plain class, tested without Ray; the sweep runs it as a Ray actor
 (``queue_actor``), one per group, owned by the sweep's driver.
@@ -18,7 +24,13 @@ once. A sweep knows all its tenants up front and closes its queues when it makes
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
+
+from farm.spec import TenantJob
+
+logger = logging.getLogger(__name__)
 
 
 class TenantQueue:
@@ -29,6 +41,7 @@ class TenantQueue:
         self.jobs = {job["tenant"]: job for job in jobs}
         self.closed = closed
         self.taken: dict[str, str] = {}   # tenant -> the pool that took it
+        self.taken_at: dict[str, float] = {}  # tenant -> when (time.time()) its pool took it
         self.done: set[str] = set()
         self.errors: dict[str, str] = {}  # tenant -> why it did not finish
         self.statuses: dict[str, str] = {}  # tenant -> invalid (its data, refused up front) | failed (in training)
@@ -56,6 +69,7 @@ class TenantQueue:
         while self.waiting and len(out) < count:
             job = self.waiting.popleft()
             self.taken[job["tenant"]] = pool
+            self.taken_at[job["tenant"]] = time.time()
             out.append(job)
         return out
 
@@ -73,7 +87,7 @@ class TenantQueue:
 
     def state(self) -> dict:
         """Who took what, what finished and failed, what still waits (for the driver's report)."""
-        return {"taken": dict(self.taken), "done": sorted(self.done), "errors": dict(self.errors),
+        return {"taken": dict(self.taken), "taken_at": dict(self.taken_at), "done": sorted(self.done), "errors": dict(self.errors),
                 "statuses": dict(self.statuses), "waiting": [job["tenant"] for job in self.waiting]}
 
 
@@ -82,3 +96,73 @@ def queue_actor(jobs: list[dict], closed: bool = False):
     import ray
 
     return ray.remote(num_cpus=0)(TenantQueue).remote(jobs, closed)
+
+
+class QueueSource:
+    """A pool's tenants, from its group's ``TenantQueue`` actor, as its worker sees them.
+
+    First the tenants this pool took before a restart (they resume from their checkpoints),
+    then new ones. A tenant whose final adapter is already on storage finished before the
+    restart: it is marked done and skipped.
+    """
+
+    def __init__(self, queue, pool: str, tenants_dir: str, local: str, idle_s: float | None = 0.0,
+                 poll_s: float = 0.5):
+        self.queue, self.pool, self.tenants_dir, self.local = queue, pool, tenants_dir, local
+        self.idle_s, self.poll_s = idle_s, poll_s
+        self._resumed = False
+
+    def wait_for_work(self) -> bool:
+        """With every slot free: wait up to the idle time (``idle_s``; None: until the queue is
+        closed) for tenants to arrive on an open queue; True when some did (the caller takes
+        them), False when the pool should end."""
+        import ray
+
+        deadline = None if self.idle_s is None else time.monotonic() + self.idle_s
+        while True:
+            state = ray.get(self.queue.state.remote())
+            if state["waiting"]:
+                return True
+            if ray.get(self.queue.is_closed.remote()) or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            time.sleep(self.poll_s)
+
+    def take(self, count: int) -> list[TenantJob]:
+        import ray
+
+        from farm.train.ray_support import final_checkpoint
+
+        out: list[TenantJob] = []
+        while len(out) < count:
+            if not self._resumed:
+                self._resumed = True
+                raw = ray.get(self.queue.resume.remote(self.pool))
+                if not raw:
+                    continue  # nothing to resume: take new ones
+            else:
+                raw = ray.get(self.queue.take.remote(self.pool, count - len(out)))
+                if not raw:
+                    return out
+            for job in raw:
+                if final_checkpoint(f"{self.tenants_dir}/{job['tenant']}") is not None:
+                    self.queue.finish.remote(job["tenant"])
+                    continue
+                out.append(TenantJob.model_validate(job).model_copy(
+                    update={"output_dir": f"{self.local}/{job['tenant']}"}))
+        return out
+
+    def finished(self, tenant: str) -> None:
+        self.queue.finish.remote(tenant)
+
+    def failed(self, tenant: str, error: str, status: str = "failed") -> None:
+        self.queue.fail.remote(tenant, error, status)
+
+    def next_job(self) -> TenantJob | None:
+        """One tenant for a single-tenant pool: the next one to resume or take, waiting for
+        arrivals as ``wait_for_work`` does; None when the pool should end."""
+        while True:
+            jobs = self.take(1)
+            if jobs:
+                return jobs[0]
+            if not self.wait_for_work():
+                return None

@@ -187,7 +187,9 @@ MAX_SLOTS = 8
 
 @dataclass(frozen=True)
 class Pack:
-    """Tenants that one worker co-trains on one copy of the base, ``slots`` at a time."""
+    """A pool's plan: tenants that one worker co-trains on one copy of the base, ``slots`` at a
+    time (``co_train``), or, with ``co_train`` false, a single-tenant pool that trains its
+    tenants one after another (any method; ``farm.sweep.plan_single_pools``)."""
 
     name: str
     tenants: tuple[str, ...]
@@ -197,6 +199,7 @@ class Pack:
     # Packs of one group (same pack key) are pools sharing one queue: ``tenants`` is the order
     # planned for this pack, but any pool of the group may take any of the group's tenants.
     group: str = ""
+    co_train: bool = True
 
 
 def pack_memory(plans: list[MemoryPlan]) -> int:

@@ -2,20 +2,25 @@
 
     ray job submit --working-dir . -- python jobs/tenant_sweep.py --config jobs/configs/demo.yaml
 
-The driver (this module) is the single writer of the sweep's output folder. For each tenant
-it launches one Ray Train ``TorchTrainer`` from a zero-CPU Ray task, so trainers run side by
-side and the cluster's resources decide how many train at once. Each trainer has its own
-``ScalingConfig`` (workers, CPUs/GPUs per worker, fractions allowed), ``FailureConfig``
-(worker-group restarts that resume from the last checkpoint) and ``RunConfig`` whose
-``storage_path`` is shared storage (a folder every node sees, or ``s3://``), so a re-run of
-the same sweep id resumes interrupted tenants and skips finished ones.
+The driver (this module) is the single writer of the sweep's output folder. Every tenant
+trains in a warm pool (``farm.pools``): a long-running Ray Train ``TorchTrainer``, launched
+from a zero-CPU Ray task, whose workers load the base once and take tenants from their group's
+queue: co-training pools for small LoRA tenants (``packing: auto``), single-tenant pools for
+every other method and for multi-worker tenants. The pools start before any tenant's data is
+read; the driver checks the data on a thread meanwhile and queues each valid tenant. Each pool
+has its own ``ScalingConfig`` (workers, CPUs/GPUs per worker, fractions allowed) and
+``FailureConfig`` (worker-group restarts; every unfinished tenant resumes from its newest
+checkpoint), and each tenant's checkpoints go to shared storage (a folder every node sees, or
+``s3://``), so a re-run of the same sweep id resumes interrupted tenants and skips finished
+ones. A tenant is handed off (copied, published, reported) the moment it finishes.
 
 Layout of ``<output_dir>/<sweep_id>/``::
 
     <tenant>/adapter/          the final PEFT adapter (safetensors), copied by the driver
     <tenant>/result.json       metrics of the run that produced it (+ its registry serve name)
     report.json, report.md, loss_curves.png    every tenant any run of this sweep id ran (latest outcome)
-    .ray/<tenant>/             Ray Train's run folder (checkpoints) unless --storage is given
+    .ray/pooled/<tenant>/      its checkpoints and final adapter on storage, unless --storage is given
+    .ray/<pool>/               Ray Train's run folder of each pool
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import re
 import shutil
 import sys
 import time
-import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,28 +73,18 @@ class SweepOptions:
             raise ValueError(f"max_concurrent must be at least 1, got {self.max_concurrent}")
 
 
-#: A work unit of the sweep: ("tenant", name) trains one tenant alone, ("pack", Pack) co-trains a pack.
-Unit = tuple[str, object]
-
-
-def unit_tenants(unit: Unit) -> int:
-    """How many tenants a work unit trains at once: one alone, a pack's slots for a pack
-    (its queue refills them as tenants finish, so never more)."""
-    kind, item = unit
-    return item.slots if kind == "pack" else 1
-
-
-def admit(queue: list[Unit], training: int, limit: int) -> list[Unit]:
-    """Take from ``queue`` (in order, first fit) the units that can start while ``training``
-    tenants train, keeping tenants training at once within ``limit``; returns them, removed
-    from ``queue``. A unit larger than the limit (the planner never makes one) starts alone
-    once nothing trains, so the sweep cannot stall on it."""
-    taken: list[Unit] = []
-    for unit in list(queue):
-        if training + unit_tenants(unit) <= limit:
-            taken.append(unit)
-            training += unit_tenants(unit)
-            queue.remove(unit)
+def admit(queue: list[Pack], training: int, limit: int) -> list[Pack]:
+    """Take from ``queue`` (in order, first fit) the pools that can start while ``training``
+    tenants train, keeping tenants training at once within ``limit`` (a pool counts its slots:
+    its queue refills them as tenants finish, so never more); returns them, removed from
+    ``queue``. A pool larger than the limit (the planner never makes one) starts alone once
+    nothing trains, so the sweep cannot stall on it."""
+    taken: list[Pack] = []
+    for pool in list(queue):
+        if training + pool.slots <= limit:
+            taken.append(pool)
+            training += pool.slots
+            queue.remove(pool)
     if not taken and training == 0 and queue:
         taken.append(queue.pop(0))
     return taken
@@ -211,23 +205,6 @@ def check_methods_can_run(sweep: ResolvedSweep, tenants: list[str], capacity: Ca
         raise SpecError(sweep.source, problems)
 
 
-def validate_tenants(sweep: ResolvedSweep, tenants: list[str]) -> tuple[dict[str, str], dict[str, DataReport]]:
-    """Check every tenant's data up front: (tenant -> error for the invalid ones, tenant ->
-    data report for the others). Anything not used as is (skipped, dropped, truncated) is printed."""
-    tokenizer = load_tokenizer(sweep.spec.base_model)
-    errors: dict[str, str] = {}
-    reports: dict[str, DataReport] = {}
-    for name in tenants:
-        try:
-            report = reports[name] = load_tenant_data(name, sweep.job(name).settings.data, tokenizer).report
-        except DataError as exc:
-            errors[name] = str(exc)
-            continue
-        if report.skipped or report.dropped or report.truncated:
-            logger.info(report.summary())
-    return errors, reports
-
-
 def _publish_adapter(checkpoint, destination: Path) -> dict:
     """Copy the final checkpoint's adapter and result into ``destination`` (atomic rename)."""
     destination.mkdir(parents=True, exist_ok=True)
@@ -264,30 +241,6 @@ def error_summary(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {last}"[:500]
 
 
-def _run_tenant(job: dict, resources: TrainerResources, storage: str, name: str,
-                max_retries: int, keep: int, board) -> dict:
-    """Ray task body: run one tenant's TorchTrainer and return its outcome (never raises)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from farm.train.adapter import ray_train_loop
-
-    try:
-        trainer = TorchTrainer(
-            ray_train_loop,
-            train_loop_config={"job": job, "board": board, "threads": resources.torch_threads,
-                               "run_dir": f"{storage.rstrip('/')}/{name}"},
-            scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
-            run_config=RunConfig(name=name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=max_retries),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=keep)),
-        )
-        result = trainer.fit()
-    except Exception as exc:  # TrainingFailedError after the retries, or set-up errors
-        return {"ok": False, "error": error_summary(exc), "trace": traceback.format_exc()[-4000:]}
-    return {"ok": True, "checkpoint": result.checkpoint, "result": result.return_value}
-
-
 def _request_resources(bundles: list[dict], console: Console) -> None:
     """Tell the autoscaler the sweep's demand (an empty list releases it). Only a hint: on a
     cluster without an autoscaler it changes nothing."""
@@ -321,26 +274,72 @@ def _pack_resources(single: TrainerResources, pack: Pack, packs: int, jobs: list
     return dataclasses.replace(single, resources_per_worker=per_worker, torch_threads=max(1, int(pack_cpus)))
 
 
+def pools_that_fit(resources: TrainerResources, cluster: dict[str, float]) -> int | None:
+    """How many trainers of this shape the cluster's resources hold at once (at least one), or
+    None when the cluster has none yet of a resource they need (an autoscaling cluster scaled to
+    zero: the autoscaler decides). Node boundaries are ignored: Ray's placement has the last word."""
+    fits = []
+    for key, need in resources.resources_per_worker.items():
+        if need <= 0:
+            continue
+        if cluster.get(key, 0) <= 0:
+            return None
+        fits.append(int(cluster[key] // (need * resources.num_workers)))
+    return max(1, min(fits)) if fits else None
+
+
+def plan_single_pools(names: list[str], resources: dict[str, TrainerResources], cluster: dict[str, float],
+                      max_training: int | None, first_index: int = 1) -> tuple[list[Pack], dict[str, TrainerResources]]:
+    """Single-tenant pools for the tenants that train alone (methods that cannot share a batch,
+    several workers, baseline tenants, ``packing: off``): one group per trainer shape (workers,
+    CPUs, GPUs, accelerator), as many pools per group as the cluster holds at once (within
+    ``max_training``, tenants training at once), each asking for the largest memory its group's
+    tenants need. Returns the pools and each pool's resources."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        r = resources[name]
+        shape = (r.num_workers, r.use_gpu, r.accelerator_type, r.torch_threads, r.backend,
+                 tuple(sorted((k, v) for k, v in r.resources_per_worker.items() if k != "memory")))
+        groups.setdefault(shape, []).append(name)
+    pools: list[Pack] = []
+    pool_resources: dict[str, TrainerResources] = {}
+    for group_index, members in enumerate(groups.values(), start=1):
+        memory = max(resources[n].resources_per_worker.get("memory", 0) for n in members)
+        per_worker = {**resources[members[0]].resources_per_worker, **({"memory": memory} if memory else {})}
+        shape = dataclasses.replace(resources[members[0]], resources_per_worker=per_worker)
+        count = min(len(members), pools_that_fit(shape, cluster) or len(members), max_training or len(members))
+        for i in range(count):
+            name = f"pool-{first_index + len(pools)}"
+            tenants = tuple(members[i::count])
+            pools.append(Pack(name, tenants, 1, int(memory), f"{name}: {', '.join(tenants)} (one at a time)",
+                              group=f"alone-{group_index}", co_train=False))
+            pool_resources[name] = shape
+    return pools, pool_resources
+
+
 POOLED_DIR = "pooled"  # <storage>/pooled/<tenant>/: a pool's tenant's checkpoints and final adapter
 
 
-def _run_pack(prototype: dict, queue, slots: int, resources: TrainerResources, storage: str, name: str,
-              max_retries: int, board) -> dict:
-    """Ray task body: one pool's TorchTrainer (one co-training worker) taking tenants from its
-    group's ``queue`` until it runs dry. Returns the tenants that failed (never raises); each
-    finished tenant's final adapter is on storage under ``<storage>/pooled/<tenant>``."""
+def _run_pool(co_train: bool, prototype: dict, queue, slots: int, resources: TrainerResources, storage: str,
+              name: str, max_retries: int, board) -> dict:
+    """Ray task body: one pool's TorchTrainer taking tenants from its group's ``queue`` until it
+    is closed and empty: a co-training worker (``slots`` tenants at a time) or a single-tenant
+    pool (one at a time, on one worker or several). Returns the tenants that failed (never
+    raises); each finished tenant's final adapter is on storage under ``<storage>/pooled/<tenant>``."""
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from farm.train.adapter import ray_pool_loop
     from farm.train.cotrain import ray_cotrain_loop
 
     errors: dict = {}
     failure = None
     try:
         trainer = TorchTrainer(
-            ray_cotrain_loop,
+            ray_cotrain_loop if co_train else ray_pool_loop,
+            # idle_s None: the sweep closes the queue once every tenant is checked; wait for that
             train_loop_config={"prototype": prototype, "queue": queue, "pool": name, "slots": slots, "board": board,
-                               "threads": resources.torch_threads,
+                               "threads": resources.torch_threads, "idle_s": None,
                                "tenants_dir": f"{storage.rstrip('/')}/{POOLED_DIR}"},
             scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
             run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_retries)))
@@ -371,8 +370,49 @@ def _progress_board():
     return ProgressBoard.remote()
 
 
+def _validate_in_background(sweep: ResolvedSweep, order: list[str]):
+    """Check the tenants' data in ``order`` on a driver thread while the pools start; returns
+    (thread, results): ``results`` receives ``(tenant, error or None, DataReport or None)`` per
+    tenant, then ``None`` once all are checked."""
+    import queue as queue_module
+    import threading
+
+    results: queue_module.Queue = queue_module.Queue()
+
+    def check() -> None:
+        try:
+            tokenizer = load_tokenizer(sweep.spec.base_model)
+            for name in order:
+                try:
+                    report = load_tenant_data(name, sweep.job(name).settings.data, tokenizer).report
+                except DataError as exc:
+                    results.put((name, str(exc), None))
+                    continue
+                except Exception as exc:  # a reader bug must not hang the sweep: this tenant fails alone
+                    results.put((name, f"{type(exc).__name__}: {exc}", None))
+                    continue
+                if report.skipped or report.dropped or report.truncated:
+                    logger.info(report.summary())
+                results.put((name, None, report))
+        except Exception as exc:  # the tokenizer itself: every tenant left is refused with the reason
+            for name in order:
+                results.put((name, f"data checks could not run: {type(exc).__name__}: {exc}", None))
+        finally:
+            results.put(None)
+
+    thread = threading.Thread(target=check, name="farm-validate", daemon=True)
+    thread.start()
+    return thread, results
+
+
 def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | None = None) -> SweepReport:
-    """Run (or resume) a sweep on the connected Ray cluster and write its report."""
+    """Run (or resume) a sweep on the connected Ray cluster and write its report.
+
+    Steps: skip tenants finished by an earlier run of the sweep id; size every other tenant and
+    plan the pools (co-training packs, single-tenant pools); start the pools on open queues;
+    check the tenants' data meanwhile, adding each valid one to its pool's queue; hand off each
+    tenant the moment its final adapter is on storage; run the baselines; write the report.
+    """
     import ray
 
     from farm.pools import queue_actor
@@ -421,14 +461,9 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     # the whole spec is refused here, before any tenant's data is read or any trainer starts.
     capacity = cluster_capacity(sweep.spec.resources)
     check_methods_can_run(sweep, pending, capacity)
-    errors, data_reports = validate_tenants(sweep, pending)
-    for name, error in errors.items():
-        outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
-        console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
-        pending.remove(name)
 
-    # The planner sizes every trainer before anything starts; a tenant no device can hold is
-    # refused with the numbers, and the others go on.
+    # The planner sizes every trainer before anything starts (from the spec alone: no data is
+    # read yet); a tenant no device can hold is refused with the numbers, and the others go on.
     console.print(f"cluster: {capacity.describe()}", markup=False, highlight=False)
     resources: dict[str, TrainerResources] = {}
     for name in list(pending):
@@ -442,145 +477,128 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             continue
         console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
 
-    board = _progress_board() if pending else None
-    task = ray.remote(num_cpus=0, max_retries=0)(_run_tenant).options(
+    pools, pool_resources = _plan_pools(sweep, pending, resources, capacity, options, console)
+    # One open queue per group: its pools start now and take the group's tenants in the planned
+    # order as their data passes the checks, whichever pool has a free slot.
+    group_order: dict[str, list[str]] = {}
+    for pool in pools:
+        group_order.setdefault(pool.group, [])
+    for group in group_order:
+        lists = [p.tenants for p in pools if p.group == group]
+        group_order[group] = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
+    group_of = {tenant: group for group, tenants in group_order.items() for tenant in tenants}
+    queues = {group: queue_actor([]) for group in group_order}
+    queued: dict[str, list[str]] = {group: [] for group in group_order}  # tenants added to each queue
+    tenants_dir = f"{storage}/{POOLED_DIR}"
+    board = _progress_board() if pools else None
+    pool_task = ray.remote(num_cpus=0, max_retries=0)(_run_pool).options(
         runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
     running: dict = {}
     submitted: dict[str, float] = {}
-    progress = SweepProgress(console, pending)
-    # Work units: a tenant alone, or a pack of tenants co-trained by one worker (packing: auto).
-    units: list[Unit] = [("tenant", name) for name in pending]
-    packs: list[Pack] = []
-    if sweep.spec.resources.packing == "auto":
-        # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
-        compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
-        # Only co-trainable methods (farm.methods) share a batch; the others train alone.
-        packable = [n for n in pending if method_info(sweep.job(n).settings.method).co_trainable
-                    and sweep.spec.resources.workers == 1 and n not in compared]
-        alone = [f"{n} ({sweep.job(n).settings.method})" for n in pending
-                 if not method_info(sweep.job(n).settings.method).co_trainable]
-        if alone:
-            console.print(f"train alone, their methods cannot share a batch: {', '.join(alone)}",
-                          markup=False, highlight=False)
-        if len(packable) > 1:
-            packs = plan_packs([sweep.job(n) for n in packable], capacity, options.max_concurrent)
-            for pack in packs:
-                console.print(pack.note, markup=False, highlight=False)
-            units = [("tenant", n) for n in pending if n not in packable] + [("pack", p) for p in packs]
-    # One queue per group of packs: its pools take the group's tenants in the planned order
-    # (largest first, as plan_packs dealt them), whichever pool has a free slot.
-    queues: dict[str, object] = {}
-    group_tenants: dict[str, list[str]] = {}
-    for group in dict.fromkeys(p.group for p in packs):
-        lists = [p.tenants for p in packs if p.group == group]
-        group_tenants[group] = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
-        # closed: a sweep knows all its tenants, so its pools end as soon as their queue is empty
-        queues[group] = queue_actor([sweep.job(t).model_dump() for t in group_tenants[group]], closed=True)
-    tenants_dir = f"{storage}/{POOLED_DIR}"
-    pack_task = ray.remote(num_cpus=0, max_retries=0)(_run_pack).options(
-        runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
-
     first_step: dict[str, float] = {}  # tenant -> time of its first step (the progress board's)
+    progress = SweepProgress(console, pending)
 
-    def finish_tenant(name: str, final, unit: str, pack: str | None = None) -> None:
-        """Copy a finished tenant's final checkpoint into the sweep folder, report and publish it;
-        its times count from the submission of ``unit`` (its trainer or its pool)."""
+    def finish_tenant(name: str, final, pool: Pack, taken_at: float | None) -> None:
+        """Copy a finished tenant's final checkpoint into the sweep folder, report and publish it.
+        Its wall time counts from when its pool took it; its first-step delay from its pool's start."""
         result = _publish_adapter(final, out / name)
-        delay = first_step[name] - submitted[unit] if name in first_step else None
+        delay = first_step[name] - submitted[pool.name] if name in first_step else None
         outcomes[name] = TenantOutcome(
             tenant=name, status="trained", steps=result["steps"], tokens=result["tokens"],
-            wall_seconds=round(time.time() - submitted[unit], 2), eval_loss_before=result["eval_loss_before"],
+            wall_seconds=round(time.time() - (taken_at or submitted[pool.name]), 2),
+            eval_loss_before=result["eval_loss_before"],
             eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
             adapter_dir=result["adapter_dir"], resumed_from_step=result.get("resumed_from_step"),
             first_step_delay_s=round(delay, 2) if delay is not None else None,
-            losses=[tuple(x) for x in result["losses"]], pack=pack, packed_with=result.get("packed_with", []),
-            handed_off_s=round(time.time() - started, 2))
+            losses=[tuple(x) for x in result["losses"]], pack=pool.name if pool.co_train else None,
+            packed_with=result.get("packed_with", []), handed_off_s=round(time.time() - started, 2))
         progress.set(name, "trained")
         console.print(f"[green]{name}[/green]: done, eval loss "
                       f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
         hand_off(name, outcomes[name])
 
-    def fail_tenant(name: str, status: str, error: str, unit: str, pack: str | None = None) -> None:
-        outcomes[name] = TenantOutcome(tenant=name, status=status, wall_seconds=round(time.time() - submitted[unit], 2),
-                                       error=error, pack=pack)
+    def fail_tenant(name: str, status: str, error: str, pool: Pack | None, taken_at: float | None = None) -> None:
+        since = taken_at or (submitted[pool.name] if pool is not None else started)
+        outcomes[name] = TenantOutcome(tenant=name, status=status, wall_seconds=round(time.time() - since, 2),
+                                       error=error, pack=pool.name if pool is not None and pool.co_train else None)
         progress.set(name, status)
         console.print(f"{name}: {status}: {error}", markup=False, highlight=False)
 
-    # --max-concurrent counts tenants training at once: a pack counts as many as its slots.
-    limit = options.max_concurrent or sum(unit_tenants(u) for u in units) or 1
-    if options.max_concurrent and units:
+    # --max-concurrent counts tenants training at once: a pool counts as many as its slots.
+    limit = options.max_concurrent or sum(p.slots for p in pools) or 1
+    if options.max_concurrent and pools:
         console.print(f"at most {limit} tenant(s) train at once (--max-concurrent)", markup=False, highlight=False)
-    if sweep.spec.resources.request_up_front and units:
+    if sweep.spec.resources.request_up_front and pools:
         # The autoscaler sees queued work only as it is submitted; asking for the whole first
         # wave at once lets it add every node it needs in one go.
-        demand = [bundle for kind, item in admit(list(units), 0, limit)
-                  for bundle in resources[item if kind == "tenant" else item.tenants[0]].demand()]
+        demand = [bundle for pool in admit(list(pools), 0, limit) for bundle in pool_resources[pool.name].demand()]
         _request_resources(demand, console)
 
+    # Data checks run on a driver thread while the pools start: their start-up overlaps it.
+    order = [t for i in range(max((len(v) for v in group_order.values()), default=0))
+             for v in group_order.values() if i < len(v) for t in [v[i]]]
+    checker, checked = _validate_in_background(sweep, order) if pools else (None, None)
+    data_reports: dict[str, DataReport] = {}
+    checking = pools != []
+
+    def drain_checks() -> None:
+        nonlocal checking
+        while checking and not checked.empty():
+            item = checked.get()
+            if item is None:  # every tenant checked: no more will come, pools end once idle
+                checking = False
+                for queue in queues.values():
+                    queue.close.remote()
+                break
+            name, error, report = item
+            if error is not None:
+                outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
+                progress.set(name, "invalid")
+                console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
+                continue
+            data_reports[name] = report
+            queues[group_of[name]].add.remote([sweep.job(name).model_dump()])
+            queued[group_of[name]].append(name)
+
+    waiting = list(pools)
     with progress:  # a live table on a terminal; lines in a log
-        queue = list(units)
-        while queue or running:
-            for kind, item in admit(queue, sum(unit_tenants(u) for u in running.values()), limit):
-                if kind == "tenant":
-                    name = item
-                    job: TenantJob = sweep.job(name)
-                    ref = task.remote(job.model_dump(), resources[name], storage, name, sweep.spec.resources.max_retries,
-                                      job.settings.train.keep_checkpoints, board)
-                    console.print(f"{name}: submitted ({resources[name].num_workers} worker(s), "
-                                  f"{resources[name].resources_per_worker} each)")
-                else:
-                    pack = item
-                    name = pack.name
-                    pack_resources = _pack_resources(resources[pack.tenants[0]], pack, len(packs), [sweep.job(t) for t in pack.tenants])
-                    per_worker = pack_resources.resources_per_worker
-                    ref = pack_task.remote(sweep.job(pack.tenants[0]).model_dump(), queues[pack.group], pack.slots,
-                                           pack_resources, storage, name, sweep.spec.resources.max_retries, board)
-                    console.print(f"{name}: submitted (a pool of {pack.group}: {', '.join(group_tenants[pack.group])}; "
-                                  f"{pack.slots} at a time, {per_worker} per worker)", markup=False, highlight=False)
-                running[ref] = (kind, item)
-                submitted[name] = time.time()
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=options.progress_every_s)
+        while (waiting or running) and (checking or any(n not in outcomes for n in pending)):
+            for pool in admit(waiting, sum(p.slots for p in running.values()), limit):
+                ref = pool_task.remote(pool.co_train, sweep.job(pool.tenants[0]).model_dump(), queues[pool.group],
+                                       pool.slots, pool_resources[pool.name], storage, pool.name,
+                                       sweep.spec.resources.max_retries, board)
+                what = f"a co-training pool of {pool.group}, {pool.slots} at a time" if pool.co_train else \
+                    f"a single-tenant pool of {pool.group}, {pool_resources[pool.name].num_workers} worker(s)"
+                console.print(f"{pool.name}: submitted ({what}: {', '.join(group_order[pool.group])}; "
+                              f"{pool_resources[pool.name].resources_per_worker} per worker)",
+                              markup=False, highlight=False)
+                running[ref] = pool
+                submitted[pool.name] = time.time()
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2 if checking else options.progress_every_s)
+            drain_checks()
             events, steps_started = ray.get(board.snapshot.remote())
             first_step.update(steps_started)
             progress.update(events)
-            # A pool's tenants are handed off the moment their final adapter is on storage, while the
-            # pool trains the others: they do not wait for the pool to end.
-            # The queue hears of a tenant's end once its final adapter is uploaded, so storage is only
-            # looked at for those (and checked complete), not polled for every tenant on every tick.
-            for group in {item.group for kind, item in running.values() if kind == "pack"}:
+            # Tenants are handed off the moment their final adapter is on storage, while their pool
+            # trains the others. The queue hears of a tenant's end once its final adapter is
+            # uploaded, so storage is only looked at for those (and checked complete).
+            live = {p.name: p for p in running.values()}
+            for group in {p.group for p in running.values()}:
                 state = ray.get(queues[group].state.remote())
                 for tenant in state["done"]:
                     final = None if tenant in outcomes else final_checkpoint(f"{tenants_dir}/{tenant}")
-                    if final is not None:
-                        finish_tenant(tenant, final, state["taken"][tenant], pack=state["taken"][tenant])
+                    pool = live.get(state["taken"].get(tenant))
+                    if final is not None and pool is not None:
+                        finish_tenant(tenant, final, pool, state["taken_at"].get(tenant))
             for ref in ready:
-                kind, item = running.pop(ref)
-                outcome = ray.get(ref)
-                if kind == "tenant":
-                    if outcome["ok"]:
-                        finish_tenant(item, outcome["checkpoint"], item)
-                    else:
-                        fail_tenant(item, "failed", outcome["error"], item)
-                    continue
-                # A pool: hand off what it finished, report what it took and did not; once no pool of
-                # its group is left, a tenant still waiting had nobody to train it.
-                name = item.name
-                state = ray.get(queues[item.group].state.remote())
-                group_left = any(k == "pack" and i.group == item.group for k, i in [*running.values(), *queue])
-                for tenant in group_tenants[item.group]:
-                    if tenant in outcomes:
-                        continue  # handed off while the pool ran
-                    mine = state["taken"].get(tenant) == name
-                    final = final_checkpoint(f"{tenants_dir}/{tenant}")
-                    if final is not None and (mine or tenant not in state["taken"]):
-                        finish_tenant(tenant, final, name, pack=name)
-                    elif mine or (tenant not in state["taken"] and not group_left):
-                        error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
-                            outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
-                        status = state["statuses"].get(tenant) or \
-                            ("invalid" if tenant in outcome.get("errors", {}) else "failed")
-                        fail_tenant(tenant, status, error, name, pack=name if mine else None)
-
+                pool = running.pop(ref)
+                _pool_ended(pool, ray.get(ref), ray.get(queues[pool.group].state.remote()),
+                            group_left=checking or any(p.group == pool.group for p in [*running.values(), *waiting]),
+                            tenants=queued[pool.group], outcomes=outcomes, tenants_dir=tenants_dir,
+                            finish=finish_tenant, fail=fail_tenant)
+    for name in pending:  # a group whose pools all ended before its tenants came (cannot happen
+        if name not in outcomes:  # while queues are open, but never leave a tenant without a line)
+            fail_tenant(name, "failed", "no pool was left to take it", None)
     if sweep.spec.resources.request_up_front and pending:
         _request_resources([], console)  # release: idle nodes may now be removed
     comparison = []
@@ -603,6 +621,59 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     paths = write_report(report, out)
     console.print("report: " + ", ".join(str(p) for p in paths.values()))
     return report
+
+
+def _plan_pools(sweep: ResolvedSweep, pending: list[str], resources: dict[str, TrainerResources],
+                capacity: Capacity, options: SweepOptions, console: Console) -> tuple[list[Pack], dict]:
+    """Every pending tenant's pool: co-training packs for the co-trainable ones (``packing:
+    auto``), single-tenant pools for the others; returns the pools and each one's resources."""
+    import ray
+
+    packs: list[Pack] = []
+    alone = list(pending)
+    if sweep.spec.resources.packing == "auto":
+        # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
+        compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
+        # Only co-trainable methods (farm.methods) share a batch; the others train alone.
+        packable = [n for n in pending if method_info(sweep.job(n).settings.method).co_trainable
+                    and sweep.spec.resources.workers == 1 and n not in compared]
+        others = [f"{n} ({sweep.job(n).settings.method})" for n in pending
+                  if not method_info(sweep.job(n).settings.method).co_trainable]
+        if others:
+            console.print(f"train alone, their methods cannot share a batch: {', '.join(others)}",
+                          markup=False, highlight=False)
+        if len(packable) > 1:
+            packs = plan_packs([sweep.job(n) for n in packable], capacity, options.max_concurrent)
+            for pack in packs:
+                console.print(pack.note, markup=False, highlight=False)
+            packed = {t for p in packs for t in p.tenants}
+            alone = [n for n in pending if n not in packed]
+    pool_resources = {p.name: _pack_resources(resources[p.tenants[0]], p, len(packs), [sweep.job(t) for t in p.tenants])
+                      for p in packs}
+    singles, single_resources = plan_single_pools(alone, resources, ray.cluster_resources(), options.max_concurrent)
+    for pool in singles:
+        console.print(pool.note, markup=False, highlight=False)
+    return packs + singles, {**pool_resources, **single_resources}
+
+
+def _pool_ended(pool: Pack, outcome: dict, state: dict, group_left: bool, tenants: list[str],
+                outcomes: dict[str, TenantOutcome], tenants_dir: str, finish, fail) -> None:
+    """A pool's trainer returned: hand off what it finished, fail what it took and did not; once
+    no pool of its group is left (or coming), a tenant still waiting had nobody to train it."""
+    from farm.train.ray_support import final_checkpoint
+
+    for tenant in tenants:
+        if tenant in outcomes:
+            continue  # handed off while the pool ran
+        mine = state["taken"].get(tenant) == pool.name
+        final = final_checkpoint(f"{tenants_dir}/{tenant}")
+        if final is not None and (mine or tenant not in state["taken"]):
+            finish(tenant, final, pool, state["taken_at"].get(tenant))
+        elif mine or (tenant not in state["taken"] and not group_left):
+            error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
+                outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
+            status = state["statuses"].get(tenant) or ("invalid" if tenant in outcome.get("errors", {}) else "failed")
+            fail(tenant, status, error, pool if mine else None, state["taken_at"].get(tenant))
 
 
 def run_baselines(sweep: ResolvedSweep, tenants: list[str], out: Path, storage: str, capacity: Capacity,

@@ -244,30 +244,56 @@ def test_comparison_rows_of_tenants_not_compared_this_time_are_kept(tmp_path):
 
 # --- --max-concurrent counts tenants training at once (issue 16) -----------------------------
 
-def _pack(name: str, tenants: tuple[str, ...], slots: int):
+def _pack(name: str, tenants: tuple[str, ...], slots: int, co_train: bool = True):
     from farm.sizing import Pack
 
-    return Pack(name, tenants, slots, 0, "")
+    return Pack(name, tenants, slots, 0, "", co_train=co_train)
 
 
-def test_max_concurrent_counts_a_pack_as_the_tenants_it_trains_at_once():
-    from farm.sweep import admit, unit_tenants
+def test_max_concurrent_counts_a_pool_as_the_tenants_it_trains_at_once():
+    from farm.sweep import admit
 
-    pack = ("pack", _pack("pack-1", ("a", "b", "c", "d"), 3))
-    assert unit_tenants(pack) == 3 and unit_tenants(("tenant", "e")) == 1
-    queue = [pack, ("tenant", "e"), ("tenant", "f")]
-    assert admit(queue, 0, 4) == [pack, ("tenant", "e")]  # 3 + 1 tenants training
-    assert admit(queue, 4, 4) == [] and queue == [("tenant", "f")]
-    assert admit(queue, 3, 4) == [("tenant", "f")] and queue == []
-    # one at a time: a lone tenant waits while another trains
-    queue = [("tenant", "a"), ("tenant", "b")]
-    assert admit(queue, 0, 1) == [("tenant", "a")] and admit(queue, 1, 1) == []
-    # first fit: a pack that does not fit yet lets a lone tenant behind it start
-    queue = [("pack", _pack("pack-2", ("x", "y"), 2)), ("tenant", "z")]
-    assert admit(queue, 1, 2) == [("tenant", "z")]
-    # a unit larger than the limit (the planner never makes one) starts alone rather than never
-    queue = [("pack", _pack("pack-3", ("x", "y"), 2))]
+    pack = _pack("pack-1", ("a", "b", "c", "d"), 3)
+    e, f = _pack("pool-1", ("e",), 1, False), _pack("pool-2", ("f",), 1, False)
+    queue = [pack, e, f]
+    assert admit(queue, 0, 4) == [pack, e]  # 3 + 1 tenants training
+    assert admit(queue, 4, 4) == [] and queue == [f]
+    assert admit(queue, 3, 4) == [f] and queue == []
+    # one at a time: a single-tenant pool waits while another trains
+    a, b = _pack("pool-3", ("a",), 1, False), _pack("pool-4", ("b",), 1, False)
+    queue = [a, b]
+    assert admit(queue, 0, 1) == [a] and admit(queue, 1, 1) == []
+    # first fit: a pack that does not fit yet lets a single-tenant pool behind it start
+    z = _pack("pool-5", ("z",), 1, False)
+    queue = [_pack("pack-2", ("x", "y"), 2), z]
+    assert admit(queue, 1, 2) == [z]
+    # a pool larger than the limit (the planner never makes one) starts alone rather than never
+    queue = [_pack("pack-3", ("x", "y"), 2)]
     assert admit(queue, 1, 1) == [] and len(admit(queue, 0, 1)) == 1
+
+
+def test_single_tenant_pools_group_by_shape_and_fit_the_cluster():
+    from farm.sweep import TrainerResources, plan_single_pools, pools_that_fit
+
+    def shape(memory: int, gpus: float = 0, workers: int = 1) -> TrainerResources:
+        per_worker = {"CPU": 1.0, "memory": memory, **({"GPU": gpus} if gpus else {})}
+        return TrainerResources(workers, gpus > 0, per_worker, None, 1)
+
+    cpu = {"CPU": 2.0, "memory": 16e9}
+    resources = {"a": shape(100), "b": shape(300), "c": shape(200), "d": shape(100, gpus=0.25)}
+    pools, asks = plan_single_pools(list(resources), resources, {**cpu, "GPU": 1.0}, None)
+    # a, b and c share a shape: two pools (two CPUs), each asking for the group's largest memory
+    cpu_pools = [p for p in pools if p.group == "alone-1"]
+    assert [p.tenants for p in cpu_pools] == [("a", "c"), ("b",)]
+    assert all(asks[p.name].resources_per_worker["memory"] == 300 and not p.co_train for p in cpu_pools)
+    assert [p.tenants for p in pools if p.group == "alone-2"] == [("d",)]
+    # --max-concurrent 1: one pool trains the group one after another
+    pools, _ = plan_single_pools(["a", "b", "c"], resources, cpu, 1)
+    assert [p.tenants for p in pools] == [("a", "b", "c")]
+    # a cluster with no GPU yet (autoscaling from zero): the autoscaler decides, one pool per tenant
+    assert pools_that_fit(shape(100, gpus=1.0), cpu) is None
+    assert pools_that_fit(shape(100, gpus=1.0, workers=2), {**cpu, "GPU": 4.0, "CPU": 16.0}) == 2
+    assert pools_that_fit(shape(100, gpus=0.25), {**cpu, "GPU": 1.0, "CPU": 16.0}) == 4
 
 
 def test_packs_are_planned_within_max_concurrent(base_model_dir):
@@ -319,9 +345,11 @@ def test_a_group_queue_hands_each_tenant_to_one_pool_and_a_restarted_pool_gets_i
     assert [j["tenant"] for j in queue.resume("pool-1")] == ["b"]
     assert [j["tenant"] for j in queue.resume("pool-2")] == ["c"]
     assert [j["tenant"] for j in queue.take("pool-1", 5)] == ["e"] and queue.take("pool-2", 1) == []
-    assert queue.state() == {"taken": {"a": "pool-1", "b": "pool-1", "c": "pool-2", "d": "pool-2", "e": "pool-1"},
-                             "done": ["a"], "errors": {"d": "tenant 'd': bad data"}, "statuses": {"d": "invalid"},
-                             "waiting": []}
+    state = queue.state()
+    assert sorted(state.pop("taken_at")) == ["a", "b", "c", "d", "e"]  # when each was taken (wall times)
+    assert state == {"taken": {"a": "pool-1", "b": "pool-1", "c": "pool-2", "d": "pool-2", "e": "pool-1"},
+                     "done": ["a"], "errors": {"d": "tenant 'd': bad data"}, "statuses": {"d": "invalid"},
+                     "waiting": []}
 
 
 def test_an_open_queue_takes_new_tenants_and_a_closed_one_refuses_them():

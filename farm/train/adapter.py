@@ -6,8 +6,10 @@ The recipe is method-agnostic: the method decides how the base is loaded (QLoRA:
 which PEFT config wraps it; training, eval, checkpoints (every trainable tensor by name) and
 saving are the same for all.
 
-Runs in one plain process (as above) or inside a Ray Train worker (the sweep); with several
-workers it is data parallel (DDP over the process group Ray Train sets up). Shape of the
+Runs in one plain process (as above) or inside the workers of a sweep's single-tenant pool
+(``ray_pool_loop``: a long-running Ray Train ``TorchTrainer`` that trains the tenants of its
+queue one after another on a base it loads once); with several workers it is data parallel
+(DDP over the process group Ray Train sets up). Shape of the
 recipe: ``setup`` (placement, data, model, optimizer, resume) -> ``train`` (steps, eval,
 checkpoints) -> ``save`` (the PEFT adapter as safetensors, atomically) -> result.
 
@@ -21,6 +23,7 @@ same weights as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -31,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from farm.data import TenantData, load_tenant_data
-from farm.models import (Placement, build_peft_model, count_parameters, load_base_model,
-                         load_tokenizer, load_trainable_state, select_device, select_placement,
-                         trainable_state)
+from farm.data import DataError, TenantData, load_tenant_data
+from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, load_tokenizer,
+                         load_trainable_state, select_device, select_placement, trainable_state)
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepLoop,
                                TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
@@ -43,6 +45,8 @@ from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 RESULT_FILE = "result.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,8 +92,11 @@ class AdapterRecipe(StepLoop):
     """
 
     def __init__(self, job: TenantJob, progress: Progress | None = None, resume: bool = True,
-                 checkpoints: CheckpointIO | None = None):
+                 checkpoints: CheckpointIO | None = None, bases: BaseModelCache | None = None):
         self.job = job
+        # A pool's worker lends its base from one tenant to the next; alone, a fresh cache loads it.
+        self.bases = bases or BaseModelCache()
+        self.model = None
         self.spec = job.settings.train
         self.out = Path(job.output_dir)
         self.rank, self.world = _world()
@@ -109,7 +116,7 @@ class AdapterRecipe(StepLoop):
         tokenizer = load_tokenizer(self.job.base_model)
         self.data: TenantData = load_tenant_data(self.job.tenant, self.job.settings.data, tokenizer)
         torch.manual_seed(spec.seed)  # same adapter init on every worker and every run
-        self.model = build_peft_model(load_base_model(self.job.base_model, self.placement, self.job.settings),
+        self.model = build_peft_model(self.bases.borrow(self.job.base_model, self.placement, self.job.settings),
                                       self.job.settings, self.job.base_model.name_or_path)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -188,6 +195,14 @@ class AdapterRecipe(StepLoop):
         return result
 
 
+    def release(self) -> None:
+        """Hand the base back to the cache (a pool's next tenant reuses it) and drop the rest."""
+        model, self.model, self.engine = self.model, None, None
+        self.optimizer = self.scheduler = None
+        if model is not None:
+            self.bases.give_back(model, self.job.settings)
+
+
 def train_tenant(job: TenantJob, progress: Progress | None = None, resume: bool = True,
                  checkpoints: CheckpointIO | None = None) -> TrainResult:
     """Train ``job``'s adapter and save it under ``job.output_dir/adapter``.
@@ -198,28 +213,66 @@ def train_tenant(job: TenantJob, progress: Progress | None = None, resume: bool 
     return AdapterRecipe(job, progress, resume, checkpoints).setup().train().save()
 
 
-def ray_train_loop(config: dict) -> dict:
-    """Ray Train ``train_loop_per_worker``: one tenant's recipe inside a worker group.
+def ray_pool_loop(config: dict) -> dict:
+    """Ray Train ``train_loop_per_worker`` of a single-tenant pool: its workers train the
+    tenants of the pool's queue one after another, any method, on a base loaded once.
 
-    ``config`` holds the ``job`` (as a dict), the ``board`` actor for live progress, the
-    number of torch ``threads`` and the run's storage folder ``run_dir``. Checkpoints go to the run's Ray storage, and the last one
-    carries the final adapter, which the sweep's driver publishes.
+    ``config`` holds the ``queue`` actor and this ``pool``'s name, ``idle_s`` (how long to wait
+    for tenants on an open queue; None: until it is closed), the torch ``threads``, the
+    ``board`` actor for live progress and ``tenants_dir``, the folder on shared storage where
+    each tenant's checkpoints and final adapter go (``<tenants_dir>/<tenant>/``). With several
+    workers, rank 0 takes each tenant from the queue and every rank trains it (data parallel).
+    A worker group that Ray Train restarts resumes the tenant it had taken from its newest
+    complete checkpoint. One tenant's bad data or failing step ends that tenant only: its error
+    goes to the queue and the pool takes the next. Returns tenant -> error for those that failed.
     """
     import tempfile
 
-    from farm.train.ray_support import BoardProgress, RayCheckpoints
+    from farm.pools import QueueSource
+    from farm.train.ray_support import BoardProgress, StorageCheckpoints
 
     torch.set_num_threads(config.get("threads", 1))
-    job = TenantJob.model_validate(config["job"])
-    job = job.model_copy(update={"output_dir": tempfile.mkdtemp(prefix=f"farm-{job.tenant}-")})
-    rank, _ = _world()
-    recipe = AdapterRecipe(job, progress=BoardProgress(config.get("board"), job.tenant),
-                        checkpoints=RayCheckpoints(job.settings.train.keep_checkpoints, rank,
-                                                   config.get("run_dir")))
+    rank, world = _world()
+    tenants_dir = config["tenants_dir"].rstrip("/")
+    local = tempfile.mkdtemp(prefix="farm-pool-")
+    source = QueueSource(config["queue"], config["pool"], tenants_dir, local, idle_s=config.get("idle_s"))
+    bases = BaseModelCache()
+    errors: dict[str, str] = {}
     try:
-        return asdict(recipe.setup().train().save())
+        while (job := _next_for_all_ranks(source, rank, world, local)) is not None:
+            recipe = AdapterRecipe(job, progress=BoardProgress(config.get("board"), job.tenant), bases=bases,
+                                   checkpoints=StorageCheckpoints(f"{tenants_dir}/{job.tenant}",
+                                                                  job.settings.train.keep_checkpoints, rank))
+            try:
+                recipe.setup().train().save()
+            except Exception as exc:  # this tenant's failure, not the pool's: record it, take the next
+                status = "invalid" if isinstance(exc, DataError) else "failed"
+                errors[job.tenant] = f"{type(exc).__name__}: {exc}"[:2000]
+                logger.warning("[%s] %s: %s", job.tenant, status, errors[job.tenant])
+                if rank == 0:
+                    source.failed(job.tenant, errors[job.tenant], status)
+            else:
+                if rank == 0:
+                    source.finished(job.tenant)
+            finally:
+                recipe.release()
+                shutil.rmtree(job.output_dir, ignore_errors=True)
     finally:
-        shutil.rmtree(job.output_dir, ignore_errors=True)
+        shutil.rmtree(local, ignore_errors=True)
+    return {"errors": errors, "base_loads": bases.loads}
+
+
+def _next_for_all_ranks(source, rank: int, world: int, local: str) -> TenantJob | None:
+    """Rank 0 takes the next tenant from the queue; every rank gets the same one (or None),
+    with its output folder in its own ``local`` scratch folder."""
+    job = source.next_job() if rank == 0 else None
+    if world == 1:
+        return job
+    box = [job.model_dump() if job is not None else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return None
+    return TenantJob.model_validate(box[0]).model_copy(update={"output_dir": f"{local}/{box[0]['tenant']}"})
 
 
 def save_adapter(model, out: Path) -> Path:

@@ -483,64 +483,6 @@ class _PackProgress:
         self.per_tenant[event.tenant].on_step(event)
 
 
-class QueueSource:
-    """A pool's tenants, from its group's ``TenantQueue`` actor (farm.pools).
-
-    First the tenants this pool took before a restart (they resume from their checkpoints),
-    then new ones. A tenant whose final adapter is already on storage finished before the
-    restart: it is marked done and skipped.
-    """
-
-    def __init__(self, queue, pool: str, tenants_dir: str, local: str, idle_s: float = 0.0, poll_s: float = 0.5):
-        self.queue, self.pool, self.tenants_dir, self.local = queue, pool, tenants_dir, local
-        self.idle_s, self.poll_s = idle_s, poll_s
-        self._resumed = False
-
-    def wait_for_work(self) -> bool:
-        """With every slot free: wait up to the idle time for tenants to arrive on an open queue;
-        True when some did (the caller takes them), False when the pool should end."""
-        import ray
-
-        deadline = time.monotonic() + self.idle_s
-        while True:
-            state = ray.get(self.queue.state.remote())
-            if state["waiting"]:
-                return True
-            if ray.get(self.queue.is_closed.remote()) or time.monotonic() >= deadline:
-                return False
-            time.sleep(self.poll_s)
-
-    def take(self, count: int) -> list[TenantJob]:
-        import ray
-
-        from farm.train.ray_support import final_checkpoint
-
-        out: list[TenantJob] = []
-        while len(out) < count:
-            if not self._resumed:
-                self._resumed = True
-                raw = ray.get(self.queue.resume.remote(self.pool))
-                if not raw:
-                    continue  # nothing to resume: take new ones
-            else:
-                raw = ray.get(self.queue.take.remote(self.pool, count - len(out)))
-                if not raw:
-                    return out
-            for job in raw:
-                if final_checkpoint(f"{self.tenants_dir}/{job['tenant']}") is not None:
-                    self.queue.finish.remote(job["tenant"])
-                    continue
-                out.append(TenantJob.model_validate(job).model_copy(
-                    update={"output_dir": f"{self.local}/{job['tenant']}"}))
-        return out
-
-    def finished(self, tenant: str) -> None:
-        self.queue.finish.remote(tenant)
-
-    def failed(self, tenant: str, error: str, status: str = "failed") -> None:
-        self.queue.fail.remote(tenant, error, status)
-
-
 def ray_cotrain_loop(config: dict) -> dict:
     """Ray Train ``train_loop_per_worker`` of a pool: a co-training worker that takes tenants
     from its group's queue until the queue runs dry.
@@ -555,13 +497,14 @@ def ray_cotrain_loop(config: dict) -> dict:
     """
     import tempfile
 
+    from farm.pools import QueueSource
     from farm.train.ray_support import StorageCheckpoints
 
     torch.set_num_threads(config.get("threads", 1))
     local = tempfile.mkdtemp(prefix="farm-pool-")
     tenants_dir = config["tenants_dir"].rstrip("/")
     prototype = TenantJob.model_validate(config["prototype"])
-    source = QueueSource(config["queue"], config["pool"], tenants_dir, local, idle_s=config.get("idle_s", 0.0))
+    source = QueueSource(config["queue"], config["pool"], tenants_dir, local, idle_s=config.get("idle_s"))
     try:
         trainer = CoTrainer([prototype], config["slots"], progress=_PackProgress(config.get("board")), source=source,
                             checkpoints_for=lambda job: StorageCheckpoints(f"{tenants_dir}/{job.tenant}",

@@ -162,8 +162,9 @@ class StorageCheckpoints:
     ``<root>/final/``, where the sweep's driver picks them up.
     """
 
-    def __init__(self, root: str, keep: int):
-        self.root, self.keep = root.rstrip("/"), keep
+    def __init__(self, root: str, keep: int, rank: int = 0):
+        #: rank: with several data-parallel workers every rank reads checkpoints, rank 0 writes them
+        self.root, self.keep, self.rank = root.rstrip("/"), keep, rank
 
     @contextmanager
     def latest(self) -> Iterator[Path | None]:
@@ -174,6 +175,8 @@ class StorageCheckpoints:
         yield from local_copy(*found)
 
     def save(self, write: Callable[[Path], None], step: int, metrics: dict) -> Path | None:
+        if self.rank != 0:
+            return None
         folder = Path(tempfile.mkdtemp(prefix="farm-ckpt-"))
         try:
             write(folder)
@@ -194,6 +197,8 @@ class StorageCheckpoints:
 
     def finish(self, out: Path, write: Callable[[Path], None], step: int, metrics: dict) -> None:
         """Upload the final adapter and result (resumable state too) to ``<root>/final``."""
+        if self.rank != 0:
+            return
         folder = Path(tempfile.mkdtemp(prefix="farm-final-"))
         try:
             shutil.copytree(out / FINAL_ADAPTER, folder / FINAL_ADAPTER)

@@ -137,7 +137,9 @@ def _train_workers(root_pid: int) -> list:
     return found
 
 
-def test_sigkilled_worker_is_restarted_and_resumes_to_the_same_adapter(tmp_path, base_model_dir):
+def test_a_single_tenant_pool_whose_worker_is_sigkilled_resumes_to_the_same_adapter(tmp_path, base_model_dir):
+    """One tenant in a single-tenant pool; its worker is SIGKILLed after a checkpoint; Ray Train
+    restarts the pool, which resumes the tenant it had taken from that checkpoint."""
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
@@ -145,7 +147,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_to_the_same_adapter(tmp_path,
 
     tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
     spec = _spec(tmp_path, base_model_dir, tenants, max_steps=40, checkpoint_every=5)
-    checkpoint = tmp_path / "runs" / "kill" / ".ray" / "hooli" / "checkpoint-0000005"
+    checkpoint = tmp_path / "runs" / "kill" / ".ray" / "pooled" / "hooli" / "checkpoint-0000005"
     killed, returncode, output = _sweep_killing_a_worker(spec, "kill", checkpoint.is_dir)
     (tmp_path / "sweep.log").write_text(output)
     assert killed is not None, "the worker was never seen running after its first checkpoint"

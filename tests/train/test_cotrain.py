@@ -202,7 +202,7 @@ def test_a_pool_takes_tenants_that_arrive_while_it_runs_and_ends_when_idle(tmp_p
     import ray
 
     from farm.pools import queue_actor
-    from farm.train.cotrain import QueueSource
+    from farm.pools import QueueSource
 
     sweep = _sweep(tmp_path, base_model_dir)
     acme, hooli = sweep.jobs["acme"], sweep.jobs["hooli"]

@@ -14,8 +14,8 @@ calls) and check, on those very batches:
 
 Three trainers build batches: the single-tenant recipe (``AdapterRecipe``), the co-trainer
 (``CoTrainer``: several tenants' rows stacked into one forward) and the data-parallel path
-(``ray_train_loop`` under a real Ray Train ``TorchTrainer`` with 2 workers over gloo, each
-rank taking its own slice of every step's rows).
+(the sweep's single-tenant pool, ``ray_pool_loop``, under a real Ray Train ``TorchTrainer`` with
+2 workers over gloo, each rank taking its own slice of every step's rows).
 """
 
 from __future__ import annotations
@@ -299,12 +299,12 @@ def test_co_training_batches_keep_packed_examples_apart(tmp_path, base_model_dir
     assert_examples_kept_apart(report, min_train_rows=steps * batch * len(jobs))
 
 
-# -- data parallel: ray_train_loop under a real Ray Train TorchTrainer, 2 workers on gloo -------
+# -- data parallel: ray_pool_loop under a real Ray Train TorchTrainer, 2 workers on gloo -------
 
 
 def _data_parallel_worker(config: dict) -> dict:
-    """Ray Train worker: the sweep's own ``ray_train_loop`` with the recording recipe swapped
-    in; writes this rank's check to ``report_dir`` (the workers run on this machine)."""
+    """Ray Train worker: the sweep's own single-tenant pool loop with the recording recipe
+    swapped in; writes this rank's check to ``report_dir`` (the workers run on this machine)."""
     import farm.train.adapter as adapter
 
     class ReportingRecipe(RecordingRecipe):
@@ -315,29 +315,34 @@ def _data_parallel_worker(config: dict) -> dict:
             return self
 
     original = adapter.AdapterRecipe
-    adapter.AdapterRecipe = ReportingRecipe  # ray_train_loop looks the class up when it runs
+    adapter.AdapterRecipe = ReportingRecipe  # ray_pool_loop looks the class up when it runs
     try:
-        return adapter.ray_train_loop(config)
+        return adapter.ray_pool_loop(config)
     finally:
         adapter.AdapterRecipe = original
 
 
 def test_data_parallel_batches_keep_packed_examples_apart(tmp_path, base_model_dir, local_ray):
-    """The recipe with 2 workers (DDP over gloo), started as the sweep starts it."""
+    """The recipe with 2 workers (DDP over gloo) in a single-tenant pool, started as the sweep
+    starts it: rank 0 takes the tenant from the pool's queue and both ranks train it."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from farm.pools import queue_actor
 
     job = _jobs(tmp_path / "runs", base_model_dir, ["hooli"])["hooli"]
     reports_dir = tmp_path / "reports"
     reports_dir.mkdir()
-    TorchTrainer(
+    result = TorchTrainer(
         _data_parallel_worker,
-        train_loop_config={"job": job.model_dump(), "board": None, "threads": 1,
-                           "run_dir": str(tmp_path / "ray" / "dp"), "report_dir": str(reports_dir)},
+        train_loop_config={"queue": queue_actor([job.model_dump()], closed=True), "pool": "pool-1", "board": None,
+                           "threads": 1, "tenants_dir": str(tmp_path / "pooled"), "report_dir": str(reports_dir)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name="dp", storage_path=str(tmp_path / "ray")),
     ).fit()
+    assert result.return_value["errors"] == {}
+    assert (tmp_path / "pooled" / "hooli" / "final" / "adapter" / "adapter_model.safetensors").is_file()
     reports = [json.loads((reports_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     spec = job.settings.train
     for report in reports:
