@@ -21,8 +21,8 @@ same steps, to float rounding; ``tests/train/test_cotrain.py`` checks 1e-5.
 Only methods whose entry in ``farm.methods`` is ``co_trainable`` share a batch: plain LoRA,
 whose update the router below adds per row slice. DoRA (its magnitude normalises the whole
 updated weight), IA3 (it scales whole activations), prefix and prompt tuning (they change the
-sequence itself) and QLoRA (one 4-bit base per tenant is the point of it) train one trainer
-per tenant; the sweep's planner packs only co-trainable tenants.
+sequence itself) and QLoRA (one 4-bit base per tenant is the point of it) train alone, in the
+sweep's single-tenant pools; the sweep's planner packs only co-trainable tenants.
 
 Tenants that share a pack must share the base model and the row layout (``max_seq_len`` and
 ``packing``), so that their rows stack into one batch; ``pack_key`` says which can. PEFT's own

@@ -240,3 +240,84 @@ def test_a_pack_hands_off_each_tenant_the_moment_it_finishes(tmp_path, base_mode
         assert later_steps and min(later_steps) < 60, f"{short} was not handed off while globex trained"
         assert by_name[short]["handed_off_s"] < by_name["globex"]["handed_off_s"]
         assert (tmp_path / "runs" / "handoff" / short / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_sweep_whose_driver_is_killed_resumes_every_tenant_from_its_checkpoint(tmp_path, base_model_dir):
+    """The sweep's driver is SIGKILLed mid-training (its local Ray with it); running the same
+    sweep id again resumes both tenants of the pool from their checkpoints on storage, and each
+    adapter equals uninterrupted training (fp32, no dropout)."""
+    import psutil
+    from safetensors.torch import load_file
+
+    from farm.spec import load_spec
+    from farm.train.adapter import train_tenant
+
+    names = ["hooli", "acme"]
+    tenants = [{"name": n, "data": {"path": str(REPO / f"jobs/data/{n}.jsonl")}} for n in names]
+    spec = _spec(tmp_path, base_model_dir, tenants, max_steps=30, checkpoint_every=5, precision="fp32")
+    raw = yaml.safe_load(spec.read_text())
+    raw["defaults"]["lora"]["dropout"] = 0.0
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    pooled = tmp_path / "runs" / "again" / ".ray" / "pooled"
+
+    proc = subprocess.Popen(SWEEP + ["--config", str(spec), "--sweep-id", "again"], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started: list = []
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if all((pooled / n / "checkpoint-0000010" / "state.json").is_file() for n in names):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the sweep ended before it could be killed: " + proc.stdout.read()[-3000:]
+        started = psutil.Process(proc.pid).children(recursive=True)  # its Ray: stopped by PID below
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        for child in started:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "runs" / "again" / "report.json").exists()
+
+    again = _run(["--config", str(spec), "--sweep-id", "again"])
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    by_name = {t["tenant"]: t for t in json.loads((tmp_path / "runs" / "again" / "report.json").read_text())["tenants"]}
+    sweep = load_spec(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in names:
+            assert by_name[name]["status"] == "trained" and by_name[name]["steps"] == 30
+            assert by_name[name]["resumed_from_step"] is not None and by_name[name]["resumed_from_step"] >= 10
+            job = sweep.job(name).model_copy(update={"output_dir": str(tmp_path / "straight" / name)})
+            alone = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
+            a = load_file(str(Path(alone.adapter_dir) / "adapter_model.safetensors"))
+            b = load_file(str(tmp_path / "runs" / "again" / name / "adapter" / "adapter_model.safetensors"))
+            assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_sweep_of_64_tenants_hands_each_off_as_it_finishes(tmp_path, base_model_dir):
+    """64 tiny tenants (2 steps each) on pools: tenants are handed off while others have not
+    even been taken by a pool yet, so hand-offs spread over the run instead of piling up at
+    its end. (Times are only compared with each other, never with a bound.)"""
+    samples = ["acme.jsonl", "globex.jsonl", "hooli.jsonl", "initech.jsonl", "umbrella.parquet"]
+    tenants = [{"name": f"t{i:02d}", "data": {"path": str(REPO / "jobs" / "data" / samples[i % len(samples)])}}
+               for i in range(64)]
+    spec = _spec(tmp_path, base_model_dir, tenants, max_steps=2, checkpoint_every=100)
+    run = _run(["--config", str(spec), "--sweep-id", "many", "--progress-every", "1"], timeout=1200)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    report = json.loads((tmp_path / "runs" / "many" / "report.json").read_text())
+    outcomes = report["tenants"]
+    assert len(outcomes) == 64 and all(t["status"] == "trained" for t in outcomes)
+    handed_off = sorted(t["handed_off_s"] for t in outcomes)
+    taken = sorted(t["handed_off_s"] - t["wall_seconds"] for t in outcomes)  # when its pool took it
+    # Many tenants were handed off before the last ones were even taken: not all at the end.
+    assert sum(h < taken[-1] for h in handed_off) >= 16, (handed_off, taken)
+    assert len({round(h) for h in handed_off}) >= 4, handed_off  # in several waves, not at one moment
+    assert "64 of 64 tenants succeeded" in (tmp_path / "runs" / "many" / "report.md").read_text()
