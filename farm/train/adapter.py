@@ -38,8 +38,8 @@ from farm.data import DataError, TenantData, load_tenant_data
 from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, load_tokenizer,
                          load_trainable_state, select_device, select_placement, trainable_state)
 from farm.spec import TenantJob
-from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepLoop,
-                               TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
+from farm.train.common import (CheckpointIO, ConsoleProgress, InjectedWorkerFailure, LocalCheckpoints, Progress,
+                               StepLoop, TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
                                peak_memory_bytes, summed_loss, write_checkpoint)
 
 ADAPTER_DIR = "adapter"
@@ -245,6 +245,8 @@ def ray_pool_loop(config: dict) -> dict:
                                                                   job.settings.train.keep_checkpoints, rank))
             try:
                 recipe.setup().train().save()
+            except InjectedWorkerFailure:
+                raise  # stands for a dying worker: Ray Train restarts the group
             except Exception as exc:  # this tenant's failure, not the pool's: record it, take the next
                 status = "invalid" if isinstance(exc, DataError) else "failed"
                 errors[job.tenant] = f"{type(exc).__name__}: {exc}"[:2000]

@@ -396,9 +396,10 @@ class StepLoop:
                     mine = rows[rank * spec.batch_size:(rank + 1) * spec.batch_size]
                     loss_total += self._micro_step(make_batch(data.train, mine, device), step_targets,
                                                    last=index == len(micro) - 1)
-                    step_tokens = sum(data.train.lengths[i] for i in mine)
+                    # Every worker knows the whole micro-batch's rows: count all of them, exactly.
+                    step_tokens = sum(data.train.lengths[i] for i in rows)
                     window_tokens += step_tokens
-                    state.tokens_seen += step_tokens * world
+                    state.tokens_seen += step_tokens
                 self._optimizer_step()
             state.step += 1
             state.rows_consumed += rows_per_micro * spec.grad_accum
@@ -419,14 +420,19 @@ class StepLoop:
             self.progress.on_step(StepEvent(
                 tenant=self.job.tenant, step=state.step, max_steps=spec.max_steps, loss=loss_total,
                 learning_rate=self.scheduler.get_last_lr()[0],
-                tokens_per_s=window_tokens * world / elapsed if elapsed > 0 else 0.0,
+                tokens_per_s=window_tokens / elapsed if elapsed > 0 else 0.0,
                 eta_s=per_step * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
             window_tokens, window_start = 0, time.perf_counter()
-            # Fault injection for the resume tests: fail once, after the checkpoint of that step.
+            # Fault injection for the resume tests: the worker fails once, after the checkpoint of that step.
             fail_at = os.environ.get("FARM_FAIL_AT_STEP")
             if fail_at and state.step == int(fail_at) and self.resumed_from is None:
-                raise RuntimeError(f"FARM_FAIL_AT_STEP: injected failure after step {state.step}")
+                raise InjectedWorkerFailure(f"FARM_FAIL_AT_STEP: injected failure after step {state.step}")
         return self
+
+
+class InjectedWorkerFailure(RuntimeError):
+    """``FARM_FAIL_AT_STEP``'s failure: it stands for a worker that dies, not for a tenant's
+    error, so pools let it through and Ray Train restarts the worker group (which resumes)."""
 
 
 def all_reduce_sum(value: float, device: torch.device) -> float:

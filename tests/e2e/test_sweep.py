@@ -321,3 +321,42 @@ def test_a_sweep_of_64_tenants_hands_each_off_as_it_finishes(tmp_path, base_mode
     assert sum(h < taken[-1] for h in handed_off) >= 16, (handed_off, taken)
     assert len({round(h) for h in handed_off}) >= 4, handed_off  # in several waves, not at one moment
     assert "64 of 64 tenants succeeded" in (tmp_path / "runs" / "many" / "report.md").read_text()
+
+
+def test_a_two_worker_tenant_whose_worker_is_sigkilled_resumes_all_ranks_to_the_same_adapter(tmp_path,
+                                                                                           base_model_dir):
+    """A tenant on 2 data-parallel workers (a single-tenant pool of 2-worker shape); one worker
+    is SIGKILLed after a checkpoint; Ray Train restarts the group and both ranks resume from the
+    same step. The adapter equals 1 worker with the global batch, uninterrupted (fp32, no dropout)."""
+    from safetensors.torch import load_file
+
+    from farm.spec import load_spec
+    from farm.train.adapter import train_tenant
+
+    tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
+    spec = _spec(tmp_path, base_model_dir, tenants, max_steps=30, checkpoint_every=5, precision="fp32", batch_size=2)
+    raw = yaml.safe_load(spec.read_text())
+    raw["defaults"]["lora"]["dropout"] = 0.0
+    raw["resources"]["workers"] = 2
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    checkpoint = tmp_path / "runs" / "dp" / ".ray" / "pooled" / "hooli" / "checkpoint-0000005" / "state.json"
+    killed, returncode, output = _sweep_killing_a_worker(spec, "dp", checkpoint.is_file)
+    assert killed is not None, "no worker was seen running after the first checkpoint"
+    assert returncode == 0, output[-4000:]
+    assert "2 worker(s)" in output
+    result = json.loads((tmp_path / "runs" / "dp" / "hooli" / "result.json").read_text())
+    assert result["steps"] == 30 and result["resumed_from_step"] is not None and result["resumed_from_step"] >= 5
+
+    raw["defaults"]["train"]["batch_size"] = 4  # one worker, the global batch
+    raw["resources"]["workers"] = 1
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    job = load_spec(spec).job("hooli").model_copy(update={"output_dir": str(tmp_path / "one")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
+    finally:
+        torch.set_num_threads(threads)
+    a = load_file(str(Path(alone.adapter_dir) / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "dp" / "hooli" / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
