@@ -45,6 +45,27 @@ def _run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(SWEEP + args, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
 
 
+def _alone(job) -> dict:
+    """``job``'s adapter tensors trained uninterrupted in this process, on one thread like a
+    Ray worker (the reference the sweep's adapters must equal)."""
+    from safetensors.torch import load_file
+
+    from farm.train.adapter import train_tenant
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
+    finally:
+        torch.set_num_threads(threads)
+    return load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
 def test_sweep_isolates_a_bad_tenant_reports_and_does_not_retrain(tmp_path, base_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": 5}\n')
@@ -143,7 +164,6 @@ def test_a_single_tenant_pool_whose_worker_is_sigkilled_resumes_to_the_same_adap
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
-    from farm.train.adapter import train_tenant
 
     tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
     spec = _spec(tmp_path, base_model_dir, tenants, max_steps=40, checkpoint_every=5)
@@ -158,17 +178,8 @@ def test_a_single_tenant_pool_whose_worker_is_sigkilled_resumes_to_the_same_adap
 
     # The same job, uninterrupted, in this process (one thread, like the Ray worker).
     job = load_spec(spec).job("hooli").model_copy(update={"output_dir": str(tmp_path / "straight")})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        straight = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
-    finally:
-        torch.set_num_threads(threads)
-    a = load_file(str(Path(straight.adapter_dir) / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "runs" / "kill" / "hooli" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff < 1e-5, diff
+    assert _max_difference(_alone(job), b) < 1e-5
 
 
 def test_packed_sweep_co_trains_survives_a_killed_worker_and_matches_isolated_training(tmp_path, base_model_dir):
@@ -178,7 +189,6 @@ def test_packed_sweep_co_trains_survives_a_killed_worker_and_matches_isolated_tr
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
-    from farm.train.adapter import train_tenant
 
     names = ["hooli", "acme", "globex"]
     tenants = [{"name": n, "data": {"path": str(REPO / f"jobs/data/{n}.jsonl")}} for n in names]
@@ -202,18 +212,10 @@ def test_packed_sweep_co_trains_survives_a_killed_worker_and_matches_isolated_tr
     assert "| pack-1 (with" in (tmp_path / "runs" / "packed" / "report.md").read_text()
 
     sweep = load_spec(spec)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name in names:
-            job = sweep.job(name).model_copy(update={"output_dir": str(tmp_path / "alone" / name)})
-            alone = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
-            a = load_file(str(Path(alone.adapter_dir) / "adapter_model.safetensors"))
-            b = load_file(str(tmp_path / "runs" / "packed" / name / "adapter" / "adapter_model.safetensors"))
-            assert a.keys() == b.keys()
-            assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
-    finally:
-        torch.set_num_threads(threads)
+    for name in names:
+        job = sweep.job(name).model_copy(update={"output_dir": str(tmp_path / "alone" / name)})
+        b = load_file(str(tmp_path / "runs" / "packed" / name / "adapter" / "adapter_model.safetensors"))
+        assert _max_difference(_alone(job), b) < 1e-5, name
 
 
 def test_a_pack_hands_off_each_tenant_the_moment_it_finishes(tmp_path, base_model_dir):
@@ -250,7 +252,6 @@ def test_a_sweep_whose_driver_is_killed_resumes_every_tenant_from_its_checkpoint
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
-    from farm.train.adapter import train_tenant
 
     names = ["hooli", "acme"]
     tenants = [{"name": n, "data": {"path": str(REPO / f"jobs/data/{n}.jsonl")}} for n in names]
@@ -287,19 +288,12 @@ def test_a_sweep_whose_driver_is_killed_resumes_every_tenant_from_its_checkpoint
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     by_name = {t["tenant"]: t for t in json.loads((tmp_path / "runs" / "again" / "report.json").read_text())["tenants"]}
     sweep = load_spec(spec)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name in names:
-            assert by_name[name]["status"] == "trained" and by_name[name]["steps"] == 30
-            assert by_name[name]["resumed_from_step"] is not None and by_name[name]["resumed_from_step"] >= 10
-            job = sweep.job(name).model_copy(update={"output_dir": str(tmp_path / "straight" / name)})
-            alone = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
-            a = load_file(str(Path(alone.adapter_dir) / "adapter_model.safetensors"))
-            b = load_file(str(tmp_path / "runs" / "again" / name / "adapter" / "adapter_model.safetensors"))
-            assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
-    finally:
-        torch.set_num_threads(threads)
+    for name in names:
+        assert by_name[name]["status"] == "trained" and by_name[name]["steps"] == 30
+        assert by_name[name]["resumed_from_step"] is not None and by_name[name]["resumed_from_step"] >= 10
+        job = sweep.job(name).model_copy(update={"output_dir": str(tmp_path / "straight" / name)})
+        b = load_file(str(tmp_path / "runs" / "again" / name / "adapter" / "adapter_model.safetensors"))
+        assert _max_difference(_alone(job), b) < 1e-5, name
 
 
 def test_a_sweep_of_64_tenants_hands_each_off_as_it_finishes(tmp_path, base_model_dir):
@@ -331,7 +325,6 @@ def test_a_two_worker_tenant_whose_worker_is_sigkilled_resumes_all_ranks_to_the_
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
-    from farm.train.adapter import train_tenant
 
     tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
     spec = _spec(tmp_path, base_model_dir, tenants, max_steps=30, checkpoint_every=5, precision="fp32", batch_size=2)
@@ -351,12 +344,5 @@ def test_a_two_worker_tenant_whose_worker_is_sigkilled_resumes_all_ranks_to_the_
     raw["resources"]["workers"] = 1
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     job = load_spec(spec).job("hooli").model_copy(update={"output_dir": str(tmp_path / "one")})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        alone = train_tenant(job, progress=type("Quiet", (), {"on_step": lambda self, e: None})())
-    finally:
-        torch.set_num_threads(threads)
-    a = load_file(str(Path(alone.adapter_dir) / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "runs" / "dp" / "hooli" / "adapter" / "adapter_model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert _max_difference(_alone(job), b) < 1e-5
