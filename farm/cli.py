@@ -311,7 +311,9 @@ def plan(
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step (does not change memory)"),
     zero_stage: int = typer.Option(0, help="DeepSpeed ZeRO stage for full fine-tuning (0-3)"),
     offload: str = typer.Option("none", help="none or cpu (ZeRO-Offload)"),
-    devices: int = typer.Option(1, help="data-parallel devices ZeRO partitions over"),
+    devices: int = typer.Option(1, help="data-parallel devices ZeRO (full) or --shard-base (adapters) partitions over"),
+    shard_base: bool = typer.Option(False, help="adapters: shard the frozen base and the adapter over --devices "
+                                                "(train.shard_base: fsdp)"),
     precision: str = typer.Option("bf16", help="bf16 (GPUs) or fp32 (CPU runs)"),
     optimizer: str = typer.Option("adamw", help="adamw (mixed precision, 16 B/param) or adamw-bf16 (8 B/param)"),
     gradient_checkpointing: bool = typer.Option(True, help="recompute activations in backward"),
@@ -342,7 +344,7 @@ def plan(
         request = PlanRequest(
             **method_fields, zero_stage=zero_stage, offload=offload, devices=devices,
             batch=batch, seq_len=seq_len, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
-            precision=precision, optimizer=optimizer)
+            precision=precision, optimizer=optimizer, shard_base=shard_base)
         result = plan_memory(shape, request)
         device = parse_size(gpu) if gpu else None
     except (PlanError, ValueError, KeyError, ValidationError) as exc:
@@ -351,10 +353,23 @@ def plan(
     # For a full fine-tune that does not fit: how many ZeRO-3 devices would.
     zero3 = devices_needed(shape, PlanRequest(**{**request.__dict__, "zero_stage": 3}), device) \
         if fits is False and method == "full" else None
+    # For an adapter that does not fit: the fewest devices over which a sharded base fits, and
+    # QLoRA (a 4-bit base) on one device with the same rank, side by side.
+    sharded = qlora = None
+    if fits is False and method not in ("full", "qlora") and not method_info(method).no_sharded_base:
+        sharded = devices_needed(shape, PlanRequest(**{**request.__dict__, "shard_base": True}), device)
+    if fits is False and method in ("lora", "dora"):
+        from farm.methods import QLoraSettings
+
+        fields = planner_fields("qlora", QLoraSettings(rank=rank, target_modules=given["target_modules"]), shape)
+        qlora = plan_memory(shape, PlanRequest(**{**request.__dict__, **fields, "devices": 1, "shard_base": False}))
     if as_json:
         data = result.to_json()
         if device is not None:
-            data.update(device_gb=round(device / GiB, 2), fits=fits, zero3_devices_needed=zero3)
+            data.update(device_gb=round(device / GiB, 2), fits=fits, zero3_devices_needed=zero3,
+                        sharded_base_devices_needed=sharded,
+                        qlora_one_device_gb=round(qlora.total_gb, 2) if qlora else None,
+                        qlora_one_device_fits=qlora.fits(device) if qlora else None)
         print(json.dumps(data, indent=2))
     else:
         console.print(render_table(result, device))
@@ -365,6 +380,12 @@ def plan(
             console.print(f"{result.total_gb:.2f} GB per device on a {device / GiB:.0f} GB device: {verdict}")
             if zero3:
                 console.print(f"a ZeRO-3 full fine-tune fits on {zero3} such devices")
+            if fits is False and method not in ("full", "qlora"):
+                console.print("with the base sharded (--shard-base, train.shard_base: fsdp): "
+                              + (f"fits on {sharded} such devices" if sharded else "fits on no number of them"))
+            if qlora is not None:
+                console.print(f"QLoRA (4-bit base) on one device: {qlora.total_gb:.2f} GB, "
+                              + ("fits" if qlora.fits(device) else "does not fit"))
     if fits is False:
         raise typer.Exit(1)
 

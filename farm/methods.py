@@ -181,6 +181,8 @@ class MethodInfo:
     no_gradient_checkpointing: Optional[str] = None
     #: a transformers quantisation config for the base model (None: load it unquantised)
     quantization: Optional[Callable[[StrictModel], object]] = None
+    #: why it cannot train on a base sharded across workers (``train.shard_base``; None: it can)
+    no_sharded_base: Optional[str] = None
 
 
 def _lora_config(settings: LoraSettings, base_model: str, use_dora: bool = False):
@@ -323,6 +325,9 @@ def _prompt_plan(settings: PromptSettings, shape: "ModelShape") -> dict:
 
 _ONLY_LORA = "vLLM serves LoRA adapters only"
 
+_PROMPT_OUTSIDE = ("its trained virtual tokens live outside the base's layers, which the sharding wraps; "
+                   "train it with shard_base: none")
+
 METHODS: dict[str, MethodInfo] = {
     "lora": MethodInfo(
         "lora", LoraSettings, _lora_config, "low-rank update of linear layers", peft_type="LORA",
@@ -346,19 +351,22 @@ METHODS: dict[str, MethodInfo] = {
                                     "cannot load and which cannot be merged into the weights"),
         mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prefix_plan,
         no_gradient_checkpointing="its prefixes enter every layer through the key/value cache, which "
-                                  "gradient checkpointing turns off"),
+                                  "gradient checkpointing turns off",
+        no_sharded_base=_PROMPT_OUTSIDE),
     "prompt": MethodInfo(
         "prompt", PromptSettings, _prompt_config, "trained virtual-token embeddings before the input",
         peft_type="PROMPT_TUNING",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prompt tuning's virtual-token embeddings are not "
                                     "LoRA weights and cannot be merged into the weights"),
-        mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prompt_plan),
+        mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prompt_plan,
+        no_sharded_base=_PROMPT_OUTSIDE),
     "qlora": MethodInfo(
         "qlora", QLoraSettings, _lora_config, "LoRA on a 4-bit (bitsandbytes) base", peft_type="LORA",
         recognises=lambda config: not config.get("use_dora"), vllm_blocker=_lora_vllm_blocker,
         mergeable=True, co_trainable=False, packs_rows=True, plan_fields=_qlora_plan,
         needs_cuda="QLoRA loads the base in 4-bit with bitsandbytes, whose kernels need a CUDA device",
-        quantization=_bnb_config),
+        quantization=_bnb_config,
+        no_sharded_base="its base is already 4-bit to fit one device, and FSDP does not shard bitsandbytes weights"),
 }
 
 #: ``Literal`` of the method names, for the spec's ``method`` field.

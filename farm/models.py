@@ -105,8 +105,9 @@ class BaseModelCache:
     methods never touch the base's modules) and keeps the base for the next tenant. A base that
     may not be exactly as loaded is dropped instead, and the next tenant loads a fresh one: a
     4-bit base (``prepare_model_for_kbit_training`` changes norms' dtypes and adds hooks), one
-    that ran with gradient checkpointing (PEFT registers an input-grad hook for it), one with a
-    trainable parameter left, or one whose parameter names differ from the loaded base's.
+    that ran with gradient checkpointing (PEFT registers an input-grad hook for it), one that was
+    sharded (FSDP), one with a trainable parameter left, or one whose parameter names differ
+    from the loaded base's.
     """
 
     def __init__(self):
@@ -129,7 +130,8 @@ class BaseModelCache:
     def give_back(self, peft_model, settings: JobSettings) -> None:
         """Take back the base under ``peft_model`` (the tenant is done with it)."""
         info = method_info(settings.method)
-        if peft_model is None or info.quantization is not None or settings.train.gradient_checkpointing:
+        if peft_model is None or info.quantization is not None or settings.train.gradient_checkpointing \
+                or settings.train.shard_base != "none":  # FSDP turned its modules into sharded ones
             return
         if peft_model.peft_config[peft_model.active_adapter].is_prompt_learning:
             base = peft_model.get_base_model()
@@ -152,19 +154,26 @@ def build_peft_model(model, settings: JobSettings, base_model: str):
     return get_peft_model(model, info.to_peft_config(settings.method_settings(), base_model))
 
 
+def full_tensor(value):
+    """A whole tensor: a sharded one (a DTensor of FSDP) gathered from every worker, which is a
+    collective (every worker must call it, in the same order); any other as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def trainable_state(model) -> dict:
-    """The trainable tensors of a PEFT model by parameter name (what a checkpoint holds).
+    """The trainable tensors of a PEFT model by parameter name (what a checkpoint holds), whole
+    even when the model is sharded (then every worker must call it: it gathers).
 
     Method-agnostic and exact: unlike PEFT's saved adapter, it keeps what only training uses
     (for example prefix tuning's projection MLP), so a resumed run continues the same weights.
     """
-    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+    return {name: full_tensor(param) for name, param in model.named_parameters() if param.requires_grad}
 
 
 def load_trainable_state(model, tensors: dict) -> None:
     """Copy checkpoint ``tensors`` (from ``trainable_state``) into ``model``; every trainable
     parameter must be there with its shape, or the checkpoint belongs to another setup."""
-    own = trainable_state(model)
+    own = {name: param for name, param in model.named_parameters() if param.requires_grad}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match this adapter: missing {missing[:3]}, "
@@ -174,7 +183,17 @@ def load_trainable_state(model, tensors: dict) -> None:
             if param.shape != tensors[name].shape:
                 raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensors[name].shape)}, "
                                  f"adapter has {tuple(param.shape)}")
-            param.copy_(tensors[name].to(param.device, param.dtype))
+            param.copy_(as_sharded_like(tensors[name].to(param.device, param.dtype), param))
+
+
+def as_sharded_like(value, param):
+    """``value`` (a whole tensor of ``param``'s shape) sharded as ``param`` is when ``param`` is
+    a DTensor (FSDP); else ``value``. Every worker holds the whole value (from a checkpoint)."""
+    if not hasattr(param, "device_mesh") or tuple(value.shape) != tuple(param.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, param.device_mesh, param.placements)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -160,7 +160,7 @@ class PlanRequest:
     method: Literal["full", "lora", "qlora"] = "lora"
     zero_stage: Literal[0, 1, 2, 3] = 0  # full fine-tuning only; LoRA ignores it
     offload: Literal["none", "cpu"] = "none"
-    devices: int = 1  # data-parallel ranks that ZeRO partitions over
+    devices: int = 1  # data-parallel ranks that ZeRO (full) or FSDP (shard_base) partitions over
     rank: int = 16
     target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
     batch: int = 1  # sequences per micro-batch per device
@@ -175,6 +175,7 @@ class PlanRequest:
     adapter_params: int | None = None  # IA3, prefix, prompt: their trainable count (None: LoRA's formula)
     extra_tokens: int = 0  # virtual tokens prefix and prompt tuning add to every row
     label: str | None = None  # the PEFT method as tables show it (default: method)
+    shard_base: bool = False  # adapters: the frozen base and the adapter sharded over ``devices`` (FSDP2)
 
 
 @dataclass(frozen=True)
@@ -341,21 +342,30 @@ def _adapter_states(model: ModelShape, r: PlanRequest, b: int, targets: tuple[st
                      "and norms unquantised")
     else:
         w, w_note = b * p, f"{b} B x {p} frozen params"
+    sharded = r.shard_base and r.devices > 1 and r.method != "qlora"
+    n = r.devices if sharded else 1
     opt = 4 if r.optimizer == "adamw-bf16" else 8
-    o, o_note, host = opt * a, f"Adam m + v, {opt} B x {a}", 0
+    o, o_note, host = _ceil_div(opt * a, n), f"Adam m + v, {opt} B x {a}" + (f" / {n}" if sharded else ""), 0
     if r.offload == "cpu":
         host, o, o_note = o, 0, o_note + ", on host"
     notes.append("adapter weights, grads and Adam states in fp32 (PEFT keeps adapters fp32 under "
                  "autocast)")
     notes.append("lora_dropout = 0: with dropout each adapter also keeps its dropped input")
-    if r.zero_stage or r.devices > 1:
-        notes.append("ZeRO does not apply to LoRA: every rank holds a full replica")
+    lines = [MemoryLine("weights", _ceil_div(w, n), w_note + (f" / {n} devices (FSDP)" if sharded else ""))]
+    if sharded:
+        layer = model.layer_linear_parameters() + 2 * model.hidden
+        lines.append(MemoryLine("gathered weights", min(2, model.layers) * layer * b,
+                                f"FSDP working set: 2 layers x {layer} params x {b} B"))
+        notes.append(f"shard_base: the base and the adapter sharded over {n} devices (FSDP2); about 2 "
+                     "layers gathered at a time (the one computing + prefetch)")
+    elif r.zero_stage or r.devices > 1:
+        notes.append("without shard_base every rank holds a full replica of the base (data parallel)")
     what = (f"r={r.rank} on {len(targets)} linears x {model.layers} layers" if r.adapter_params is None
             else "the method's own count")
-    return [MemoryLine("weights", w, w_note),
-            MemoryLine("adapter", 4 * a, f"4 B x {a} ({what})"),
-            MemoryLine("gradients", 4 * a, f"4 B x {a} adapter params"),
-            MemoryLine("optimizer states", o, o_note)], host
+    per = f" / {n}" if sharded else ""
+    return lines + [MemoryLine("adapter", _ceil_div(4 * a, n), f"4 B x {a} ({what}){per}"),
+                    MemoryLine("gradients", _ceil_div(4 * a, n), f"4 B x {a} adapter params{per}"),
+                    MemoryLine("optimizer states", o, o_note)], host
 
 
 def plan_memory(model: ModelShape, request: PlanRequest) -> MemoryPlan:

@@ -81,12 +81,14 @@ def cluster_capacity(resources: ResourceSpec) -> Capacity:
     return Capacity("cpu", memory, slots, "Ray memory resource of the largest node")
 
 
-def adapter_request(job: TenantJob, capacity: Capacity, shape: ModelShape | None = None) -> PlanRequest:
-    """The planner request of one tenant's adapter worker (its method says what it trains)."""
+def adapter_request(job: TenantJob, capacity: Capacity, shape: ModelShape | None = None,
+                    workers: int = 1) -> PlanRequest:
+    """The planner request of one tenant's adapter worker (its method says what it trains) when
+    it trains on ``workers`` workers (which shard the base with ``train.shard_base: fsdp``)."""
     settings = job.settings
     shape = shape or load_shape(job.base_model.name_or_path)
     method_fields = planner_fields(settings.method, settings.method_settings(), shape)
-    return PlanRequest(**method_fields,
+    return PlanRequest(**method_fields, devices=workers, shard_base=settings.train.shard_base == "fsdp",
                        batch=settings.train.batch_size, seq_len=settings.data.max_seq_len,
                        grad_accum=settings.train.grad_accum,
                        gradient_checkpointing=settings.train.gradient_checkpointing,
@@ -115,7 +117,8 @@ class Sizing:
 
 def size_adapter(job: TenantJob, resources: ResourceSpec, capacity: Capacity) -> Sizing:
     """Resources of one tenant's adapter trainer; raises ``DoesNotFit`` with the numbers."""
-    plan = plan_memory(load_shape(job.base_model.name_or_path), adapter_request(job, capacity))
+    plan = plan_memory(load_shape(job.base_model.name_or_path),
+                       adapter_request(job, capacity, workers=resources.workers))
     device = capacity.device_bytes
     if device is not None and plan.total_bytes > device:
         raise DoesNotFit(f"tenant {job.tenant!r}: a {job.settings.method} worker needs {plan.total_gb:.2f} GB "

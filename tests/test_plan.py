@@ -235,3 +235,27 @@ def test_farm_plan_cli_prints_the_verdict_and_json_for_scripts():
     assert data["zero3_devices_needed"] == 2  # 16P/2 + working set + activations fit 80 GB
     bad = runner.invoke(app, ["plan", "--model", "no-such-model"])
     assert bad.exit_code == 1 and "llama-3.1-8b" in bad.output
+
+
+def test_a_70b_lora_that_fits_no_device_gets_the_smallest_sharded_layout_and_qlora():
+    from typer.testing import CliRunner
+
+    from farm.cli import app
+
+    runner = CliRunner()
+    alone = runner.invoke(app, ["plan", "--model", "llama-3.1-70b", "--method", "lora", "--rank", "16",
+                                "--gpu", "80GB", "--json"])
+    assert alone.exit_code == 1
+    data = json.loads(alone.output)
+    assert data["fits"] is False and data["total_gb"] > 130  # 2 B x 70.6 B frozen params alone
+    assert data["sharded_base_devices_needed"] == 2
+    assert data["qlora_one_device_fits"] is True and data["qlora_one_device_gb"] < 45
+    sharded = runner.invoke(app, ["plan", "--model", "llama-3.1-70b", "--method", "lora", "--rank", "16",
+                                  "--gpu", "80GB", "--devices", "2", "--shard-base", "--json"])
+    assert sharded.exit_code == 0, sharded.output
+    lines = {line["name"]: line["gb"] for line in json.loads(sharded.output)["lines"]}
+    # half of the base per device, plus two layers gathered at a time
+    assert abs(lines["weights"] - data["lines"][0]["gb"] / 2) < 0.01 and lines["gathered weights"] > 0
+    # prompt tuning's virtual tokens live outside the sharded layers: no sharded layout offered
+    prompt = runner.invoke(app, ["plan", "--model", "llama-3.1-70b", "--method", "prompt", "--gpu", "24GB", "--json"])
+    assert json.loads(prompt.output)["sharded_base_devices_needed"] is None

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from farm.data import DataError, TenantData, load_tenant_data
-from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, load_tokenizer,
-                         load_trainable_state, select_device, select_placement, trainable_state)
+from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, full_tensor,
+                         load_tokenizer, load_trainable_state, select_device, select_placement, trainable_state)
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, InjectedWorkerFailure, LocalCheckpoints, Progress,
                                StepLoop, TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
@@ -121,6 +121,10 @@ class AdapterRecipe(StepLoop):
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.total = count_parameters(self.model)
+        self._trainable_names = {name for name, param in self.model.named_parameters() if param.requires_grad}
+        self.sharded = spec.shard_base == "fsdp" and self.world > 1
+        if self.sharded:  # before the optimizer, which must hold the sharded parameters
+            self._shard_base()
         self.optimizer = build_optimizer(self.model.parameters(), spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
         self.state = TrainState()
@@ -134,7 +138,7 @@ class AdapterRecipe(StepLoop):
             # Dropout draws differ per worker; the init above was the same everywhere.
             torch.manual_seed(spec.seed + 1 + self.rank)
         self.engine = self.model
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             device = self.placement.device
             self.engine = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -142,15 +146,34 @@ class AdapterRecipe(StepLoop):
             self.state.eval_loss_before = self.evaluate()
         return self
 
+    def _shard_base(self) -> None:
+        """Shard the base and the adapter inside it across the workers with PyTorch FSDP2: each
+        decoder layer is one unit (its weights are gathered for its forward and backward, then
+        freed), the root holds the rest (embeddings, norm, head). Frozen and trainable
+        parameters share the units; only the adapter's gradients are reduce-scattered, averaged
+        over the workers like DDP's (the loss is scaled to match)."""
+        from torch.distributed.fsdp import fully_shard
+
+        root = self.model.get_base_model()
+        layers = [m for m in root.modules() if type(m).__name__.endswith("DecoderLayer")]
+        if not layers:
+            raise ValueError(f"train.shard_base fsdp: no decoder layers found in {type(root).__name__}")
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(root)
+
     def evaluate(self) -> float:
-        """Mean eval loss per target token of the current adapter."""
+        """Mean eval loss per target token of the current adapter (every worker evaluates every
+        row: with a sharded base a forward pass is collective)."""
         return evaluate(self.model, self.data.eval, self.spec.batch_size, self.placement.device,
                         self.placement.autocast)
 
     # -- train (the loop is StepLoop.train) --------------------------------------------------
     def _micro_step(self, batch: dict[str, torch.Tensor], step_targets: int, last: bool) -> float:
-        # DDP syncs gradients on the last micro-batch of a step only.
-        with self.engine.no_sync() if (self.world > 1 and not last) else nullcontext():
+        # DDP and FSDP sync gradients on the last micro-batch of a step only.
+        if self.sharded:
+            self.model.get_base_model().set_requires_gradient_sync(last)
+        with self.engine.no_sync() if (self.world > 1 and not self.sharded and not last) else nullcontext():
             loss = summed_loss(self.engine, batch, self.placement.autocast) / step_targets
             (loss * self.world).backward()  # DDP averages gradients over workers
         return float(loss.detach())
@@ -172,8 +195,11 @@ class AdapterRecipe(StepLoop):
         eval_after = self.evaluate()
         state.evals.append((state.step, eval_after))
         adapter_dir = self.out / ADAPTER_DIR
+        # A sharded adapter is gathered whole first (every worker takes part), then saved as usual.
+        whole = {name: full_tensor(value) for name, value in self.model.state_dict().items()
+                 if name in self._trainable_names} if self.sharded else None
         if self.rank == 0:
-            adapter_dir = save_adapter(self.model, self.out)
+            adapter_dir = save_adapter(self.model, self.out, state_dict=whole)
         result = TrainResult(
             tenant=self.job.tenant, method=self.job.settings.method, steps=state.step,
             tokens=state.tokens_seen, train_seconds=round(state.train_seconds, 3),
@@ -241,8 +267,9 @@ def ray_pool_loop(config: dict) -> dict:
     try:
         while (job := _next_for_all_ranks(source, rank, world, local)) is not None:
             recipe = AdapterRecipe(job, progress=BoardProgress(config.get("board"), job.tenant), bases=bases,
-                                   checkpoints=StorageCheckpoints(f"{tenants_dir}/{job.tenant}",
-                                                                  job.settings.train.keep_checkpoints, rank))
+                                   checkpoints=StorageCheckpoints(
+                                       f"{tenants_dir}/{job.tenant}", job.settings.train.keep_checkpoints, rank,
+                                       gather=job.settings.train.shard_base != "none" and world > 1))
             try:
                 recipe.setup().train().save()
             except InjectedWorkerFailure:
@@ -277,12 +304,13 @@ def _next_for_all_ranks(source, rank: int, world: int, local: str) -> TenantJob 
     return TenantJob.model_validate(box[0]).model_copy(update={"output_dir": f"{local}/{box[0]['tenant']}"})
 
 
-def save_adapter(model, out: Path) -> Path:
-    """Save the PEFT adapter (safetensors) to ``out/adapter`` via a temporary folder + rename."""
+def save_adapter(model, out: Path, state_dict: dict | None = None) -> Path:
+    """Save the PEFT adapter (safetensors) to ``out/adapter`` via a temporary folder + rename;
+    ``state_dict``: the model's adapter tensors when the model's own are shards."""
     out.mkdir(parents=True, exist_ok=True)
     final = out / ADAPTER_DIR
     tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

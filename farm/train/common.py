@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.data import IGNORE_INDEX, Rows
+from farm.models import as_sharded_like, full_tensor
 from farm.spec import TrainSpec
 
 # -- data order ------------------------------------------------------------------------------
@@ -207,8 +208,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     scalars: dict[str, dict] = {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            if torch.is_tensor(value):  # whole, gathered from every worker when sharded (FSDP)
+                tensors[f"{index}.{name}"] = full_tensor(value).detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -221,6 +222,12 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         state.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
+    # A sharded parameter's moments are sharded the same way (the checkpoint holds them whole).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.items():
+        for name, value in entry.items():
+            if torch.is_tensor(value) and index < len(params):
+                entry[name] = as_sharded_like(value, params[index])
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

@@ -162,9 +162,12 @@ class StorageCheckpoints:
     ``<root>/final/``, where the sweep's driver picks them up.
     """
 
-    def __init__(self, root: str, keep: int, rank: int = 0):
-        #: rank: with several data-parallel workers every rank reads checkpoints, rank 0 writes them
+    def __init__(self, root: str, keep: int, rank: int = 0, gather: bool = False):
+        #: rank: with several workers every rank reads checkpoints, rank 0 uploads them
         self.root, self.keep, self.rank = root.rstrip("/"), keep, rank
+        #: gather: the state is sharded (FSDP), so writing it gathers from every worker: every
+        #: rank writes (a collective), rank 0 uploads; otherwise only rank 0 writes at all
+        self.gather = gather
 
     @contextmanager
     def latest(self) -> Iterator[Path | None]:
@@ -175,15 +178,17 @@ class StorageCheckpoints:
         yield from local_copy(*found)
 
     def save(self, write: Callable[[Path], None], step: int, metrics: dict) -> Path | None:
-        if self.rank != 0:
+        if self.rank != 0 and not self.gather:
             return None
         folder = Path(tempfile.mkdtemp(prefix="farm-ckpt-"))
         try:
             write(folder)
-            upload(folder, f"{self.root}/{checkpoint_name(step)}")
+            if self.rank == 0:
+                upload(folder, f"{self.root}/{checkpoint_name(step)}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self._prune()
+        if self.rank == 0:
+            self._prune()
         return None
 
     def _prune(self) -> None:
@@ -197,14 +202,16 @@ class StorageCheckpoints:
 
     def finish(self, out: Path, write: Callable[[Path], None], step: int, metrics: dict) -> None:
         """Upload the final adapter and result (resumable state too) to ``<root>/final``."""
-        if self.rank != 0:
+        if self.rank != 0 and not self.gather:
             return
         folder = Path(tempfile.mkdtemp(prefix="farm-final-"))
         try:
-            shutil.copytree(out / FINAL_ADAPTER, folder / FINAL_ADAPTER)
-            shutil.copy2(out / FINAL_RESULT, folder / FINAL_RESULT)
-            write(folder)
-            upload(folder, f"{self.root}/{FINAL_DIR}")
+            if self.rank == 0:  # the adapter and result are rank 0's
+                shutil.copytree(out / FINAL_ADAPTER, folder / FINAL_ADAPTER)
+                shutil.copy2(out / FINAL_RESULT, folder / FINAL_RESULT)
+            write(folder)  # state.json last; every rank when gathering (a collective)
+            if self.rank == 0:
+                upload(folder, f"{self.root}/{FINAL_DIR}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

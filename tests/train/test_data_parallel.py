@@ -26,6 +26,7 @@ from farm.spec import parse_spec
 from farm.train.adapter import train_tenant
 
 from ..conftest import REPO
+from .pool_runs import fit_pool
 
 pytestmark = pytest.mark.slow
 
@@ -47,24 +48,12 @@ def _sweep(root: Path, base_model_dir: Path, world: int):
 
 def test_two_workers_equal_one_worker_with_the_global_batch(tmp_path, base_model_dir, local_ray):
     import torch
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from farm.pools import queue_actor
     from farm.train.adapter import ray_pool_loop
 
     two = _sweep(tmp_path / "two", base_model_dir, world=2)
-    queue = queue_actor([job.model_dump() for job in two.jobs.values()], closed=True)
-    result = TorchTrainer(
-        ray_pool_loop,
-        train_loop_config={"queue": queue, "pool": "pool-1", "board": None, "threads": 1,
-                           "tenants_dir": str(tmp_path / "pooled")},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="dp", storage_path=str(tmp_path / "ray")),
-    ).fit()
-    assert result.return_value["errors"] == {}
-    assert result.return_value["base_loads"] == 1  # both tenants on one base
+    returned = fit_pool(ray_pool_loop, list(two.jobs.values()), tmp_path, workers=2)
+    assert returned["errors"] == {}
+    assert returned["base_loads"] == 1  # both tenants on one base
 
     one = _sweep(tmp_path / "one", base_model_dir, world=1)
     threads = torch.get_num_threads()

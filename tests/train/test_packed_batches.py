@@ -325,23 +325,13 @@ def _data_parallel_worker(config: dict) -> dict:
 def test_data_parallel_batches_keep_packed_examples_apart(tmp_path, base_model_dir, local_ray):
     """The recipe with 2 workers (DDP over gloo) in a single-tenant pool, started as the sweep
     starts it: rank 0 takes the tenant from the pool's queue and both ranks train it."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from farm.pools import queue_actor
+    from .pool_runs import fit_pool
 
     job = _jobs(tmp_path / "runs", base_model_dir, ["hooli"])["hooli"]
     reports_dir = tmp_path / "reports"
     reports_dir.mkdir()
-    result = TorchTrainer(
-        _data_parallel_worker,
-        train_loop_config={"queue": queue_actor([job.model_dump()], closed=True), "pool": "pool-1", "board": None,
-                           "threads": 1, "tenants_dir": str(tmp_path / "pooled"), "report_dir": str(reports_dir)},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="dp", storage_path=str(tmp_path / "ray")),
-    ).fit()
-    assert result.return_value["errors"] == {}
+    returned = fit_pool(_data_parallel_worker, [job], tmp_path, workers=2, extra={"report_dir": str(reports_dir)})
+    assert returned["errors"] == {}
     assert (tmp_path / "pooled" / "hooli" / "final" / "adapter" / "adapter_model.safetensors").is_file()
     reports = [json.loads((reports_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     spec = job.settings.train
