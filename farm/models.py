@@ -131,7 +131,7 @@ class BaseModelCache:
         """Take back the base under ``peft_model`` (the tenant is done with it)."""
         info = method_info(settings.method)
         if peft_model is None or info.quantization is not None or settings.train.gradient_checkpointing \
-                or settings.train.shard_base != "none":  # FSDP turned its modules into sharded ones
+                or settings.train.shard_base == "fsdp":  # FSDP turned its modules into sharded ones
             return
         if peft_model.peft_config[peft_model.active_adapter].is_prompt_learning:
             base = peft_model.get_base_model()

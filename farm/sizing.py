@@ -15,11 +15,12 @@ on a GPU node) and a node's memory on CPU clusters (Ray's ``memory`` resource of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from farm.data import pipeline_bytes
-from farm.methods import planner_fields
-from farm.plan import GiB, MemoryPlan, ModelShape, PlanRequest, jobs_per_device, load_shape, plan_memory
+from farm.methods import method_info, planner_fields
+from farm.plan import (GiB, MemoryPlan, ModelShape, PlanRequest, devices_needed, jobs_per_device, load_shape,
+                       plan_memory)
 from farm.spec import BaselineSpec, ResourceSpec, TenantJob
 
 #: More than this many LoRA jobs on one GPU rarely pays: they contend for its compute.
@@ -110,21 +111,42 @@ def _breakdown(plan: MemoryPlan) -> str:
 class Sizing:
     """A tenant's trainer resources as the planner set them."""
 
-    resources: ResourceSpec     # gpus_per_worker resolved to a number
+    resources: ResourceSpec     # gpus_per_worker resolved to a number; workers raised for a sharded base
     planned_bytes: int          # per worker
     note: str                   # one line for the sweep's log
+    shard_base: str = "none"    # train.shard_base resolved: none or fsdp
 
 
 def size_adapter(job: TenantJob, resources: ResourceSpec, capacity: Capacity) -> Sizing:
-    """Resources of one tenant's adapter trainer; raises ``DoesNotFit`` with the numbers."""
-    plan = plan_memory(load_shape(job.base_model.name_or_path),
-                       adapter_request(job, capacity, workers=resources.workers))
+    """Resources of one tenant's adapter trainer; raises ``DoesNotFit`` with the numbers.
+
+    The layout: a fraction of a GPU or one device when the plan fits one (several data-parallel
+    workers when ``resources.workers`` asks); with ``train.shard_base: auto`` on GPUs, a tenant
+    that fits no single device gets its base sharded (FSDP) over the fewest workers, one GPU
+    each, that hold it (``resources.workers`` at least), when its method allows it.
+    """
+    shape = load_shape(job.base_model.name_or_path)
+    request = adapter_request(job, capacity, shape, workers=resources.workers)
+    plan = plan_memory(shape, request)
     device = capacity.device_bytes
+    shard = "fsdp" if job.settings.train.shard_base == "fsdp" else "none"
+    sharded_note = ""
+    if device is not None and plan.total_bytes > device and job.settings.train.shard_base == "auto" \
+            and capacity.kind == "gpu" and not method_info(job.settings.method).no_sharded_base:
+        most = max(capacity.devices, resources.workers)
+        needed = devices_needed(shape, replace(request, shard_base=True), device, max_devices=max(most, 1))
+        if needed is not None:
+            whole = plan.total_gb
+            shard, resources = "fsdp", resources.model_copy(update={"workers": max(needed, resources.workers),
+                                                                    "gpus_per_worker": 1.0})
+            plan = plan_memory(shape, replace(request, shard_base=True, devices=resources.workers))
+            sharded_note = (f"; base sharded over {resources.workers} GPUs (FSDP): one device would need "
+                            f"{whole:.2f} GB")
     if device is not None and plan.total_bytes > device:
         raise DoesNotFit(f"tenant {job.tenant!r}: a {job.settings.method} worker needs {plan.total_gb:.2f} GB "
                          f"({_breakdown(plan)}), more than the largest device holds: {capacity.describe()}")
     updates: dict = {}
-    note = f"planned {plan.total_gb:.2f} GB per worker"
+    note = f"planned {plan.total_gb:.2f} GB per worker{sharded_note}"
     if capacity.kind == "gpu" and resources.gpus_per_worker == "auto":
         per_device = 1 if device is None or resources.workers > 1 else \
             max(1, min(MAX_JOBS_PER_DEVICE, jobs_per_device(plan, device)))
@@ -137,7 +159,7 @@ def size_adapter(job: TenantJob, resources: ResourceSpec, capacity: Capacity) ->
         data = pipeline_bytes(job.settings.data, resources.cpus_per_worker)
         updates["memory_per_worker"] = plan.total_bytes + data
         note += f" + {data / GiB:.2f} GB data pipeline"
-    return Sizing(resources.model_copy(update=updates), plan.total_bytes, note)
+    return Sizing(resources.model_copy(update=updates), plan.total_bytes, note, shard)
 
 
 def size_baseline(job: TenantJob, baseline: BaselineSpec, capacity: Capacity,

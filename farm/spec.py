@@ -91,7 +91,7 @@ class TrainSpec(StrictModel):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     grad_clip: Optional[float] = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    shard_base: Literal["none", "fsdp"] = Field("none", description="fsdp: shard the frozen base and the adapter across the tenant's workers (PyTorch FSDP2), for a base one device cannot hold; none: every worker holds the whole base (data parallel)")
+    shard_base: Literal["auto", "none", "fsdp"] = Field("auto", description="fsdp: shard the frozen base and the adapter across the tenant's workers (PyTorch FSDP2), for a base one device cannot hold; none: every worker holds the whole base (data parallel); auto: the sweep's planner shards over the fewest GPUs that hold it when one device cannot, else none")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it, fp32 elsewhere")
     seed: int = Field(0, description="seed for adapter init, dropout and data order")
     eval_every: Optional[int] = Field(None, ge=1, description="steps between eval passes; null: only before and after")
@@ -130,7 +130,7 @@ class _JobSettingsFields(StrictModel):
         # would attend to each other: those methods train on one example per row.
         settings = handler(value)
         info = method_info(settings.method)
-        if settings.train.shard_base != "none" and info.no_sharded_base:
+        if settings.train.shard_base == "fsdp" and info.no_sharded_base:
             raise ValueError(f"method {info.name} cannot train with train.shard_base: {settings.train.shard_base}: "
                              f"{info.no_sharded_base}")
         if settings.train.gradient_checkpointing and info.no_gradient_checkpointing:

@@ -466,16 +466,24 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     # read yet); a tenant no device can hold is refused with the numbers, and the others go on.
     console.print(f"cluster: {capacity.describe()}", markup=False, highlight=False)
     resources: dict[str, TrainerResources] = {}
+    resolved: dict[str, TenantJob] = {}  # jobs whose shard_base the planner resolved
     for name in list(pending):
         try:
             sizing = size_adapter(sweep.job(name), sweep.spec.resources, capacity)
             resources[name] = trainer_resources(sizing.resources)
+            train = sweep.job(name).settings.train
+            if train.shard_base != sizing.shard_base:
+                settings = sweep.job(name).settings
+                resolved[name] = sweep.job(name).model_copy(update={"settings": settings.model_copy(
+                    update={"train": train.model_copy(update={"shard_base": sizing.shard_base})})})
         except (DoesNotFit, ValueError) as exc:
             outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=str(exc))
             console.print(f"{name}: refused, not started: {exc}", markup=False, highlight=False)
             pending.remove(name)
             continue
         console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
+    # From here on every job says the layout it trains with (the pools' workers read it).
+    sweep = sweep.model_copy(update={"jobs": {**sweep.jobs, **resolved}})
 
     pools, pool_resources = _plan_pools(sweep, pending, resources, capacity, options, console)
     # One open queue per group: its pools start now and take the group's tenants in the planned
@@ -636,7 +644,7 @@ def _plan_pools(sweep: ResolvedSweep, pending: list[str], resources: dict[str, T
         compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
         # Only co-trainable methods (farm.methods) share a batch; the others train alone.
         packable = [n for n in pending if method_info(sweep.job(n).settings.method).co_trainable
-                    and sweep.spec.resources.workers == 1 and n not in compared]
+                    and resources[n].num_workers == 1 and n not in compared]
         others = [f"{n} ({sweep.job(n).settings.method})" for n in pending
                   if not method_info(sweep.job(n).settings.method).co_trainable]
         if others:

@@ -366,3 +366,32 @@ def test_an_open_queue_takes_new_tenants_and_a_closed_one_refuses_them():
     queue.close()
     with pytest.raises(ValueError, match="closed"):
         queue.add([{"tenant": "c"}])
+
+
+def test_the_planner_shards_a_base_that_fits_no_single_gpu_over_the_fewest_that_hold_it():
+    from farm.plan import GiB
+    from farm.sizing import Capacity, DoesNotFit, size_adapter
+    from farm.spec import parse_spec
+
+    def job(**train):
+        raw = {"name": "s", "base_model": {"name_or_path": "llama-3.1-70b"},
+               "defaults": {"train": {"batch_size": 1, "gradient_checkpointing": True, **train},
+                            "data": {"max_seq_len": 512},
+                            "lora": {"rank": 16, "target_modules": "all-linear"}},
+               "tenants": [{"name": "big", "data": {"path": "x.jsonl"}},
+                           {"name": "prompted", "method": "prompt", "data": {"path": "x.jsonl"}}]}
+        return parse_spec(raw)
+
+    eighty = Capacity("gpu", 80 * GiB, 8, "spec")
+    sized = size_adapter(job().job("big"), ResourceSpec(gpus_per_worker="auto"), eighty)  # shard_base: auto
+    assert sized.shard_base == "fsdp" and sized.resources.workers == 2 and sized.resources.gpus_per_worker == 1.0
+    assert 70 * GiB < sized.planned_bytes < 80 * GiB  # half the 131 GB base, two layers gathered, the rest
+    assert "base sharded over 2 GPUs (FSDP): one device would need 136.24 GB" in sized.note
+    # one 200 GB device holds it whole: no sharding
+    assert size_adapter(job().job("big"), ResourceSpec(gpus_per_worker="auto"),
+                        Capacity("gpu", 200 * GiB, 8, "spec")).shard_base == "none"
+    # shard_base: none keeps it whole, and so it does not fit; nor does a method that cannot shard
+    with pytest.raises(DoesNotFit, match="tenant 'big'"):
+        size_adapter(job(shard_base="none").job("big"), ResourceSpec(gpus_per_worker="auto"), eighty)
+    with pytest.raises(DoesNotFit, match="tenant 'prompted'"):
+        size_adapter(job().job("prompted"), ResourceSpec(gpus_per_worker="auto"), eighty)

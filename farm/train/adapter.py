@@ -269,7 +269,7 @@ def ray_pool_loop(config: dict) -> dict:
             recipe = AdapterRecipe(job, progress=BoardProgress(config.get("board"), job.tenant), bases=bases,
                                    checkpoints=StorageCheckpoints(
                                        f"{tenants_dir}/{job.tenant}", job.settings.train.keep_checkpoints, rank,
-                                       gather=job.settings.train.shard_base != "none" and world > 1))
+                                       gather=job.settings.train.shard_base == "fsdp" and world > 1))
             try:
                 recipe.setup().train().save()
             except InjectedWorkerFailure:
