@@ -317,16 +317,19 @@ def test_a_sweep_of_64_tenants_hands_each_off_as_it_finishes(tmp_path, base_mode
     assert "64 of 64 tenants succeeded" in (tmp_path / "runs" / "many" / "report.md").read_text()
 
 
-def test_a_two_worker_tenant_whose_worker_is_sigkilled_resumes_all_ranks_to_the_same_adapter(tmp_path,
-                                                                                           base_model_dir):
-    """A tenant on 2 data-parallel workers (a single-tenant pool of 2-worker shape); one worker
-    is SIGKILLed after a checkpoint; Ray Train restarts the group and both ranks resume from the
-    same step. The adapter equals 1 worker with the global batch, uninterrupted (fp32, no dropout)."""
+def test_two_worker_tenants_one_on_a_sharded_base_survive_a_sigkilled_worker(tmp_path, base_model_dir):
+    """Two tenants on 2 workers each, in one single-tenant pool of that shape: hooli data
+    parallel, acme with its base sharded (``train.shard_base: fsdp``). A worker is SIGKILLed
+    after hooli's first checkpoint; Ray Train restarts the group, both ranks resume hooli from
+    the same step, then the pool trains acme sharded. Each adapter equals 1 worker with the
+    global batch, uninterrupted (fp32, no dropout; 1e-5 data parallel, 1e-4 sharded)."""
     from safetensors.torch import load_file
 
     from farm.spec import load_spec
 
-    tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}}]
+    tenants = [{"name": "hooli", "data": {"path": str(REPO / "jobs/data/hooli.jsonl")}},
+               {"name": "acme", "data": {"path": str(REPO / "jobs/data/acme.jsonl")},
+                "train": {"shard_base": "fsdp", "max_steps": 8}}]
     spec = _spec(tmp_path, base_model_dir, tenants, max_steps=30, checkpoint_every=5, precision="fp32", batch_size=2)
     raw = yaml.safe_load(spec.read_text())
     raw["defaults"]["lora"]["dropout"] = 0.0
@@ -336,13 +339,15 @@ def test_a_two_worker_tenant_whose_worker_is_sigkilled_resumes_all_ranks_to_the_
     killed, returncode, output = _sweep_killing_a_worker(spec, "dp", checkpoint.is_file)
     assert killed is not None, "no worker was seen running after the first checkpoint"
     assert returncode == 0, output[-4000:]
-    assert "2 worker(s)" in output
+    assert "2 worker(s)" in output and "pool-1: hooli, acme (one at a time)" in output
     result = json.loads((tmp_path / "runs" / "dp" / "hooli" / "result.json").read_text())
     assert result["steps"] == 30 and result["resumed_from_step"] is not None and result["resumed_from_step"] >= 5
 
-    raw["defaults"]["train"]["batch_size"] = 4  # one worker, the global batch
+    raw["defaults"]["train"]["batch_size"] = 4  # one worker, the global batch, nothing sharded
     raw["resources"]["workers"] = 1
+    raw["tenants"][1]["train"]["shard_base"] = "none"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-    job = load_spec(spec).job("hooli").model_copy(update={"output_dir": str(tmp_path / "one")})
-    b = load_file(str(tmp_path / "runs" / "dp" / "hooli" / "adapter" / "adapter_model.safetensors"))
-    assert _max_difference(_alone(job), b) < 1e-5
+    for name, tolerance in (("hooli", 1e-5), ("acme", 1e-4)):
+        job = load_spec(spec).job(name).model_copy(update={"output_dir": str(tmp_path / "one" / name)})
+        b = load_file(str(tmp_path / "runs" / "dp" / name / "adapter" / "adapter_model.safetensors"))
+        assert _max_difference(_alone(job), b) < tolerance, name
