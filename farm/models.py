@@ -118,10 +118,10 @@ class BaseModelCache:
 
     def borrow(self, base: BaseModelSpec, placement: Placement, settings: JobSettings):
         key = (base.name_or_path, base.revision, str(placement.device), placement.dtype)
-        model, self._model = self._model, None
-        if model is not None and self._key == key and method_info(settings.method).quantization is None:
-            return model
-        model = None  # let a mismatched base go before loading the next one
+        cached, self._model = self._model, None  # lent out: the cache holds nothing meanwhile
+        if cached is not None and self._key == key and method_info(settings.method).quantization is None:
+            return cached
+        del cached  # a mismatched base goes before the next one loads
         self.loads += 1
         loaded = load_base_model(base, placement, settings)
         self._key, self._names = key, [name for name, _ in loaded.named_parameters()]

@@ -24,13 +24,10 @@ pools wait for that (no idle limit) and end when their queue is closed and empty
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 
 from farm.spec import TenantJob
-
-logger = logging.getLogger(__name__)
 
 
 class TenantQueue:

@@ -370,10 +370,15 @@ def _progress_board():
     return ProgressBoard.remote()
 
 
+def _interleave(lists: list) -> list:
+    """The lists' items taken round-robin: the first of each, then the second of each, ..."""
+    return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+
+
 def _validate_in_background(sweep: ResolvedSweep, order: list[str]):
-    """Check the tenants' data in ``order`` on a driver thread while the pools start; returns
-    (thread, results): ``results`` receives ``(tenant, error or None, DataReport or None)`` per
-    tenant, then ``None`` once all are checked."""
+    """Check the tenants' data in ``order`` on a driver thread while the pools start; returns a
+    queue that receives ``(tenant, error or None, DataReport or None)`` per tenant, then ``None``
+    once all are checked."""
     import queue as queue_module
     import threading
 
@@ -402,7 +407,7 @@ def _validate_in_background(sweep: ResolvedSweep, order: list[str]):
 
     thread = threading.Thread(target=check, name="farm-validate", daemon=True)
     thread.start()
-    return thread, results
+    return results
 
 
 def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | None = None) -> SweepReport:
@@ -488,12 +493,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     pools, pool_resources = _plan_pools(sweep, pending, resources, capacity, options, console)
     # One open queue per group: its pools start now and take the group's tenants in the planned
     # order as their data passes the checks, whichever pool has a free slot.
-    group_order: dict[str, list[str]] = {}
-    for pool in pools:
-        group_order.setdefault(pool.group, [])
-    for group in group_order:
-        lists = [p.tenants for p in pools if p.group == group]
-        group_order[group] = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
+    group_order = {group: _interleave([p.tenants for p in pools if p.group == group])
+                   for group in dict.fromkeys(p.group for p in pools)}
     group_of = {tenant: group for group, tenants in group_order.items() for tenant in tenants}
     queues = {group: queue_actor([]) for group in group_order}
     queued: dict[str, list[str]] = {group: [] for group in group_order}  # tenants added to each queue
@@ -543,9 +544,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         _request_resources(demand, console)
 
     # Data checks run on a driver thread while the pools start: their start-up overlaps it.
-    order = [t for i in range(max((len(v) for v in group_order.values()), default=0))
-             for v in group_order.values() if i < len(v) for t in [v[i]]]
-    checker, checked = _validate_in_background(sweep, order) if pools else (None, None)
+    checked = _validate_in_background(sweep, _interleave(list(group_order.values()))) if pools else None
     data_reports: dict[str, DataReport] = {}
     checking = pools != []
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from farm.data import DataError, TenantData, load_tenant_data
-from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, full_tensor,
-                         load_tokenizer, load_trainable_state, select_device, select_placement, trainable_state)
+from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, load_tokenizer,
+                         load_trainable_state, select_device, select_placement, trainable_state)
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, InjectedWorkerFailure, LocalCheckpoints, Progress,
                                StepLoop, TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
@@ -121,7 +121,6 @@ class AdapterRecipe(StepLoop):
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.total = count_parameters(self.model)
-        self._trainable_names = {name for name, param in self.model.named_parameters() if param.requires_grad}
         self.sharded = spec.shard_base == "fsdp" and self.world > 1
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
             self._shard_base()
@@ -196,8 +195,7 @@ class AdapterRecipe(StepLoop):
         state.evals.append((state.step, eval_after))
         adapter_dir = self.out / ADAPTER_DIR
         # A sharded adapter is gathered whole first (every worker takes part), then saved as usual.
-        whole = {name: full_tensor(value) for name, value in self.model.state_dict().items()
-                 if name in self._trainable_names} if self.sharded else None
+        whole = trainable_state(self.model) if self.sharded else None
         if self.rank == 0:
             adapter_dir = save_adapter(self.model, self.out, state_dict=whole)
         result = TrainResult(

@@ -1,5 +1,5 @@
-"""Run a single-tenant pool's loop under a real Ray Train ``TorchTrainer`` (gloo on CPU), as the
-sweep starts it, for the tests of data parallelism and sharded bases."""
+"""Shared by the training tests: a single-tenant pool's loop run under a real Ray Train
+``TorchTrainer`` (gloo on CPU), as the sweep starts it, and the mid-training data fault."""
 
 from __future__ import annotations
 
@@ -27,3 +27,23 @@ def fit_pool(loop, jobs: list, folder: Path, workers: int = 2, max_failures: int
         run_config=RunConfig(name="pool", storage_path=str(folder / "ray"),
                              failure_config=FailureConfig(max_failures=max_failures)),
     ).fit().return_value
+
+
+class Vanishing:
+    """A tenant's training rows that stop being readable after ``good`` batches (as if its
+    spilled data vanished mid-training): the fault the pool and co-training tests inject."""
+
+    def __init__(self, rows, good: int):
+        self.rows, self.left = rows, good
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getattr__(self, name):
+        return getattr(self.rows, name)
+
+    def batch(self, indices):
+        if self.left == 0:
+            raise OSError("No such file or directory: 'ids.i32'")
+        self.left -= 1
+        return self.rows.batch(indices)

@@ -20,6 +20,7 @@ from farm.train.cotrain import CoTrainer, cotrain
 from farm.train.adapter import train_tenant
 
 from ..conftest import REPO
+from .pool_runs import Vanishing
 
 # (tenant, steps, rank, targets): different sizes, ranks and target modules
 TENANTS = [("acme", 4, 8, "all-linear"), ("globex", 6, 4, ["q_proj", "v_proj"]),
@@ -156,24 +157,6 @@ def test_a_tenant_whose_data_fails_mid_training_ends_alone(tmp_path, base_model_
     """hooli's rows become unreadable at its third step (as if its spilled data vanished): hooli
     ends with that error, and the tenants it shared steps with finish exactly as alone."""
     from farm.train import cotrain as module
-
-    class Vanishing:
-        """A tenant's training rows that stop being readable after ``good`` batches."""
-
-        def __init__(self, rows, good: int):
-            self.rows, self.left = rows, good
-
-        def __len__(self) -> int:
-            return len(self.rows)
-
-        def __getattr__(self, name):
-            return getattr(self.rows, name)
-
-        def batch(self, indices):
-            if self.left == 0:
-                raise OSError("No such file or directory: 'ids.i32'")
-            self.left -= 1
-            return self.rows.batch(indices)
 
     class FailingHooli(module.CoTrainer):
         def _admit(self, job):

@@ -19,6 +19,7 @@ from farm.spec import parse_spec
 from farm.train.adapter import train_tenant
 
 from ..conftest import REPO
+from .pool_runs import Vanishing
 
 pytestmark = pytest.mark.slow
 
@@ -52,24 +53,6 @@ def test_a_single_tenant_pool_trains_every_method_on_one_base_exactly(tmp_path, 
 
     from farm.pools import queue_actor
     from farm.train import adapter as module
-
-    class Vanishing:
-        """Training rows that stop being readable after ``good`` batches."""
-
-        def __init__(self, rows, good: int):
-            self.rows, self.left = rows, good
-
-        def __len__(self) -> int:
-            return len(self.rows)
-
-        def __getattr__(self, name):
-            return getattr(self.rows, name)
-
-        def batch(self, indices):
-            if self.left == 0:
-                raise OSError("No such file or directory: 'ids.i32'")
-            self.left -= 1
-            return self.rows.batch(indices)
 
     class FailingVanish(module.AdapterRecipe):
         def setup(self):
