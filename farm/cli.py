@@ -39,6 +39,15 @@ app.command("serve")(serve_cmd)
 app.command("gateway")(gateway_cmd)
 app.command("usage")(usage_cmd)
 
+
+@app.command("service")
+def service(config: Path = typer.Option(..., "--config", help="service YAML (base, registry, pools, defaults)"),
+            verbose: bool = typer.Option(False, help="also show Ray's logs and the workers' output")) -> None:
+    """Run the fine-tuning service: warm pools training the jobs `farm gateway`'s API takes in."""
+    from farm.service.runner import service_cmd
+
+    raise typer.Exit(service_cmd(config, verbose))
+
 console = Console()
 err_console = Console(stderr=True)
 

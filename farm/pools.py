@@ -30,27 +30,37 @@ from collections import deque
 from farm.spec import TenantJob
 
 
+def run_key(job: dict) -> str:
+    """A queued ``TenantJob`` dict's name: its ``run_id`` (a service's job id) or its tenant."""
+    return job.get("run_id") or job["tenant"]
+
+
 class TenantQueue:
-    """Jobs (``TenantJob`` dicts) waiting for a pool, in the order they should start."""
+    """Jobs (``TenantJob`` dicts) waiting for a pool, in the order they should start.
+
+    Jobs are named by ``run_key``: the tenant in a sweep, the job id in the fine-tuning service
+    (where one tenant may have several jobs). The method arguments called ``tenant`` are that key.
+    """
 
     def __init__(self, jobs: list[dict], closed: bool = False):
         self.waiting: deque[dict] = deque(jobs)
-        self.jobs = {job["tenant"]: job for job in jobs}
+        self.jobs = {run_key(job): job for job in jobs}
         self.closed = closed
         self.taken: dict[str, str] = {}   # tenant -> the pool that took it
         self.taken_at: dict[str, float] = {}  # tenant -> when (time.time()) its pool took it
         self.done: set[str] = set()
         self.errors: dict[str, str] = {}  # tenant -> why it did not finish
         self.statuses: dict[str, str] = {}  # tenant -> invalid (its data, refused up front) | failed (in training)
+        self.cancelled: set[str] = set()  # asked to stop (the service's cancel): its pool stops it at its next step
 
     def add(self, jobs: list[dict]) -> None:
         """Tenants that arrive while the pools run (refused once the queue is closed)."""
         if self.closed:
             raise ValueError("the queue is closed: no tenant may be added")
         for job in jobs:
-            if job["tenant"] in self.jobs:
-                raise ValueError(f"tenant {job['tenant']!r} is already in this queue")
-            self.jobs[job["tenant"]] = job
+            if run_key(job) in self.jobs:
+                raise ValueError(f"{run_key(job)!r} is already in this queue")
+            self.jobs[run_key(job)] = job
             self.waiting.append(job)
 
     def close(self) -> None:
@@ -65,8 +75,8 @@ class TenantQueue:
         out = []
         while self.waiting and len(out) < count:
             job = self.waiting.popleft()
-            self.taken[job["tenant"]] = pool
-            self.taken_at[job["tenant"]] = time.time()
+            self.taken[run_key(job)] = pool
+            self.taken_at[run_key(job)] = time.time()
             out.append(job)
         return out
 
@@ -82,10 +92,23 @@ class TenantQueue:
         self.errors[tenant] = error
         self.statuses[tenant] = status
 
+    def cancel(self, tenant: str) -> None:
+        """Stop a job: one still waiting leaves the queue at once, one being trained stops at
+        its pool's next step (its pool then reports it with ``fail(..., "cancelled")``)."""
+        if tenant not in self.jobs or tenant in self.done or tenant in self.errors:
+            return
+        self.cancelled.add(tenant)
+        if tenant not in self.taken:
+            self.waiting = deque(job for job in self.waiting if run_key(job) != tenant)
+            self.fail(tenant, "cancelled", "cancelled")
+
+    def is_cancelled(self, tenant: str) -> bool:
+        return tenant in self.cancelled
+
     def state(self) -> dict:
         """Who took what, what finished and failed, what still waits (for the driver's report)."""
         return {"taken": dict(self.taken), "taken_at": dict(self.taken_at), "done": sorted(self.done), "errors": dict(self.errors),
-                "statuses": dict(self.statuses), "waiting": [job["tenant"] for job in self.waiting]}
+                "statuses": dict(self.statuses), "waiting": [run_key(job) for job in self.waiting]}
 
 
 def queue_actor(jobs: list[dict], closed: bool = False):
@@ -141,11 +164,11 @@ class QueueSource:
                 if not raw:
                     return out
             for job in raw:
-                if final_checkpoint(f"{self.tenants_dir}/{job['tenant']}") is not None:
-                    self.queue.finish.remote(job["tenant"])
+                key = run_key(job)
+                if final_checkpoint(f"{self.tenants_dir}/{key}") is not None:
+                    self.queue.finish.remote(key)
                     continue
-                out.append(TenantJob.model_validate(job).model_copy(
-                    update={"output_dir": f"{self.local}/{job['tenant']}"}))
+                out.append(TenantJob.model_validate(job).model_copy(update={"output_dir": f"{self.local}/{key}"}))
         return out
 
     def finished(self, tenant: str) -> None:
@@ -153,6 +176,11 @@ class QueueSource:
 
     def failed(self, tenant: str, error: str, status: str = "failed") -> None:
         self.queue.fail.remote(tenant, error, status)
+
+    def is_cancelled(self, tenant: str) -> bool:
+        import ray
+
+        return ray.get(self.queue.is_cancelled.remote(tenant))
 
     def next_job(self) -> TenantJob | None:
         """One tenant for a single-tenant pool: the next one to resume or take, waiting for

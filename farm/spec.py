@@ -64,6 +64,7 @@ class DataSpec(StrictModel):
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or skip and report bad records")
     too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="what to do with an example longer than max_seq_len")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out for eval")
+    eval_path: Optional[str] = Field(None, description="held-out examples from this dataset (same shapes as path) instead of eval_fraction of path; null: split path")
     split_seed: int = Field(0, description="seed of the deterministic train/eval split")
 
     @field_validator("encoding")
@@ -271,6 +272,13 @@ class TenantJob(BaseModel):
     base_model: BaseModelSpec
     settings: JobSettings
     output_dir: str = Field(..., description="this tenant's folder inside the sweep's output")
+    run_id: Optional[str] = Field(None, description="names this run where one tenant has several (a service's "
+                                  "fine-tuning job id); a sweep's runs are named by their tenant")
+
+    @property
+    def key(self) -> str:
+        """What names this run in a pool's queue and on checkpoint storage."""
+        return self.run_id or self.tenant
 
 
 class ResolvedSweep(BaseModel):
@@ -382,7 +390,9 @@ def parse_spec(raw: Any, source: str = "<spec>", spec_dir: Path | None = None) -
         if not settings.data.path:
             problems.append(f"tenants[{index}].data.path: required key is missing")
             continue
-        data = settings.data.model_copy(update={"path": resolve_path(settings.data.path, spec_dir)})
+        data = settings.data.model_copy(update={
+            "path": resolve_path(settings.data.path, spec_dir),
+            "eval_path": resolve_path(settings.data.eval_path, spec_dir) if settings.data.eval_path else None})
         settings = settings.model_copy(update={"data": data})
         jobs[tenant.name] = TenantJob(
             tenant=tenant.name, adapter=tenant.adapter or spec.name, base_model=base_model, settings=settings,

@@ -166,8 +166,9 @@ def finished_outcome(folder: Path, tenant: str) -> TenantOutcome | None:
         losses=[tuple(x) for x in result.get("losses", [])])
 
 
-def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str) -> str:
-    """Publish a handed-off adapter with its metrics and lineage; returns its serve name.
+def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, lineage: dict | None = None) -> str:
+    """Publish a handed-off adapter with its metrics and lineage (``lineage``: more of it);
+    returns its serve name.
 
     The serve name is written back into ``result.json``, so a re-run does not publish twice.
     """
@@ -185,7 +186,8 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str) -> st
                   "train": job.settings.train.model_dump(), "data": job.settings.data.model_dump(),
                   "precision": result.get("precision"), "device": result.get("device")},
         lineage={"dataset_fingerprint": result.get("dataset_fingerprint"), "sweep_id": sweep_id,
-                 "dataset": job.settings.data.path, "resumed_from_step": result.get("resumed_from_step")})
+                 "dataset": job.settings.data.path, "resumed_from_step": result.get("resumed_from_step"),
+                 **(lineage or {})})
     result["serve_name"] = info.serve_name
     replace_atomically(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return info.serve_name
@@ -321,11 +323,12 @@ POOLED_DIR = "pooled"  # <storage>/pooled/<tenant>/: a pool's tenant's checkpoin
 
 
 def _run_pool(co_train: bool, prototype: dict, queue, slots: int, resources: TrainerResources, storage: str,
-              name: str, max_retries: int, board) -> dict:
+              name: str, max_retries: int, board, options: dict | None = None) -> dict:
     """Ray task body: one pool's TorchTrainer taking tenants from its group's ``queue`` until it
     is closed and empty: a co-training worker (``slots`` tenants at a time) or a single-tenant
     pool (one at a time, on one worker or several). Returns the tenants that failed (never
-    raises); each finished tenant's final adapter is on storage under ``<storage>/pooled/<tenant>``."""
+    raises); each finished tenant's final adapter is on storage under ``<storage>/pooled/<tenant>``.
+    ``options`` go to the pool's loop as they are (the service's: ``cancellable``, ``poll_s``)."""
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -340,7 +343,7 @@ def _run_pool(co_train: bool, prototype: dict, queue, slots: int, resources: Tra
             # idle_s None: the sweep closes the queue once every tenant is checked; wait for that
             train_loop_config={"prototype": prototype, "queue": queue, "pool": name, "slots": slots, "board": board,
                                "threads": resources.torch_threads, "idle_s": None,
-                               "tenants_dir": f"{storage.rstrip('/')}/{POOLED_DIR}"},
+                               "tenants_dir": f"{storage.rstrip('/')}/{POOLED_DIR}", **(options or {})},
             scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
             run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_retries)))
         errors = (trainer.fit().return_value or {}).get("errors", {})

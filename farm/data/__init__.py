@@ -282,16 +282,29 @@ def load_tenant_data(tenant: str, spec: DataSpec, tokenizer) -> TenantData:
     store = ExampleStore()
     for batch in tenant_examples(tenant, spec, tokenizer, report):
         store.add(batch.ids, batch.trained, batch.lengths, batch.targets)
+    held_out = None
+    if spec.eval_path is not None:  # eval examples from their own dataset, after the training ones
+        held_out = DataReport(tenant=tenant, source=spec.eval_path, format=spec.format)
+        for batch in tenant_examples(tenant, spec, tokenizer, held_out):
+            store.add(batch.ids, batch.trained, batch.lengths, batch.targets)
     store.seal()
     if report.records == 0:
         raise DataError(tenant, report.source, "dataset is empty")
-    if report.used < 2:
+    if held_out is not None:
+        if report.used < 1 or held_out.used < 1:
+            empty = report if report.used < 1 else held_out
+            raise DataError(tenant, empty.source, f"no usable example of {empty.records} records")
+        train_idx = np.arange(report.used)
+        eval_idx = np.arange(report.used, report.used + held_out.used)
+        report.fingerprint = hashlib.sha256(f"{report.fingerprint}+{held_out.fingerprint}".encode()).hexdigest()
+    elif report.used < 2:
         reasons = "; ".join(f"{count} {reason}" for reason, count in report.not_used().items())
         first = f" (first bad: {report.bad[0].location}: {report.bad[0].reason})" if report.bad else ""
         raise DataError(tenant, report.source, f"only {report.used} usable example(s) of {report.records} "
                                                f"records ({reasons or 'nothing skipped'}){first}; need at least 2 "
                                                "(one to train, one to evaluate)")
-    train_idx, eval_idx = split_indices(report.used, spec.eval_fraction, spec.split_seed)
+    else:
+        train_idx, eval_idx = split_indices(report.used, spec.eval_fraction, spec.split_seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = pack_rows(store, train_idx, spec.max_seq_len, pad_id, spec.packing)
     evaluation = pack_rows(store, eval_idx, spec.max_seq_len, pad_id, spec.packing)

@@ -142,6 +142,70 @@ class UsageRow(Base):
     errors: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # fine-tuning jobs (farm service)
+
+
+# -- the fine-tuning service's records (farm.service.records reads and writes them) -----------------
+class FileRow(Base):
+    """A file a tenant uploaded (``POST /v1/files``); its bytes are in the store under ``store_path``."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # file-<hex>
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    filename: Mapped[str] = mapped_column(String(255))  # as the caller named it: shown, never a path
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    records: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(32))
+    store_path: Mapped[str] = mapped_column(String(500))  # relative to the store's root
+    status: Mapped[str] = mapped_column(String(16), default="processed")  # processed | deleted
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class FineTuningJobRow(Base):
+    """A fine-tuning job: the request as checked, its state, and the job the pools train."""
+
+    __tablename__ = "fine_tuning_jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # ftjob-<hex>
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    model: Mapped[str] = mapped_column(String(200))        # the public base name the caller sent
+    base_model: Mapped[str] = mapped_column(String(500), index=True)  # what the service trains on
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    request: Mapped[dict] = mapped_column(JSON)           # the checked request body
+    job: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the TenantJob, once files are validated
+    status: Mapped[str] = mapped_column(String(20), index=True)  # validating_files|queued|running|succeeded|failed|cancelled
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    estimated_finish: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class FineTuningEventRow(Base):
+    __tablename__ = "fine_tuning_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    level: Mapped[str] = mapped_column(String(8))      # info | warn | error
+    type: Mapped[str] = mapped_column(String(8))       # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class FineTuningCheckpointRow(Base):
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))  # the serve name (final) or <job id>:step-<N>
+    metrics: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 @dataclass(frozen=True)
@@ -156,6 +220,7 @@ class UsageDelta:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    trained_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -708,12 +773,13 @@ class Catalog:
                         if row is None:
                             row = UsageRow(tenant=delta.tenant, model=delta.model, base_model=delta.base_model,
                                            hour=delta.hour, requests=0, errors=0, prompt_tokens=0,
-                                           completion_tokens=0)
+                                           completion_tokens=0, trained_tokens=0)
                             session.add(row)
                         row.requests += delta.requests
                         row.errors += delta.errors
                         row.prompt_tokens += delta.prompt_tokens
                         row.completion_tokens += delta.completion_tokens
+                        row.trained_tokens += delta.trained_tokens
                 return
             except IntegrityError:  # another gateway created the same row first: add again
                 if attempt == 4:
@@ -724,7 +790,8 @@ class Catalog:
         """Summed usage per (tenant, model, base model) over ``[since, until)`` hours."""
         query = select(UsageRow.tenant, UsageRow.model, UsageRow.base_model,
                        func.sum(UsageRow.requests), func.sum(UsageRow.errors),
-                       func.sum(UsageRow.prompt_tokens), func.sum(UsageRow.completion_tokens))
+                       func.sum(UsageRow.prompt_tokens), func.sum(UsageRow.completion_tokens),
+                       func.sum(UsageRow.trained_tokens))
         if tenant is not None:
             query = query.where(UsageRow.tenant == tenant)
         if since is not None:
@@ -735,8 +802,8 @@ class Catalog:
             UsageRow.tenant, UsageRow.model)
         with self.engine.connect() as connection:
             return [{"tenant": t, "model": m, "base_model": b, "requests": int(r), "errors": int(e),
-                     "prompt_tokens": int(p), "completion_tokens": int(c)}
-                    for t, m, b, r, e, p, c in connection.execute(query)]
+                     "prompt_tokens": int(p), "completion_tokens": int(c), "trained_tokens": int(x or 0)}
+                    for t, m, b, r, e, p, c, x in connection.execute(query)]
 
     def stats(self) -> dict[str, Any]:
         with self.sessions() as session:

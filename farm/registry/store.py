@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -35,6 +36,8 @@ from farm.registry.names import check_name
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")  # farm.service.records.new_id("file")
+FILE_NAME = re.compile(r"file-[0-9a-f]{24}\.(jsonl|parquet)")
 
 
 class IntegrityError(RuntimeError):
@@ -292,6 +295,42 @@ class Store:
         except OSError:
             return []
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    # -- tenants' uploaded files (the fine-tuning service's) ----------------------------------
+    def put_tenant_file(self, tenant: str, file_id: str, suffix: str, source: Path) -> str:
+        """Store an uploaded file as ``files/<tenant>/<file_id><suffix>`` (never the caller's
+        name) in one atomic step; returns that path relative to the root."""
+        if not FILE_ID.fullmatch(file_id) or suffix not in (".jsonl", ".parquet"):
+            raise ValueError(f"invalid stored file name {file_id!r}{suffix!r}")
+        relative = f"files/{check_name('tenant', tenant)}/{file_id}{suffix}"
+        final = f"{self.root}/{relative}"
+        if self.object_store:
+            self._upload(source, final)  # one PUT: visible whole or not at all
+        else:
+            self.fs.create_dir(f"{self.root}/files/{tenant}")
+            tmp = f"{self.root}/files/{tenant}/.tmp-{uuid.uuid4().hex[:12]}"
+            self._upload(source, tmp)
+            os.replace(tmp, final)
+        return relative
+
+    def tenant_file_uri(self, relative: str) -> str:
+        """The URI training reads a stored file from (a local path, or ``s3://...``)."""
+        self._check_tenant_file(relative)
+        return f"s3://{self.root}/{relative}" if self.object_store else f"{self.root}/{relative}"
+
+    def remove_tenant_file(self, relative: str) -> None:
+        self._check_tenant_file(relative)
+        try:
+            self.fs.delete_file(f"{self.root}/{relative}")
+        except (FileNotFoundError, OSError):
+            pass  # already gone: deleting is idempotent
+
+    @staticmethod
+    def _check_tenant_file(relative: str) -> None:
+        parts = relative.split("/")
+        if len(parts) != 3 or parts[0] != "files" or not FILE_NAME.fullmatch(parts[2]):
+            raise ValueError(f"not a stored tenant file: {relative!r}")
+        check_name("tenant", parts[1])
 
     # -- upload spool ------------------------------------------------------------------------
     def spool_root(self) -> Path:

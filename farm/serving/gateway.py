@@ -10,6 +10,7 @@ Routes (everything else answers 404):
     GET  /v1/models                              the caller's adapters and the bases it may use
     GET  /healthz                                no token; healthy backends per base
     GET  /metrics                                admin token; Prometheus text
+    /v1/files, /v1/fine_tuning/jobs[/...]        tenant token; the fine-tuning API (farm.service.api)
 
 A request's identity is its bearer token (the registry's tokens: admin, or one tenant). Its
 ``model`` is a base's public name, a serve name (``acme.support.v3``) or an alias reference
@@ -564,6 +565,8 @@ def create_gateway_app(config: GatewayConfig, catalog: Catalog) -> Starlette:
         finally:
             await gateway.stop()
 
+    from farm.service.api import fine_tuning_routes
+
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     app = Starlette(routes=[
         Route("/v1/completions", handled(completions), methods=["POST"]),
@@ -571,6 +574,7 @@ def create_gateway_app(config: GatewayConfig, catalog: Catalog) -> Starlette:
         Route("/v1/models", handled(models), methods=["GET"]),
         Route("/healthz", handled(healthz), methods=["GET"]),
         Route("/metrics", handled(metrics), methods=["GET"]),
+        *fine_tuning_routes(gateway, handled),  # farm.service.api: files and fine-tuning jobs
         Route("/{path:path}", handled(anything_else), methods=methods),
     ], lifespan=lifespan)
     app.state.gateway = gateway

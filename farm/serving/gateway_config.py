@@ -13,6 +13,11 @@
       default: {requests_per_minute: 600, tokens_per_minute: 200000, concurrent_requests: 16, max_tokens: 1024}
       tenants:
         acme: {requests_per_minute: 60}        # fields not given come from default
+    fine_tuning:                               # the OpenAI files + fine-tuning jobs API (farm service)
+      models: [tiny]                           # bases tenants may fine-tune
+      default: {active_jobs: 100, stored_bytes: 10737418240, file_bytes: 536870912}
+      tenants:
+        acme: {active_jobs: 5}
 
 Local paths (the store, a base folder) are relative to the file, as in sweep specs: a base
 folder becomes the absolute path the sweep published adapters against. Secrets never appear in the file: each backend names the environment variable holding its key.
@@ -114,6 +119,40 @@ class LimitsConfig(_Strict):
         return TenantLimits(**merged)
 
 
+class FineTuningQuota(_Strict):
+    """A tenant's share of the fine-tuning service; a field left out takes the default's value."""
+
+    active_jobs: Optional[int] = Field(None, ge=1, description="jobs validating, queued or running at once")
+    stored_bytes: Optional[int] = Field(None, ge=1, description="bytes of files kept (deleted files do not count)")
+    file_bytes: Optional[int] = Field(None, ge=1, description="largest single upload")
+
+
+class FineTuningConfig(_Strict):
+    """The OpenAI fine-tuning API (``/v1/files``, ``/v1/fine_tuning/jobs``) this gateway serves
+    for ``farm service``. How many jobs run at once per tenant is the service's (its pools)."""
+
+    models: list[str] = Field(..., min_length=1, description="bases (by name, from bases) that tenants may fine-tune")
+    default: FineTuningQuota = Field(default_factory=lambda: FineTuningQuota(
+        active_jobs=100, stored_bytes=10 << 30, file_bytes=512 << 20))
+    tenants: dict[str, FineTuningQuota] = Field(default_factory=dict)
+
+    @field_validator("tenants")
+    @classmethod
+    def _names(cls, value: dict) -> dict:
+        for tenant in value:
+            check_name("tenant", tenant)
+        return value
+
+    def quota(self, tenant: str) -> FineTuningQuota:
+        """The tenant's quota with the default filling what it leaves out."""
+        own = self.tenants.get(tenant)
+        if own is None:
+            return self.default
+        merged = self.default.model_dump()
+        merged.update({k: v for k, v in own.model_dump().items() if v is not None})
+        return FineTuningQuota(**merged)
+
+
 class RegistryConfig(_Strict):
     store: str = Field(".farm/registry", description="registry store: folder or s3://bucket/prefix")
     catalog: Optional[str] = Field(None, description="catalog SQLAlchemy URL (default: SQLite in a local store)")
@@ -125,6 +164,7 @@ class GatewayConfig(_Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     bases: list[BaseConfig] = Field(..., min_length=1)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    fine_tuning: Optional[FineTuningConfig] = Field(None, description="serve the fine-tuning API (null: it answers 404)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
     health_interval_s: float = Field(5.0, gt=0, description="seconds between backend health checks")
     usage_flush_s: float = Field(5.0, gt=0, description="seconds between writes of metered usage to the catalog")
@@ -141,6 +181,10 @@ class GatewayConfig(_Strict):
         models = [b.base_model for b in self.bases]
         if len(set(models)) != len(models):
             raise ValueError("bases: each base_model may appear once (list several backends under it)")
+        if self.fine_tuning is not None:
+            unknown = [m for m in self.fine_tuning.models if m not in names]
+            if unknown:
+                raise ValueError(f"fine_tuning.models: {unknown} are not bases of this gateway ({names})")
         return self
 
 

@@ -22,6 +22,7 @@ same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,9 +39,9 @@ from farm.data import DataError, TenantData, load_tenant_data
 from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, load_tokenizer,
                          load_trainable_state, select_device, select_placement, trainable_state)
 from farm.spec import TenantJob
-from farm.train.common import (CheckpointIO, ConsoleProgress, InjectedWorkerFailure, LocalCheckpoints, Progress,
-                               StepLoop, TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint,
-                               peak_memory_bytes, summed_loss, write_checkpoint)
+from farm.train.common import (CheckpointIO, ConsoleProgress, InjectedWorkerFailure, JobCancelled, LocalCheckpoints,
+                               Progress, StepLoop, TrainState, build_optimizer, build_scheduler, evaluate,
+                               load_checkpoint, peak_memory_bytes, summed_loss, write_checkpoint)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -248,7 +249,10 @@ def ray_pool_loop(config: dict) -> dict:
     workers, rank 0 takes each tenant from the queue and every rank trains it (data parallel).
     A worker group that Ray Train restarts resumes the tenant it had taken from its newest
     complete checkpoint. One tenant's bad data or failing step ends that tenant only: its error
-    goes to the queue and the pool takes the next. Returns tenant -> error for those that failed.
+    goes to the queue and the pool takes the next. With ``cancellable`` (the fine-tuning
+    service's pools) a job cancelled on the queue stops after its current step and is reported
+    ``cancelled``. Jobs are named by ``TenantJob.key`` (the tenant, or a service's job id).
+    Returns key -> error for those that failed.
     """
     import tempfile
 
@@ -259,28 +263,33 @@ def ray_pool_loop(config: dict) -> dict:
     rank, world = _world()
     tenants_dir = config["tenants_dir"].rstrip("/")
     local = tempfile.mkdtemp(prefix="farm-pool-")
-    source = QueueSource(config["queue"], config["pool"], tenants_dir, local, idle_s=config.get("idle_s"))
+    source = QueueSource(config["queue"], config["pool"], tenants_dir, local, idle_s=config.get("idle_s"),
+                         poll_s=config.get("poll_s", 0.5))
     bases = BaseModelCache()
     errors: dict[str, str] = {}
     try:
         while (job := _next_for_all_ranks(source, rank, world, local)) is not None:
-            recipe = AdapterRecipe(job, progress=BoardProgress(config.get("board"), job.tenant), bases=bases,
+            key = job.key
+            recipe = AdapterRecipe(job, progress=BoardProgress(config.get("board"), key), bases=bases,
                                    checkpoints=StorageCheckpoints(
-                                       f"{tenants_dir}/{job.tenant}", job.settings.train.keep_checkpoints, rank,
+                                       f"{tenants_dir}/{key}", job.settings.train.keep_checkpoints, rank,
                                        gather=job.settings.train.shard_base == "fsdp" and world > 1))
+            if config.get("cancellable"):
+                recipe.should_stop = functools.partial(source.is_cancelled, key)
             try:
                 recipe.setup().train().save()
             except InjectedWorkerFailure:
                 raise  # stands for a dying worker: Ray Train restarts the group
             except Exception as exc:  # this tenant's failure, not the pool's: record it, take the next
-                status = "invalid" if isinstance(exc, DataError) else "failed"
-                errors[job.tenant] = f"{type(exc).__name__}: {exc}"[:2000]
-                logger.warning("[%s] %s: %s", job.tenant, status, errors[job.tenant])
+                status = "invalid" if isinstance(exc, DataError) else \
+                    "cancelled" if isinstance(exc, JobCancelled) else "failed"
+                errors[key] = f"{type(exc).__name__}: {exc}"[:2000]
+                logger.warning("[%s] %s: %s", key, status, errors[key])
                 if rank == 0:
-                    source.failed(job.tenant, errors[job.tenant], status)
+                    source.failed(key, errors[key], status)
             else:
                 if rank == 0:
-                    source.finished(job.tenant)
+                    source.finished(key)
             finally:
                 recipe.release()
                 shutil.rmtree(job.output_dir, ignore_errors=True)
@@ -299,7 +308,8 @@ def _next_for_all_ranks(source, rank: int, world: int, local: str) -> TenantJob 
     torch.distributed.broadcast_object_list(box, src=0)
     if box[0] is None:
         return None
-    return TenantJob.model_validate(box[0]).model_copy(update={"output_dir": f"{local}/{box[0]['tenant']}"})
+    job = TenantJob.model_validate(box[0])
+    return job.model_copy(update={"output_dir": f"{local}/{job.key}"})
 
 
 def save_adapter(model, out: Path, state_dict: dict | None = None) -> Path:

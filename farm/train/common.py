@@ -371,6 +371,8 @@ class StepLoop:
     spec: TrainSpec
     state: TrainState
     resumed_from: int | None
+    #: asked on rank 0 after every step (a service's cancel): True stops the run with JobCancelled
+    should_stop: Callable[[], bool] | None = None
 
     def _micro_step(self, batch: dict[str, torch.Tensor], step_targets: int, last: bool) -> float:
         """Forward and backward of one micro-batch; returns its share of the step's loss."""
@@ -430,11 +432,21 @@ class StepLoop:
                 tokens_per_s=window_tokens / elapsed if elapsed > 0 else 0.0,
                 eta_s=per_step * (spec.max_steps - state.step), checkpoint=saved, eval_loss=eval_loss))
             window_tokens, window_start = 0, time.perf_counter()
+            if self.should_stop is not None:
+                stop = self.should_stop() if rank == 0 else False
+                if world > 1:  # every rank stops at the same step, or the others would hang in a collective
+                    stop = all_reduce_sum(float(stop), device) > 0
+                if stop:
+                    raise JobCancelled(f"cancelled after step {state.step}")
             # Fault injection for the resume tests: the worker fails once, after the checkpoint of that step.
             fail_at = os.environ.get("FARM_FAIL_AT_STEP")
             if fail_at and state.step == int(fail_at) and self.resumed_from is None:
                 raise InjectedWorkerFailure(f"FARM_FAIL_AT_STEP: injected failure after step {state.step}")
         return self
+
+
+class JobCancelled(RuntimeError):
+    """The run was asked to stop (``StepLoop.should_stop``): not a failure of the tenant."""
 
 
 class InjectedWorkerFailure(RuntimeError):

@@ -57,18 +57,24 @@ def test_an_old_catalog_is_refused_then_migrated_keeping_every_row(old_url, tmp_
     result = subprocess.run([sys.executable, "-m", "farm.cli", "registry", "migrate", "--catalog", old_url,
                              "--store", str(tmp_path / "store")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "from schema revision 0001 (made before migrations) to 0002" in result.stdout
+    assert "from schema revision 0001 (made before migrations) to 0003" in result.stdout
     catalog = Catalog(old_url)
-    assert current_revision(catalog.engine) == head_revision() == "0002"
+    assert current_revision(catalog.engine) == head_revision() == "0003"
     row = catalog.get_version("acme", "support", alias="production")
     assert row.serve_name == "acme.support.v1" and row.size_bytes == 2147483000
     assert [t.label for t in catalog.list_tokens()] == ["old"]
     token = catalog.create_token("acme", expires_at=utcnow() + timedelta(hours=1))  # the new column works
     assert catalog.principal(token).tenant == "acme"
+    # 0003: metered usage counts trained tokens (the fine-tuning service's)
+    from farm.registry.catalog import UsageDelta
+
+    catalog.add_usage([UsageDelta("acme", "acme.ft.v1", "base", utcnow().replace(minute=0, second=0, microsecond=0),
+                                  trained_tokens=1234)])
+    assert catalog.usage(tenant="acme")[0]["trained_tokens"] == 1234
     catalog.engine.dispose()
     again = subprocess.run([sys.executable, "-m", "farm.cli", "registry", "migrate", "--catalog", old_url,
                             "--store", str(tmp_path / "store")], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert again.returncode == 0 and "already at schema revision 0002" in again.stdout
+    assert again.returncode == 0 and "already at schema revision 0003" in again.stdout
 
 
 def test_the_migrated_schema_equals_a_new_catalogs(old_url):
