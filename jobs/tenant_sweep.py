@@ -9,6 +9,9 @@ finished tenants and resumes interrupted ones from their last checkpoint; its re
 latest outcome of every tenant the sweep id has run, including those not asked for this time.
 Exit code 0 means every tenant this run was asked for succeeded; 1 means at least one of them
 is invalid or failed (see the report); 2 means the spec itself is invalid.
+
+With ``--service URL`` the tenants go to a running ``farm service`` as fine-tuning jobs
+instead (``farm.service.submit``); no Ray is needed here then.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--registry-catalog", default=os.environ.get("FARM_REGISTRY_CATALOG"),
                         help="override registry.catalog (SQLAlchemy URL); default $FARM_REGISTRY_CATALOG")
     parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress updates")
+    parser.add_argument("--service", metavar="URL",
+                        help="submit the tenants as jobs to the farm service behind this gateway instead of training "
+                             "them here (admin token in $FARM_SERVICE_TOKEN; see farm/service/submit.py)")
+    parser.add_argument("--service-model", default=os.environ.get("FARM_SERVICE_MODEL"),
+                        help="with --service: the gateway's base name to fine-tune (default $FARM_SERVICE_MODEL)")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray's own logs and what the training workers print (default: the sweep's "
                              "progress, outcomes and report only; worker logs stay in Ray's session folder)")
@@ -100,6 +108,15 @@ def main(argv: list[str] | None = None, extra_overrides: dict | None = None) -> 
         print(f"{args.config}: unknown tenant(s) {', '.join(unknown)}; the spec has {', '.join(sweep.jobs)}",
               file=sys.stderr)
         return 2
+
+    if args.service:
+        if not args.service_model:
+            print("--service needs --service-model (or $FARM_SERVICE_MODEL): the gateway's base to fine-tune",
+                  file=sys.stderr)
+            return 2
+        from farm.service.submit import submit_to_service
+
+        return submit_to_service(sweep, list(tenants or sweep.jobs), args.service, args.service_model)
 
     configure_logging(args.verbose)
     import ray

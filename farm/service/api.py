@@ -97,7 +97,11 @@ class FineTuningAPI:
         if int(length) > quota.file_bytes + MULTIPART_OVERHEAD:
             raise GatewayError(413, f"file: over this tenant's limit of {quota.file_bytes:,} bytes per file", param="file")
         used = await asyncio.to_thread(self.records.stored_bytes, tenant)
-        form = await request.form(max_files=1, max_fields=4)
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except Exception as exc:  # starlette's HTTPException (too many parts) or the parser's own error
+            detail = getattr(exc, "detail", None) or str(exc)
+            raise GatewayError(400, f"body: not a multipart form this API accepts ({detail})") from None
         try:
             purpose, upload = form.get("purpose"), form.get("file")
             if purpose != PURPOSE:

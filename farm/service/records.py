@@ -70,8 +70,9 @@ def job_object(row: FineTuningJobRow) -> dict:
     request = row.request or {}
     job = row.job or {}
     hyper: dict[str, Any] = {"batch_size": "auto", "learning_rate_multiplier": "auto", "n_epochs": "auto"}
-    hyper.update((request.get("hyperparameters") or {}))
     method = dict(request.get("method") or {"type": "supervised"})
+    section = method.get(method.get("type"))
+    hyper.update(request.get("hyperparameters") or (section or {}).get("hyperparameters") or {})
     if job:  # what the farm resolved it to: the numbers it trains with
         train = job["settings"]["train"]
         hyper.update({"steps": train["max_steps"], "batch_size": train["batch_size"],

@@ -17,7 +17,8 @@ farm does with each:
 * ``hyperparameters``: ``n_epochs`` becomes ``train.max_steps`` (epochs x training rows /
   batch, rounded up), ``batch_size`` the rows per step, ``learning_rate_multiplier`` scales the
   service's learning rate. ``auto`` keeps the service's choice (3 epochs, at most the service's
-  ``max_steps``).
+  ``max_steps``). The farm's one extension, ``max_steps``, asks for exact optimizer steps
+  instead of epochs (what a sweep spec says; ``farm sweep --service`` sends it).
 * ``suffix`` names the adapter in the registry (so the fine-tuned model is
   ``<tenant>.<suffix>.v<N>``); it must be a registry name.
 * ``integrations`` are refused (a service reaches nothing outside its cluster); ``metadata``
@@ -59,6 +60,8 @@ class Hyperparameters(_Strict):
     batch_size: Union[Literal["auto"], int] = "auto"
     learning_rate_multiplier: Union[Literal["auto"], float, int] = "auto"
     n_epochs: Union[Literal["auto"], int] = "auto"
+    #: the farm's extension (a sweep spec's train.max_steps): exact optimizer steps, instead of n_epochs
+    max_steps: Optional[int] = Field(None, ge=1, le=1_000_000)
 
     @field_validator("batch_size", "n_epochs")
     @classmethod
@@ -163,7 +166,11 @@ class FineTuningRequest(_Strict):
         batch = max(1, min(batch, train_rows))
         epochs = AUTO_EPOCHS if hyper.n_epochs == "auto" else hyper.n_epochs
         steps = max(1, math.ceil(epochs * train_rows / batch))
-        if hyper.n_epochs == "auto":
+        if hyper.max_steps is not None:
+            if hyper.n_epochs != "auto":
+                raise RequestError("hyperparameters.max_steps", "hyperparameters: give n_epochs or max_steps, not both")
+            steps = hyper.max_steps
+        elif hyper.n_epochs == "auto":
             steps = min(steps, train.max_steps)
         rate = train.learning_rate * (1.0 if hyper.learning_rate_multiplier == "auto"
                                       else float(hyper.learning_rate_multiplier))

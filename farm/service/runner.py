@@ -10,9 +10,10 @@ there, so the two never talk directly and either can restart alone. Its loop, ev
 1. **validate** new jobs (``validating_files``) on a thread: the training file through the
    farm's whole data pipeline with the base's tokenizer (lengths, split, rows), then the request
    becomes a ``TenantJob`` (``farm.service.requests``) stored in the job's row -> ``queued``;
-2. **schedule** fairly: while a pool is free, the next job is the oldest of the tenant with
-   the fewest jobs running (at most ``running_per_tenant`` each), so one tenant's hundred jobs
-   never starve another's one; a started job goes to the pools' queue -> ``running``;
+2. **schedule** fairly: while a pool is free, tenants take turns (``next_job``: fewest jobs
+   running, then longest since its last start; at most ``running_per_tenant`` each), so one
+   tenant's hundred jobs never starve another's one; a started job goes to the pools' queue
+   -> ``running``. Checking files takes turns the same way;
 3. **follow** the pools: step events become the job's metrics events, a cancel request stops
    the job after its current step, a finished job is published to the registry (its serve
    name is the job's ``fine_tuned_model``, servable at once), metered to its tenant (trained
@@ -31,7 +32,7 @@ import logging
 import queue as queue_module
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
@@ -82,16 +83,22 @@ def load_service_config(path: Path) -> ServiceConfig:
                                      "registry": registry, "storage": resolve_path(config.storage, folder)})
 
 
-def next_job(queued: list, running: Counter, per_tenant: int):
-    """The fair pick among ``queued`` jobs (oldest first; each has ``tenant``): the oldest job
-    of the tenant with the fewest jobs ``running``, skipping tenants at ``per_tenant``; ties go
-    to the tenant whose oldest job waited longest. None when nobody may start one."""
+def next_job(queued: list, running: Counter, per_tenant: int, last_start: dict[str, float] | None = None):
+    """The fair pick among ``queued`` jobs (oldest first; each has ``tenant``).
+
+    Tenants take turns: first the tenant with the fewest jobs ``running``, then the one whose
+    last job started longest ago (``last_start``: tenant -> time; a tenant never started
+    comes first), then the one whose oldest job waited longest. Tenants at ``per_tenant``
+    running jobs wait. So a tenant with one job starts it at the next free slot even behind
+    another tenant's hundred. None when nobody may start one.
+    """
+    last_start = last_start or {}
     first: dict[str, object] = {}
     for job in queued:
         first.setdefault(job.tenant, job)
-    allowed = [(running[tenant], index, job) for index, (tenant, job) in enumerate(first.items())
-               if running[tenant] < per_tenant]
-    return min(allowed, key=lambda item: item[:2])[2] if allowed else None
+    allowed = [(running[tenant], last_start.get(tenant, float("-inf")), index, job)
+               for index, (tenant, job) in enumerate(first.items()) if running[tenant] < per_tenant]
+    return min(allowed, key=lambda item: item[:3])[3] if allowed else None
 
 
 class FineTuningService:
@@ -110,9 +117,13 @@ class FineTuningService:
         self.handed_off = Path(self.storage if "://" not in self.storage else "/tmp/farm-service") / "handed-off"
         self.inflight: dict[str, dict] = {}  # job id -> {"tenant", "job"}: in the pools' queue or training
         self.last_step: dict[str, int] = {}
+        self.last_start: dict[str, float] = {}  # tenant -> when its last job started (turns)
         self._validating: set[str] = set()
         self._checked: queue_module.Queue = queue_module.Queue()
-        self._to_check: queue_module.Queue = queue_module.Queue()
+        # Jobs waiting for the checker, per tenant, served round-robin: checking is fair too.
+        self._to_check: dict[str, deque] = {}
+        self._check_turns: deque[str] = deque()
+        self._check_ready = threading.Condition()
         self._pools: dict = {}  # Ray ref -> pool name
         self._pool_count = 0
 
@@ -175,7 +186,27 @@ class FineTuningService:
             if row.id not in self._validating:
                 self._validating.add(row.id)
                 self.records.add_event(row.id, "Validating training file: " + row.training_file)
-                self._to_check.put(row)
+                with self._check_ready:
+                    if row.tenant not in self._to_check:
+                        self._to_check[row.tenant] = deque()
+                        self._check_turns.append(row.tenant)
+                    self._to_check[row.tenant].append(row)
+                    self._check_ready.notify()
+
+    def _next_check(self):
+        """The next job to check: tenants take turns (one tenant's 100 new jobs do not hold
+        up another's one here either)."""
+        with self._check_ready:
+            while not self._check_turns:
+                self._check_ready.wait()
+            tenant = self._check_turns.popleft()
+            rows = self._to_check[tenant]
+            row = rows.popleft()
+            if rows:
+                self._check_turns.append(tenant)
+            else:
+                del self._to_check[tenant]
+            return row
 
     def _check_files(self) -> None:
         """The checker thread: one job's files at a time (tokenizing can take a while)."""
@@ -183,7 +214,7 @@ class FineTuningService:
 
         tokenizer = None
         while True:
-            row = self._to_check.get()
+            row = self._next_check()
             try:
                 tokenizer = tokenizer or load_tokenizer(self.config.base_model)
                 self._checked.put((row, self.resolve_job(row, tokenizer), None))
@@ -248,7 +279,7 @@ class FineTuningService:
         queued = self.records.service_jobs(self.base, ("queued",))
         running = Counter(job["tenant"] for job in self.inflight.values())
         while free > 0 and queued:
-            row = next_job(queued, running, self.config.running_per_tenant)
+            row = next_job(queued, running, self.config.running_per_tenant, self.last_start)
             if row is None:
                 return
             queued.remove(row)
@@ -257,6 +288,7 @@ class FineTuningService:
                 continue  # cancelled meanwhile
             self.queue.add.remote([row.job])
             self.inflight[row.id] = {"tenant": row.tenant, "job": row.job}
+            self.last_start[row.tenant] = time.monotonic()
             running[row.tenant] += 1
             free -= 1
 
