@@ -1,14 +1,18 @@
-"""Shared fixtures: a tiny offline base model (built once per session) and sample data."""
+"""Shared fixtures: a tiny offline base model (built once per session), sample data, and the
+registry's backends (a real SeaweedFS S3 server and a real PostgreSQL server, one each per session)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.servers import PostgresServer, SeaweedS3Server
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "jobs" / "data"
@@ -78,3 +82,45 @@ def local_ray():
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# -- registry backends: shared by the registry, serving and service tiers (one server each per session) --
+BACKENDS = ["local+sqlite", "s3+sqlite", "local+postgres"]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with SeaweedS3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def registry_env(request, tmp_path, monkeypatch):
+    """(store URI, catalog URL or None) for one backend combination, fresh per test."""
+    kind = request.param
+    if kind == "local+sqlite":
+        return str(tmp_path / "store"), None
+    if kind == "s3+sqlite":
+        server = request.getfixturevalue("s3_server")
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        return f"s3://{server.bucket}/t-{uuid.uuid4().hex[:10]}", f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    return str(tmp_path / "store"), new_database(request.getfixturevalue("pg_server"))
+
+
+def new_database(server: PostgresServer) -> str:
+    """The URL of a new, empty database on the test PostgreSQL server (one per test)."""
+    from sqlalchemy import create_engine, text
+
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{database}"'))
+    admin.dispose()
+    return server.url.rsplit("/", 1)[0] + f"/{database}"

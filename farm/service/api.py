@@ -272,19 +272,45 @@ def _limit(params, default: int) -> int:
     return int(raw)
 
 
+def _limited(gateway: "Gateway", handler):
+    """The caller's request limits (per minute, in flight) count these routes too, as the
+    completions routes count; a refusal is the same 429 with ``Retry-After``."""
+    async def endpoint(request: Request) -> Response:
+        from farm.serving.gateway import GatewayError
+
+        if gateway.config.fine_tuning is None:
+            return await handler(request)  # answers 404 before anything counts
+        who = await gateway.principal(request)
+        refusal = gateway.limiter.admit(who.tenant, 0)
+        if refusal is not None:
+            raise GatewayError(429, f"rate limit: {refusal.message}; retry after {refusal.retry_after_s} s",
+                               "rate_limit_exceeded", headers={"Retry-After": str(refusal.retry_after_s)})
+        try:
+            return await handler(request)
+        finally:
+            gateway.limiter.release(who.tenant, 0, 0)
+
+    return endpoint
+
+
 def fine_tuning_routes(gateway: "Gateway", handled) -> list[Route]:
     """The API's routes for the gateway's app; ``handled`` wraps each handler in its error
-    answers. Without ``fine_tuning`` in the gateway file every one answers 404."""
+    answers, after the caller's request limits. Without ``fine_tuning`` in the gateway file
+    every one answers 404."""
     api = FineTuningAPI(gateway)
+
+    def wrap(handler):
+        return handled(_limited(gateway, handler))
+
     return [
-        Route("/v1/files", handled(api.upload), methods=["POST"]),
-        Route("/v1/files", handled(api.list_files), methods=["GET"]),
-        Route("/v1/files/{file_id}", handled(api.get_file), methods=["GET"]),
-        Route("/v1/files/{file_id}", handled(api.delete_file), methods=["DELETE"]),
-        Route("/v1/fine_tuning/jobs", handled(api.create_job), methods=["POST"]),
-        Route("/v1/fine_tuning/jobs", handled(api.list_jobs), methods=["GET"]),
-        Route("/v1/fine_tuning/jobs/{job_id}", handled(api.get_job), methods=["GET"]),
-        Route("/v1/fine_tuning/jobs/{job_id}/events", handled(api.events), methods=["GET"]),
-        Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", handled(api.checkpoints), methods=["GET"]),
-        Route("/v1/fine_tuning/jobs/{job_id}/cancel", handled(api.cancel), methods=["POST"]),
+        Route("/v1/files", wrap(api.upload), methods=["POST"]),
+        Route("/v1/files", wrap(api.list_files), methods=["GET"]),
+        Route("/v1/files/{file_id}", wrap(api.get_file), methods=["GET"]),
+        Route("/v1/files/{file_id}", wrap(api.delete_file), methods=["DELETE"]),
+        Route("/v1/fine_tuning/jobs", wrap(api.create_job), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs", wrap(api.list_jobs), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}", wrap(api.get_job), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/events", wrap(api.events), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", wrap(api.checkpoints), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/cancel", wrap(api.cancel), methods=["POST"]),
     ]

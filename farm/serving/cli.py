@@ -199,10 +199,12 @@ def usage_cmd(
     if as_json:
         print(json.dumps({"tenant": tenant, "since": since, "until": until, "rows": rows,
                           "total": {k: sum(r[k] for r in rows) for k in
-                                    ("requests", "errors", "prompt_tokens", "completion_tokens")}}, indent=2))
+                                    ("requests", "errors", "prompt_tokens", "completion_tokens",
+                                     "trained_tokens")}}, indent=2))
         return
-    table = Table("tenant", "model", "base", "requests", "errors", "prompt tokens", "completion tokens")
+    table = Table("tenant", "model", "base", "requests", "errors", "prompt tokens", "completion tokens",
+                  "trained tokens")
     for row in rows:
         table.add_row(row["tenant"], row["model"], row["base_model"], f"{row['requests']:,}", f"{row['errors']:,}",
-                      f"{row['prompt_tokens']:,}", f"{row['completion_tokens']:,}")
+                      f"{row['prompt_tokens']:,}", f"{row['completion_tokens']:,}", f"{row['trained_tokens']:,}")
     Console().print(table)

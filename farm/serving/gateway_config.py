@@ -127,13 +127,16 @@ class FineTuningQuota(_Strict):
     file_bytes: Optional[int] = Field(None, ge=1, description="largest single upload")
 
 
+QUOTA_BUILT_IN = FineTuningQuota(active_jobs=100, stored_bytes=10 << 30, file_bytes=512 << 20)
+
+
 class FineTuningConfig(_Strict):
     """The OpenAI fine-tuning API (``/v1/files``, ``/v1/fine_tuning/jobs``) this gateway serves
     for ``farm service``. How many jobs run at once per tenant is the service's (its pools)."""
 
     models: list[str] = Field(..., min_length=1, description="bases (by name, from bases) that tenants may fine-tune")
-    default: FineTuningQuota = Field(default_factory=lambda: FineTuningQuota(
-        active_jobs=100, stored_bytes=10 << 30, file_bytes=512 << 20))
+    default: FineTuningQuota = Field(default_factory=FineTuningQuota, description="every tenant's quota; fields "
+                                     "left out: 100 active jobs, 10 GiB stored, 512 MiB a file")
     tenants: dict[str, FineTuningQuota] = Field(default_factory=dict)
 
     @field_validator("tenants")
@@ -144,12 +147,11 @@ class FineTuningConfig(_Strict):
         return value
 
     def quota(self, tenant: str) -> FineTuningQuota:
-        """The tenant's quota with the default filling what it leaves out."""
-        own = self.tenants.get(tenant)
-        if own is None:
-            return self.default
-        merged = self.default.model_dump()
-        merged.update({k: v for k, v in own.model_dump().items() if v is not None})
+        """The tenant's quota, every field set: its own, else the default's, else the built-in one."""
+        merged = QUOTA_BUILT_IN.model_dump()
+        for layer in (self.default, self.tenants.get(tenant)):
+            if layer is not None:
+                merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
         return FineTuningQuota(**merged)
 
 

@@ -7,14 +7,11 @@ a fresh bucket prefix or database. Nothing here skips: a server that cannot star
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.servers import PostgresServer, SeaweedS3Server
 
-BACKENDS = ["local+sqlite", "s3+sqlite", "local+postgres"]
 
 
 def make_lora_adapter(base_model_dir: Path, out: Path, rank: int = 8, seed: int = 0,
@@ -38,44 +35,6 @@ def make_lora_adapter(base_model_dir: Path, out: Path, rank: int = 8, seed: int 
 @pytest.fixture(scope="session")
 def adapter_dir(base_model_dir, tmp_path_factory) -> Path:
     return make_lora_adapter(base_model_dir, tmp_path_factory.mktemp("adapter") / "a")
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    with SeaweedS3Server() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    with PostgresServer() as server:
-        yield server
-
-
-@pytest.fixture(params=BACKENDS)
-def registry_env(request, tmp_path, monkeypatch):
-    """(store URI, catalog URL or None) for one backend combination, fresh per test."""
-    kind = request.param
-    if kind == "local+sqlite":
-        return str(tmp_path / "store"), None
-    if kind == "s3+sqlite":
-        server = request.getfixturevalue("s3_server")
-        for key, value in server.env.items():
-            monkeypatch.setenv(key, value)
-        return f"s3://{server.bucket}/t-{uuid.uuid4().hex[:10]}", f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-    return str(tmp_path / "store"), new_database(request.getfixturevalue("pg_server"))
-
-
-def new_database(server: PostgresServer) -> str:
-    """The URL of a new, empty database on the test PostgreSQL server (one per test)."""
-    from sqlalchemy import create_engine, text
-
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{database}"'))
-    admin.dispose()
-    return server.url.rsplit("/", 1)[0] + f"/{database}"
 
 
 @pytest.fixture

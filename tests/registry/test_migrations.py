@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from farm.registry.catalog import Catalog, CatalogOutdated, current_revision, head_revision, utcnow
 
 from ..conftest import REPO
-from .conftest import new_database
+from ..conftest import new_database
 
 
 def _old_catalog(url: str) -> None:

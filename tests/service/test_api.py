@@ -1,6 +1,7 @@
-"""The fine-tuning API on a real gateway (uvicorn, a SQLite catalog, a local store), without the
-service: what the API itself decides. Tenant scoping on every route, files checked by line,
-quotas, cancel before a pool has the job, paging; and the service's fair pick."""
+"""The fine-tuning API on a real gateway (uvicorn) over a registry on every backend (local store
+or SeaweedFS S3; SQLite or PostgreSQL catalog), without the service: what the API itself
+decides. Tenant scoping on every route, files checked by line, quotas and request limits,
+cancel before a pool has the job, paging; and the service's fair pick."""
 
 from __future__ import annotations
 
@@ -26,25 +27,43 @@ ACME_DATA = (REPO / "jobs" / "data" / "acme.jsonl").read_bytes()
 
 
 @pytest.fixture
-def api(tmp_path, monkeypatch):
+def api(registry_env, monkeypatch):
+    """A gateway with the fine-tuning API over a registry on each backend (local + SQLite,
+    SeaweedFS S3 + SQLite, local + PostgreSQL)."""
+    store, catalog_url = registry_env
     monkeypatch.setenv("TEST_FT_KEY", "unused")
-    registry = open_registry(str(tmp_path / "registry"))
+    registry = open_registry(store, catalog_url)
     catalog = registry.catalog
-    tokens = {name: catalog.create_token(name) for name in ("acme", "globex", "small")}
+    tokens = {name: catalog.create_token(name) for name in ("acme", "globex", "small", "chatty")}
     tokens["admin"] = catalog.create_token(None)
     config = GatewayConfig.model_validate({
-        "registry": {"store": str(tmp_path / "registry")},
+        "registry": {"store": store, "catalog": catalog_url},
+        "limits": {"tenants": {"chatty": {"requests_per_minute": 3}}},
         "bases": [{"name": "tiny", "base_model": "/models/tiny", "tenants": ["acme", "globex", "small"],
                    "backends": [{"url": "http://127.0.0.1:9", "api_key_env": "TEST_FT_KEY"}]},
                   {"name": "other", "base_model": "/models/other", "tenants": ["acme"],
                    "backends": [{"url": "http://127.0.0.1:9", "api_key_env": "TEST_FT_KEY"}]}],
-        "fine_tuning": {"models": ["tiny"], "tenants": {
+        "fine_tuning": {"models": ["tiny"], "default": {"active_jobs": 50}, "tenants": {
             "small": {"active_jobs": 2, "stored_bytes": len(ACME_DATA) + 100, "file_bytes": len(ACME_DATA) + 10}}}})
     with LiveServer(create_gateway_app(config, catalog)) as server:
         def client(who: str, **headers) -> httpx.Client:
             return httpx.Client(base_url=server.url, timeout=60,
                                 headers={"Authorization": f"Bearer {tokens[who]}", **headers})
-        yield SimpleNamespace(client=client, registry=registry, root=tmp_path / "registry")
+        yield SimpleNamespace(client=client, registry=registry)
+
+
+def _stored(api, tenant: str) -> dict[str, bytes]:
+    """The tenant's files in the registry's store, by name, as bytes."""
+    import pyarrow.fs as pafs
+
+    store = api.registry.store
+    infos = store.fs.get_file_info(pafs.FileSelector(f"{store.root}/files/{tenant}", allow_not_found=True))
+    out = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with store.fs.open_input_stream(info.path) as handle:
+                out[info.base_name] = handle.read()
+    return out
 
 
 def _upload(http: httpx.Client, data: bytes, name: str = "train.jsonl", purpose: str = "fine-tune") -> httpx.Response:
@@ -62,8 +81,7 @@ def test_files_are_checked_by_line_stored_whole_and_seen_only_by_their_tenant(ap
     file = uploaded.json()
     assert file["object"] == "file" and file["purpose"] == "fine-tune" and file["bytes"] == len(ACME_DATA)
     assert file["status"] == "processed" and file["filename"] == "../../etc/passwd"
-    stored = list((api.root / "files" / "acme").iterdir())
-    assert [p.name for p in stored] == [f"{file['id']}.jsonl"] and stored[0].read_bytes() == ACME_DATA
+    assert _stored(api, "acme") == {f"{file['id']}.jsonl": ACME_DATA}
 
     # Parquet is recognised by its bytes, whatever it is called
     table = pa.table({"prompt": ["Hi", "Bye"], "completion": ["Hello!", "Goodbye!"]})
@@ -71,7 +89,7 @@ def test_files_are_checked_by_line_stored_whole_and_seen_only_by_their_tenant(ap
     pq.write_table(table, sink)
     parquet = _upload(acme, sink.getvalue(), name="data.jsonl")
     assert parquet.status_code == 200, parquet.text
-    assert (api.root / "files" / "acme" / f"{parquet.json()['id']}.parquet").is_file()
+    assert f"{parquet.json()['id']}.parquet" in _stored(api, "acme")
 
     # bad files: refused with their line and field, nothing stored
     lines = ACME_DATA.decode().splitlines()
@@ -84,7 +102,7 @@ def test_files_are_checked_by_line_stored_whole_and_seen_only_by_their_tenant(ap
     assert "line 5" in message and "messages[0]" in message, message
     assert "empty" in _error(_upload(acme, b""))["message"] or "no records" in _error(_upload(acme, b""))["message"]
     assert _error(_upload(acme, ACME_DATA, purpose="assistants"))["param"] == "purpose"
-    assert len(list((api.root / "files" / "acme").iterdir())) == 2
+    assert len(_stored(api, "acme")) == 2
 
     # scoping: another tenant's id is a missing one, on every route; admins see everyone's
     for method, path in (("GET", f"/v1/files/{file['id']}"), ("DELETE", f"/v1/files/{file['id']}"),
@@ -109,7 +127,7 @@ def test_files_are_checked_by_line_stored_whole_and_seen_only_by_their_tenant(ap
     deleted = acme.delete(f"/v1/files/{file['id']}")
     assert deleted.json() == {"id": file["id"], "object": "file", "deleted": True}
     assert acme.get(f"/v1/files/{file['id']}").status_code == 404
-    assert not (api.root / "files" / "acme" / f"{file['id']}.jsonl").exists()
+    assert f"{file['id']}.jsonl" not in _stored(api, "acme")
 
 
 def test_jobs_are_checked_scoped_limited_and_cancelled_before_a_pool_has_them(api):
@@ -184,6 +202,12 @@ def test_quotas_refuse_with_429_or_413_naming_what_is_over(api):
     small.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert small.post("/v1/fine_tuning/jobs", json=body).status_code == 200
     assert [r["tenant"] for r in api.registry.catalog.usage()] == []  # nothing trained, nothing metered
+
+    # the API's routes count against the caller's request limits, as completions do
+    chatty = api.client("chatty")
+    answers = [chatty.get("/v1/files") for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[-1].headers["Retry-After"] and _error(answers[-1])["type"] == "rate_limit_exceeded"
 
 
 def test_a_gateway_without_fine_tuning_answers_404(tmp_path, monkeypatch):
