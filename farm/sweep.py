@@ -166,11 +166,14 @@ def finished_outcome(folder: Path, tenant: str) -> TenantOutcome | None:
         losses=[tuple(x) for x in result.get("losses", [])])
 
 
-def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, lineage: dict | None = None) -> str:
+def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, lineage: dict | None = None,
+                    idempotency_key: str | None = None) -> str:
     """Publish a handed-off adapter with its metrics and lineage (``lineage``: more of it);
     returns its serve name.
 
-    The serve name is written back into ``result.json``, so a re-run does not publish twice.
+    The serve name is written back into ``result.json``, so a re-run does not publish twice;
+    ``idempotency_key`` (the service's job id) makes a retry after a crash between the publish
+    and that write get the same version too.
     """
     result_file = folder / RESULT_FILE
     result = json.loads(result_file.read_text())
@@ -187,7 +190,8 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, linea
                   "precision": result.get("precision"), "device": result.get("device")},
         lineage={"dataset_fingerprint": result.get("dataset_fingerprint"), "sweep_id": sweep_id,
                  "dataset": job.settings.data.path, "resumed_from_step": result.get("resumed_from_step"),
-                 **(lineage or {})})
+                 **(lineage or {})},
+        idempotency_key=idempotency_key)
     result["serve_name"] = info.serve_name
     replace_atomically(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return info.serve_name
@@ -366,6 +370,11 @@ def _progress_board():
         def update(self, tenant: str, event: dict) -> None:
             self.events[tenant] = event
             self.first_step.setdefault(tenant, event["time"])
+
+        def forget(self, tenant: str) -> None:
+            """A finished run's events go (a long-running service's board stays small)."""
+            self.events.pop(tenant, None)
+            self.first_step.pop(tenant, None)
 
         def snapshot(self) -> tuple[dict, dict]:
             return self.events, self.first_step

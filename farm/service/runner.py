@@ -321,7 +321,7 @@ class FineTuningService:
                 logger.exception("publishing %s failed", job_id)
                 self.records.move(job_id, ("running",), "failed", "Publishing the adapter failed", level="error",
                                   error={"code": "server_error", "param": None, "message": f"publishing failed: {exc}"})
-            self.inflight.pop(job_id, None)
+            self._forget(job_id)
         for job_id in [j for j in self.inflight if j in state["errors"]]:
             status, error = state["statuses"].get(job_id, "failed"), state["errors"][job_id]
             if status == "cancelled":
@@ -331,7 +331,13 @@ class FineTuningService:
                 self.records.move(job_id, ("running",), "failed", f"Fine-tuning job failed: {error}", level="error",
                                   error={"code": code, "param": "training_file" if status == "invalid" else None,
                                          "message": error})
-            self.inflight.pop(job_id, None)
+            self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        """A job that left the pools: its slot is free, its progress entries go."""
+        self.inflight.pop(job_id, None)
+        self.last_step.pop(job_id, None)
+        self.board.forget.remote(job_id)
 
     def _succeed(self, job_id: str, final) -> None:
         from farm.registry.catalog import UsageDelta
@@ -341,8 +347,8 @@ class FineTuningService:
         job = TenantJob.model_validate(entry["job"])
         folder = self.handed_off / job_id
         result = _publish_adapter(final, folder)
-        serve = publish_outcome(self.registry, job, folder, sweep_id=job_id,
-                                lineage={"fine_tuning_job": job_id})
+        serve = publish_outcome(self.registry, job, folder, sweep_id=job_id, lineage={"fine_tuning_job": job_id},
+                                idempotency_key=job_id)  # a retry after a crash gets the same version
         losses = dict(tuple(x) for x in result.get("losses", []))
         for step in self._checkpoint_steps(job_id):
             self.records.add_checkpoint(job_id, step, f"{serve}:ckpt-step-{step}",
@@ -398,7 +404,7 @@ class FineTuningService:
                     self.records.move(job_id, ("running",), "failed", f"Fine-tuning job failed: {reason}",
                                       level="error", error={"code": "training_failed", "param": None,
                                                             "message": reason})
-                    self.inflight.pop(job_id, None)
+                    self._forget(job_id)
             logger.warning("%s ended (%s); starting another", name, outcome.get("error"))
             self._start_pool()
 

@@ -178,8 +178,15 @@ def test_a_tenant_uploads_fine_tunes_and_calls_its_model_through_the_gateway(sta
     assert usage[job.fine_tuned_model]["trained_tokens"] == job.trained_tokens
 
 
-def test_a_file_that_passes_upload_but_not_the_data_pipeline_fails_its_job_naming_the_file(stack, tmp_path):
+def test_a_bad_file_is_refused_with_its_line_and_one_that_fails_the_pipeline_fails_its_job(stack, tmp_path):
     tuna = _client(stack, "tuna")
+    lines = (DATA / "hooli.jsonl").read_text().splitlines()[:5]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines[:2] + ['{"messages": "not a list"}'] + lines[2:]) + "\n")
+    with pytest.raises(openai.BadRequestError, match="line 3"):
+        _upload(tuna, broken)
+    assert broken.name not in [f.filename for f in tuna.files.list().data]
+
     one = tmp_path / "one.jsonl"
     one.write_text((DATA / "hooli.jsonl").read_text().splitlines()[0] + "\n")  # one record: nothing to evaluate
     file = _upload(tuna, one)
