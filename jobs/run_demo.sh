@@ -7,14 +7,19 @@
 #   FARM_DEMO_JOB=jobs/full_ft_baseline.py FARM_DEMO_ARGS="--tenants acme" bash jobs/run_demo.sh  # make baseline
 #   FARM_DEMO_SPEC=jobs/configs/methods.yaml bash jobs/run_demo.sh                               # make methods
 # Where things go (defaults under .farm/): FARM_DEMO_BASE_MODEL, FARM_DEMO_OUTPUT,
-# FARM_DEMO_REGISTRY, FARM_DEMO_SWEEP_ID; FARM_RAY_PORT (6379), FARM_DASHBOARD_PORT (8265) and
-# FARM_DASHBOARD_AGENT_PORT (52365: the job agent; if another Ray left one there, jobs are refused
-# with "No available agent").
+# FARM_DEMO_REGISTRY, FARM_DEMO_SWEEP_ID. Ports: FARM_RAY_PORT, FARM_DASHBOARD_PORT,
+# FARM_DASHBOARD_AGENT_PORT and FARM_RAY_CLIENT_PORT; each left unset is a free port picked
+# here, so the demo runs beside any other Ray instance on the machine (Ray's own defaults, 6379,
+# 8265, 52365 and 10001, are taken by the first instance that starts).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 SPEC="${FARM_DEMO_SPEC:-jobs/configs/demo.yaml}"
-PORT="${FARM_DASHBOARD_PORT:-8265}"
+free_port() { "$ROOT/.venv/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+PORT="${FARM_DASHBOARD_PORT:-$(free_port)}"
+RAY_PORT="${FARM_RAY_PORT:-$(free_port)}"
+AGENT_PORT="${FARM_DASHBOARD_AGENT_PORT:-$(free_port)}"
+CLIENT_PORT="${FARM_RAY_CLIENT_PORT:-$(free_port)}"
 JOB="${FARM_DEMO_JOB:-jobs/tenant_sweep.py}"
 read -r -a EXTRA <<< "${FARM_DEMO_ARGS:-}"
 SWEEP_ID="${FARM_DEMO_SWEEP_ID:-demo-$(date +%Y%m%d-%H%M%S)}"
@@ -46,8 +51,8 @@ stop_our_ray() {
   rm -rf "$RAY_TMP"
 }
 trap stop_our_ray EXIT
-ray start --head --port="${FARM_RAY_PORT:-6379}" --temp-dir="$RAY_TMP" \
-  --dashboard-agent-listen-port="${FARM_DASHBOARD_AGENT_PORT:-52365}" --num-cpus="$(nproc)" --include-dashboard=true --dashboard-host=127.0.0.1 \
+ray start --head --port="$RAY_PORT" --temp-dir="$RAY_TMP" --ray-client-server-port="$CLIENT_PORT" \
+  --dashboard-agent-listen-port="$AGENT_PORT" --num-cpus="$(nproc)" --include-dashboard=true --dashboard-host=127.0.0.1 \
   --dashboard-port="$PORT" --disable-usage-stats >"$ROOT/.farm/ray-start.log" 2>&1 \
   || { cat "$ROOT/.farm/ray-start.log"; exit 1; }
 echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWEEP_ID"
@@ -56,8 +61,12 @@ echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWE
 # refused submission creates nothing, so it is retried; then the log is followed to the end.
 ADDRESS="http://127.0.0.1:$PORT"
 JOB_ID="farm-$SWEEP_ID"
+# The job's working dir arrives without .git: stamp the code version here for its lineage.
+CODE_VERSION="$(python -c 'from farm.registry.core import code_version; print(code_version())')"
+RUNTIME_ENV="{\"env_vars\": {\"FARM_CODE_VERSION\": \"$CODE_VERSION\"}}"
 for attempt in $(seq 1 15); do
-  if out=$(ray job submit --address "$ADDRESS" --no-wait --submission-id "$JOB_ID" --working-dir . -- \
+  if out=$(ray job submit --address "$ADDRESS" --no-wait --submission-id "$JOB_ID" --working-dir . \
+      --runtime-env-json "$RUNTIME_ENV" -- \
       python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
       --base-model "$BASE_MODEL" --output-dir "$OUTPUT" --registry-store "$REGISTRY" 2>&1); then
     break

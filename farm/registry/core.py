@@ -76,11 +76,23 @@ class VersionInfo:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+CODE_VERSION_ENV = "FARM_CODE_VERSION"
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The farm's version, plus the git commit when running from a checkout."""
+    """The farm's version and commit, as lineage records it.
+
+    ``$FARM_CODE_VERSION`` first: stamped where the code was taken from, because a job's
+    working dir arrives without ``.git`` (``ray job submit --working-dir`` leaves it out), so
+    the job itself cannot ask git; ``jobs/run_demo.sh`` and the image set it. Otherwise the
+    package version plus the commit of the checkout this module is in, when it is one.
+    """
     from farm import __version__
 
+    stamped = os.environ.get(CODE_VERSION_ENV, "").strip()
+    if stamped and len(stamped) <= 100 and stamped.isprintable():
+        return stamped
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
