@@ -40,6 +40,25 @@ app.command("gateway")(gateway_cmd)
 app.command("usage")(usage_cmd)
 
 
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("sweep", context_settings=_PASS_THROUGH, add_help_option=False)
+def sweep_cmd(ctx: typer.Context) -> None:
+    """Run a sweep on Ray: every tenant of a spec (flags: farm sweep --help)."""
+    from farm.sweep_command import main
+
+    raise typer.Exit(main(list(ctx.args), prog="farm sweep"))
+
+
+@app.command("baseline", context_settings=_PASS_THROUGH, add_help_option=False)
+def baseline_cmd(ctx: typer.Context) -> None:
+    """Full fine-tuning baseline of some tenants, compared with LoRA (flags: farm baseline --help)."""
+    from farm.sweep_command import baseline_main
+
+    raise typer.Exit(baseline_main(list(ctx.args), prog="farm baseline"))
+
+
 @app.command("service")
 def service(config: Path = typer.Option(..., "--config", help="service YAML (base, registry, pools, defaults)"),
             verbose: bool = typer.Option(False, help="also show Ray's logs and the workers' output")) -> None:

@@ -22,6 +22,7 @@ from ..conftest import FAST_DEFAULTS, REPO
 
 pytestmark = pytest.mark.slow
 SWEEP = [sys.executable, str(REPO / "jobs" / "tenant_sweep.py")]
+FARM_SWEEP = [sys.executable, "-m", "farm.cli", "sweep"]  # the installed package's command, same flags
 
 
 def _env() -> dict:
@@ -41,8 +42,8 @@ def _spec(tmp_path: Path, base_model_dir: Path, tenants: list[dict], **train) ->
     return path
 
 
-def _run(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(SWEEP + args, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+def _run(args: list[str], timeout: int = 900, command: list[str] = SWEEP) -> subprocess.CompletedProcess:
+    return subprocess.run(command + args, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
 
 
 def _alone(job) -> dict:
@@ -304,7 +305,7 @@ def test_a_sweep_of_64_tenants_hands_each_off_as_it_finishes(tmp_path, base_mode
     tenants = [{"name": f"t{i:02d}", "data": {"path": str(REPO / "jobs" / "data" / samples[i % len(samples)])}}
                for i in range(64)]
     spec = _spec(tmp_path, base_model_dir, tenants, max_steps=2, checkpoint_every=100)
-    run = _run(["--config", str(spec), "--sweep-id", "many", "--progress-every", "1"], timeout=1200)
+    run = _run(["--config", str(spec), "--sweep-id", "many", "--progress-every", "1"], timeout=1200, command=FARM_SWEEP)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads((tmp_path / "runs" / "many" / "report.json").read_text())
     outcomes = report["tenants"]
