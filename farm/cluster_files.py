@@ -149,7 +149,7 @@ def _schema_problems(config: dict[str, Any], problem) -> bool:
     return bool(errors)
 
 
-def _prepared(config: dict[str, Any]) -> dict[str, Any]:
+def prepared_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config as ``ray up`` sees it: the provider's defaults filled in, setup commands merged.
 
     The Ray 2.60 wheel ships no defaults file for the fake multi-node provider
@@ -178,7 +178,7 @@ def _ray_checks(config: dict[str, Any], problem) -> Optional[dict[str, Any]]:
     from ray.autoscaler._private.util import validate_config
 
     try:
-        prepared = _prepared(config)
+        prepared = prepared_config(config)
         validate_config(prepared)
     except jsonschema.ValidationError as exc:
         problem(_key_path(exc.absolute_path), f"{exc.message} (Ray's cluster config schema)")
@@ -253,6 +253,22 @@ def _check_launcher(config: dict[str, Any], problem) -> None:
         if not any(_FARM_STORAGE.search(c) for c in head_commands):
             problem("setup_commands", "FARM_STORAGE is not set on the head node: export it (e.g. in "
                                       "/etc/profile.d/farm.sh) so checkpoints go to shared storage")
+
+    if provider == "aws":
+        # A file's head_setup_commands replace Ray's default, which installs boto3 on the head;
+        # without it the autoscaler cannot load the AWS provider and no worker ever launches.
+        if "head_setup_commands" in config and not any("boto3" in c for c in prepared.get("head_setup_commands", [])):
+            problem("head_setup_commands", "replaces Ray's default, which installs boto3 on the head: the "
+                                           "autoscaler needs it to launch workers (add a pip install of boto3)")
+        # Ray gives its default instance profile to the head only: workers that write
+        # checkpoints or adapters to S3 need one of their own.
+        commands = " ".join([*prepared.get("setup_commands", []), *prepared.get("worker_setup_commands", [])])
+        if "=s3://" in commands:
+            for name, node in node_types.items():
+                if name != head_type and "IamInstanceProfile" not in node.get("node_config", {}):
+                    problem(f"available_node_types.{name}.node_config.IamInstanceProfile",
+                            "missing: its workers write to s3:// storage, and Ray gives its default instance "
+                            "profile to the head only")
 
 
 # --- KubeRay RayCluster manifests ---------------------------------------------------------
@@ -418,5 +434,11 @@ def _check_kuberay(data: dict[str, Any], problem) -> None:
             problem(f"{where}.replicas", f"must not exceed maxReplicas {group.maxReplicas} (got {shown(group.replicas)})")
         if any(_gpu_count(c.resources.limits.get("nvidia.com/gpu")) >= 1 for c in group.template.spec.containers):
             has_gpu = True
+            # Ray's KubeRay autoscaler adds no accelerator_type:* resource: a GPU group must
+            # advertise its accelerator, or demand naming it never launches the group.
+            if "accelerator_type:" not in str(group.rayStartParams.get("resources", "")):
+                problem(f"{where}.rayStartParams.resources", "a GPU group must advertise its accelerator "
+                        "(for example '\"{\\\"accelerator_type:A10G\\\": 1}\"'): Ray's KubeRay autoscaler adds no "
+                        "accelerator_type resource, so demand naming the accelerator is infeasible")
     if not has_gpu:
         problem("spec.workerGroupSpecs", "no worker group requests a GPU (`nvidia.com/gpu` in a container's limits)")

@@ -59,8 +59,8 @@ WORKER_START = _ray_start_index(AWS, "worker_start_ray_commands")
 @pytest.mark.parametrize("mutate, key, reason", [
     (lambda c: c["available_node_types"]["gpu_a10g"].update(min_workers=1),
      "available_node_types.gpu_a10g.min_workers", "must be 0 so the type scales to zero (got 1)"),
-    (lambda c: c["available_node_types"]["gpu_l4"].update(max_workers=0),
-     "available_node_types.gpu_l4.max_workers", "must be at least 1"),
+    (lambda c: c["available_node_types"]["gpu_2nd_l4"].update(max_workers=0),
+     "available_node_types.gpu_2nd_l4.max_workers", "must be at least 1"),
     (_worker_start, f"worker_start_ray_commands[{WORKER_START}]", "without RAY_AUTH_MODE=token"),
     (_public_dashboard, f"head_start_ray_commands[{HEAD_START}]", "--dashboard-host=0.0.0.0 exposes the dashboard"),
     (lambda c: c.update(head_typo="x"), "head_typo", "unknown key: Ray's cluster config schema does not allow it"),
@@ -69,13 +69,16 @@ WORKER_START = _ray_start_index(AWS, "worker_start_ray_commands")
     (lambda c: c.pop("idle_timeout_minutes"), "idle_timeout_minutes", "must be set"),
     (lambda c: c.update(setup_commands=[s for s in c["setup_commands"] if "FARM_STORAGE" not in s]),
      "setup_commands", "FARM_STORAGE is not set on the head node"),
-    (lambda c: [c["available_node_types"].pop(t) for t in ("gpu_a10g", "gpu_l4")],
+    (lambda c: [c["available_node_types"].pop(t) for t in ("gpu_a10g", "gpu_2nd_l4")],
      "available_node_types", "no worker node type has a GPU"),
     # Without start commands, Ray's defaults apply: no token, dashboard on 0.0.0.0.
     (lambda c: c.pop("head_start_ray_commands"), "head_start_ray_commands[1]", "Ray's default for provider aws"),
     (lambda c: c.update(head_node_type="nope"), "head_node_type", "must be one of `available_node_types`"),
+    (lambda c: c.update(head_setup_commands=[]), "head_setup_commands", "installs boto3 on the head"),
+    (lambda c: c["available_node_types"]["gpu_2nd_l4"]["node_config"].pop("IamInstanceProfile"),
+     "available_node_types.gpu_2nd_l4.node_config.IamInstanceProfile", "Ray gives its default instance profile to the head only"),
 ], ids=["min-workers", "max-workers", "worker-token", "dashboard-host", "unknown-key", "schema-type",
-        "idle-timeout", "storage", "no-gpu", "default-start-commands", "head-node-type"])
+        "idle-timeout", "storage", "no-gpu", "default-start-commands", "head-node-type", "no-boto3", "worker-profile"])
 def test_broken_launcher_config_names_the_key(tmp_path, mutate, key, reason):
     problems = _broken(tmp_path, "aws.yaml", mutate)
     expected = f"{tmp_path / 'aws.yaml'}: {key}: "
@@ -143,8 +146,10 @@ GPU_GROUP = next(i for i, g in enumerate(KUBE["spec"]["workerGroupSpecs"]) if g[
     (lambda c: c.update(apiVersion="ray.io/v1alpha1"), "apiVersion", "Input should be 'ray.io/v1'"),
     (lambda c: c["spec"]["headGroupSpec"].pop("rayStartParams"), "spec.headGroupSpec.rayStartParams",
      "Field required"),
+    (lambda c: _group(c, "gpu-a10g").update(rayStartParams={}), f"spec.workerGroupSpecs[{GPU_GROUP}].rayStartParams.resources",
+     "a GPU group must advertise its accelerator"),
 ], ids=["min-replicas", "replicas", "max-replicas", "service-type", "autoscaling", "idle-timeout",
-        "worker-token", "storage", "no-gpu", "api-version", "ray-start-params"])
+        "worker-token", "storage", "no-gpu", "api-version", "ray-start-params", "no-accelerator"])
 def test_broken_kuberay_manifest_names_the_key(tmp_path, mutate, key, reason):
     problems = _broken(tmp_path, "kuberay.yaml", mutate)
     expected = f"{tmp_path / 'kuberay.yaml'}: {key}: "

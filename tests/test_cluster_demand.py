@@ -1,0 +1,158 @@
+"""The sweep's demand against the cluster files, through Ray's own autoscaler code.
+
+``cluster/kuberay.yaml`` is converted by Ray's KubeRay autoscaling-config code (what the head's
+autoscaler sidecar runs); ``cluster/aws.yaml`` is prepared as ``ray up`` prepares it and its
+node types' resources are filled by Ray's AWS provider from the instance types (the EC2 API
+answer comes from a fixture of AWS's published vCPU, memory and GPU counts: EC2 cannot be
+reached here). The farm's own trainer requests (``farm.sweep.trainer_resources``) then go
+through Ray's resource demand scheduler, which says which node types it would launch and which
+bundles it could never place.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from farm.cluster_files import prepared_config
+from farm.spec import ResourceSpec
+from farm.sweep import trainer_resources
+
+from .conftest import REPO
+
+CLUSTER = REPO / "cluster"
+
+# AWS's published figures (describe-instance-types), in the EC2 API's shape.
+EC2_INSTANCE_TYPES = [
+    {"InstanceType": "g5.2xlarge", "VCpuInfo": {"DefaultVCpus": 8}, "MemoryInfo": {"SizeInMiB": 32768},
+     "GpuInfo": {"Gpus": [{"Name": "A10G", "Manufacturer": "NVIDIA", "Count": 1, "MemoryInfo": {"SizeInMiB": 24576}}]}},
+    {"InstanceType": "g6.2xlarge", "VCpuInfo": {"DefaultVCpus": 8}, "MemoryInfo": {"SizeInMiB": 32768},
+     "GpuInfo": {"Gpus": [{"Name": "L4", "Manufacturer": "NVIDIA", "Count": 1, "MemoryInfo": {"SizeInMiB": 22888}}]}},
+    {"InstanceType": "m6i.2xlarge", "VCpuInfo": {"DefaultVCpus": 8}, "MemoryInfo": {"SizeInMiB": 32768}},
+]
+
+
+def kuberay_node_types() -> dict:
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    manifest = yaml.safe_load((CLUSTER / "kuberay.yaml").read_text())
+    manifest["metadata"]["namespace"] = "default"  # the API server fills it in
+    return _derive_autoscaling_config_from_ray_cr(manifest)
+
+
+def aws_node_types(monkeypatch) -> dict:
+    import ray.autoscaler._private.aws.node_provider as aws
+
+    monkeypatch.setattr(aws, "list_ec2_instances", lambda region, credentials=None: EC2_INSTANCE_TYPES)
+    prepared = prepared_config(yaml.safe_load((CLUSTER / "aws.yaml").read_text()))
+    return aws.AWSNodeProvider.fillout_available_node_types_resources(prepared)
+
+
+def launches(config: dict, demand: list[dict]) -> tuple[dict, list]:
+    """(node type -> count to launch, infeasible bundles) for ``demand`` on a cluster that has
+    only its head running: Ray's resource demand scheduler decides."""
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
+    from ray.autoscaler.node_provider import NodeProvider
+    from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
+
+    head_type = config["head_node_type"]
+
+    class HeadOnly(NodeProvider):
+        def __init__(self):
+            super().__init__({}, "test")
+
+        def non_terminated_nodes(self, tag_filters):
+            return ["head"]
+
+        def node_tags(self, node_id):
+            return {TAG_RAY_USER_NODE_TYPE: head_type, TAG_RAY_NODE_KIND: NODE_KIND_HEAD}
+
+        def internal_ip(self, node_id):
+            return "10.0.0.1"
+
+    types = config["available_node_types"]
+    scheduler = ResourceDemandScheduler(HeadOnly(), types, config["max_workers"], head_type,
+                                        config.get("upscaling_speed", 1.0))
+    head = dict(types[head_type]["resources"])
+    to_launch, infeasible = scheduler.get_nodes_to_launch(
+        ["head"], {}, copy.deepcopy(demand), {"10.0.0.1": dict(head)}, [], {"10.0.0.1": head}, [],
+        NodeAvailabilitySummary({}))
+    return dict(to_launch), infeasible
+
+
+def demand(**resources) -> list[dict]:
+    """The worker bundles one trainer asks for, as the farm builds them."""
+    return trainer_resources(ResourceSpec(**resources)).demand()
+
+
+A10G_TENANT = demand(cpus_per_worker=4, gpus_per_worker=1, accelerator_type="A10G")
+PACK = [b for _ in range(4) for b in demand(cpus_per_worker=1, gpus_per_worker=0.25, accelerator_type="A10G")]
+BASELINE = demand(workers=2, cpus_per_worker=4, gpus_per_worker=1, accelerator_type="A10G")
+CPU_TENANTS = [b for _ in range(4) for b in demand(cpus_per_worker=4, gpus_per_worker=0)]
+
+
+@pytest.fixture(params=["kuberay", "aws"])
+def cluster(request, monkeypatch):
+    if request.param == "kuberay":
+        return request.param, kuberay_node_types(), "gpu-a10g", "cpu"
+    return request.param, aws_node_types(monkeypatch), "gpu_a10g", "cpu"
+
+
+def test_gpu_groups_advertise_their_accelerator_as_ray_converts_them(cluster):
+    _, config, gpu, cpu = cluster
+    types = config["available_node_types"]
+    assert types[gpu]["resources"]["GPU"] == 1 and types[gpu]["resources"]["accelerator_type:A10G"] == 1
+    assert types[gpu]["min_workers"] == 0 and types[cpu]["min_workers"] == 0
+    assert "GPU" not in types[cpu]["resources"] or types[cpu]["resources"]["GPU"] == 0
+
+
+def test_the_sweeps_demand_launches_the_expected_groups_from_zero(cluster):
+    name, config, gpu, cpu = cluster
+    # an A10G tenant (one node), a pack of four quarter-GPU tenants (one node), a 2-worker baseline (two nodes)
+    to_launch, infeasible = launches(config, A10G_TENANT + PACK + BASELINE)
+    assert infeasible == [] and to_launch == {gpu: 4}, (name, to_launch, infeasible)
+    # CPU tenants take CPU nodes (after the head's CPUs on AWS; KubeRay's head has none), never GPU ones
+    to_launch, infeasible = launches(config, CPU_TENANTS)
+    assert infeasible == [] and to_launch == {cpu: 4 if name == "kuberay" else 1}, (name, to_launch, infeasible)
+
+
+def test_without_the_advertised_accelerator_kuberay_demand_is_infeasible(monkeypatch):
+    """What the manifest's rayStartParams.resources fixes: Ray's conversion alone gives the GPU
+    group no accelerator_type resource, and nothing launches."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    manifest = yaml.safe_load((CLUSTER / "kuberay.yaml").read_text())
+    manifest["metadata"]["namespace"] = "default"
+    for group in manifest["spec"]["workerGroupSpecs"]:
+        group["rayStartParams"].pop("resources", None)
+    to_launch, infeasible = launches(_derive_autoscaling_config_from_ray_cr(manifest), A10G_TENANT)
+    assert to_launch == {} and infeasible == A10G_TENANT
+
+
+def test_aws_gpu_demand_without_an_accelerator_takes_a10g_first(monkeypatch):
+    """The stated pool order: gpu_a10g first (Ray breaks the tie by name, last first); gpu_2nd_l4
+    for what one round's launch limit (at least 5 nodes a type) leaves, or demand naming L4."""
+    config = aws_node_types(monkeypatch)
+    def any_gpu(count):
+        return [b for _ in range(count) for b in demand(cpus_per_worker=4, gpus_per_worker=1)]
+
+    assert launches(config, any_gpu(4)) == ({"gpu_a10g": 4}, [])
+    to_launch, infeasible = launches(config, any_gpu(10))
+    assert infeasible == [] and to_launch == {"gpu_a10g": 5, "gpu_2nd_l4": 2}, to_launch
+    l4_only = demand(cpus_per_worker=4, gpus_per_worker=1, accelerator_type="L4")
+    assert launches(config, l4_only) == ({"gpu_2nd_l4": 1}, [])
+
+
+def test_the_cluster_walk_throughs_spec_asks_for_one_a10g_node(cluster):
+    """jobs/configs/gpu-cluster.yaml (what the README submits to a cluster): four quarter-GPU
+    LoRA tenants that name A10G fit on one gpu_a10g node; nothing else launches."""
+    from farm.spec import load_spec
+
+    name, config, gpu, _ = cluster
+    sweep = load_spec(REPO / "jobs" / "configs" / "gpu-cluster.yaml")
+    bundles = [b for _ in sweep.jobs for b in trainer_resources(sweep.spec.resources).demand()]
+    assert len(bundles) == 4 and all(b["accelerator_type:A10G"] > 0 for b in bundles)
+    assert launches(config, bundles) == ({gpu: 1}, []), name
