@@ -173,7 +173,7 @@ class ResourceSpec(StrictModel):
     accelerator_type: Optional[str] = Field(None, description="Ray accelerator type, for example A100")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="collective backend; auto: NCCL when workers have GPUs, gloo otherwise")
     packing: Literal["auto", "off"] = Field("auto", description="auto: co-train small LoRA tenants in packs on one base per worker (the planner sizes the packs); off: every tenant trains alone, in single-tenant pools")
-    request_up_front: bool = Field(True, description="ask the autoscaler for the sweep's whole demand at the start (released at the end)")
+    request_up_front: bool = Field(True, description="show the autoscaler the first wave of trainers at once (placement groups the sweep's job owns: removed once placed, and gone with the job however it ends)")
     max_retries: int = Field(2, ge=0, description="worker-group restarts before a tenant fails")
 
 

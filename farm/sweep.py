@@ -247,18 +247,47 @@ def error_summary(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {last}"[:500]
 
 
-def _request_resources(bundles: list[dict], console: Console) -> None:
-    """Tell the autoscaler the sweep's demand (an empty list releases it). Only a hint: on a
-    cluster without an autoscaler it changes nothing."""
-    from ray.autoscaler.sdk import request_resources
+class UpFrontDemand:
+    """The sweep's first wave shown to the autoscaler at once, as placement groups this driver owns.
 
-    try:
-        request_resources(bundles=bundles)
-    except Exception as exc:  # no autoscaler support here; the trainers' own requests still count
-        console.print(f"autoscaler demand not sent: {exc}", markup=False, highlight=False)
-        return
-    if bundles:
-        console.print(f"asked the autoscaler for {len(bundles)} worker bundle(s) up front", markup=False, highlight=False)
+    The autoscaler sees a trainer's demand only once its workers are requested, seconds after
+    each pool starts; asking for the whole first wave up front lets it add every node in one
+    go. ``ray.autoscaler.sdk.request_resources`` would do that too, but its request stands
+    until someone clears it, so a driver that dies would hold GPU nodes forever. A placement
+    group belongs to its job instead: Ray removes it when the driver ends, however it ends.
+    Each group is removed here as soon as it is placed (the nodes are up and the pools' own
+    workers take them), and every one left when the sweep ends or fails (``release``).
+    """
+
+    def __init__(self, groups: list[list[dict]], console: Console):
+        from ray.util.placement_group import placement_group
+
+        self.groups = [placement_group(bundles, strategy="PACK") for bundles in groups if bundles]
+        self.placed = {group.ready(): group for group in self.groups}
+        console.print(f"asked the autoscaler for {sum(len(b) for b in groups)} worker bundle(s) up front",
+                      markup=False, highlight=False)
+
+    def settle(self) -> None:
+        """Remove the groups that are placed: their nodes exist, the pools' workers claim them."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if not self.placed:
+            return
+        ready, _ = ray.wait(list(self.placed), num_returns=len(self.placed), timeout=0)
+        for ref in ready:
+            remove_placement_group(self.placed.pop(ref))
+
+    def release(self) -> None:
+        """Remove every group still waiting: no demand outlives the sweep."""
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.placed.values():
+            try:
+                remove_placement_group(group)
+            except Exception:  # already gone with a failed cluster connection: nothing stands
+                pass
+        self.placed.clear()
 
 
 def _pack_resources(single: TrainerResources, pack: Pack, packs: int, jobs: list[TenantJob]) -> TrainerResources:
@@ -549,77 +578,78 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     limit = options.max_concurrent or sum(p.slots for p in pools) or 1
     if options.max_concurrent and pools:
         console.print(f"at most {limit} tenant(s) train at once (--max-concurrent)", markup=False, highlight=False)
+    demand = None
     if sweep.spec.resources.request_up_front and pools:
-        # The autoscaler sees queued work only as it is submitted; asking for the whole first
-        # wave at once lets it add every node it needs in one go.
-        demand = [bundle for pool in admit(list(pools), 0, limit) for bundle in pool_resources[pool.name].demand()]
-        _request_resources(demand, console)
+        demand = UpFrontDemand([pool_resources[pool.name].demand() for pool in admit(list(pools), 0, limit)], console)
+    try:
+        # Data checks run on a driver thread while the pools start: their start-up overlaps it.
+        checked = _validate_in_background(sweep, _interleave(list(group_order.values()))) if pools else None
+        data_reports: dict[str, DataReport] = {}
+        checking = pools != []
 
-    # Data checks run on a driver thread while the pools start: their start-up overlaps it.
-    checked = _validate_in_background(sweep, _interleave(list(group_order.values()))) if pools else None
-    data_reports: dict[str, DataReport] = {}
-    checking = pools != []
+        def drain_checks() -> None:
+            nonlocal checking
+            while checking and not checked.empty():
+                item = checked.get()
+                if item is None:  # every tenant checked: no more will come, pools end once idle
+                    checking = False
+                    for queue in queues.values():
+                        queue.close.remote()
+                    break
+                name, error, report = item
+                if error is not None:
+                    outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
+                    progress.set(name, "invalid")
+                    console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
+                    continue
+                data_reports[name] = report
+                queues[group_of[name]].add.remote([sweep.job(name).model_dump()])
+                queued[group_of[name]].append(name)
 
-    def drain_checks() -> None:
-        nonlocal checking
-        while checking and not checked.empty():
-            item = checked.get()
-            if item is None:  # every tenant checked: no more will come, pools end once idle
-                checking = False
-                for queue in queues.values():
-                    queue.close.remote()
-                break
-            name, error, report = item
-            if error is not None:
-                outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
-                progress.set(name, "invalid")
-                console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
-                continue
-            data_reports[name] = report
-            queues[group_of[name]].add.remote([sweep.job(name).model_dump()])
-            queued[group_of[name]].append(name)
-
-    waiting = list(pools)
-    with progress:  # a live table on a terminal; lines in a log
-        while (waiting or running) and (checking or any(n not in outcomes for n in pending)):
-            for pool in admit(waiting, sum(p.slots for p in running.values()), limit):
-                ref = pool_task.remote(pool.co_train, sweep.job(pool.tenants[0]).model_dump(), queues[pool.group],
-                                       pool.slots, pool_resources[pool.name], storage, pool.name,
-                                       sweep.spec.resources.max_retries, board)
-                what = f"a co-training pool of {pool.group}, {pool.slots} at a time" if pool.co_train else \
-                    f"a single-tenant pool of {pool.group}, {pool_resources[pool.name].num_workers} worker(s)"
-                console.print(f"{pool.name}: submitted ({what}: {', '.join(group_order[pool.group])}; "
-                              f"{pool_resources[pool.name].resources_per_worker} per worker)",
-                              markup=False, highlight=False)
-                running[ref] = pool
-                submitted[pool.name] = time.time()
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2 if checking else options.progress_every_s)
-            drain_checks()
-            events, steps_started = ray.get(board.snapshot.remote())
-            first_step.update(steps_started)
-            progress.update(events)
-            # Tenants are handed off the moment their final adapter is on storage, while their pool
-            # trains the others. The queue hears of a tenant's end once its final adapter is
-            # uploaded, so storage is only looked at for those (and checked complete).
-            live = {p.name: p for p in running.values()}
-            for group in {p.group for p in running.values()}:
-                state = ray.get(queues[group].state.remote())
-                for tenant in state["done"]:
-                    final = None if tenant in outcomes else final_checkpoint(f"{tenants_dir}/{tenant}")
-                    pool = live.get(state["taken"].get(tenant))
-                    if final is not None and pool is not None:
-                        finish_tenant(tenant, final, pool, state["taken_at"].get(tenant))
-            for ref in ready:
-                pool = running.pop(ref)
-                _pool_ended(pool, ray.get(ref), ray.get(queues[pool.group].state.remote()),
-                            group_left=checking or any(p.group == pool.group for p in [*running.values(), *waiting]),
-                            tenants=queued[pool.group], outcomes=outcomes, tenants_dir=tenants_dir,
-                            finish=finish_tenant, fail=fail_tenant)
-    for name in pending:  # a group whose pools all ended before its tenants came (cannot happen
-        if name not in outcomes:  # while queues are open, but never leave a tenant without a line)
-            fail_tenant(name, "failed", "no pool was left to take it", None)
-    if sweep.spec.resources.request_up_front and pending:
-        _request_resources([], console)  # release: idle nodes may now be removed
+        waiting = list(pools)
+        with progress:  # a live table on a terminal; lines in a log
+            while (waiting or running) and (checking or any(n not in outcomes for n in pending)):
+                for pool in admit(waiting, sum(p.slots for p in running.values()), limit):
+                    ref = pool_task.remote(pool.co_train, sweep.job(pool.tenants[0]).model_dump(), queues[pool.group],
+                                           pool.slots, pool_resources[pool.name], storage, pool.name,
+                                           sweep.spec.resources.max_retries, board)
+                    what = f"a co-training pool of {pool.group}, {pool.slots} at a time" if pool.co_train else \
+                        f"a single-tenant pool of {pool.group}, {pool_resources[pool.name].num_workers} worker(s)"
+                    console.print(f"{pool.name}: submitted ({what}: {', '.join(group_order[pool.group])}; "
+                                  f"{pool_resources[pool.name].resources_per_worker} per worker)",
+                                  markup=False, highlight=False)
+                    running[ref] = pool
+                    submitted[pool.name] = time.time()
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2 if checking else options.progress_every_s)
+                if demand is not None:
+                    demand.settle()
+                drain_checks()
+                events, steps_started = ray.get(board.snapshot.remote())
+                first_step.update(steps_started)
+                progress.update(events)
+                # Tenants are handed off the moment their final adapter is on storage, while their pool
+                # trains the others. The queue hears of a tenant's end once its final adapter is
+                # uploaded, so storage is only looked at for those (and checked complete).
+                live = {p.name: p for p in running.values()}
+                for group in {p.group for p in running.values()}:
+                    state = ray.get(queues[group].state.remote())
+                    for tenant in state["done"]:
+                        final = None if tenant in outcomes else final_checkpoint(f"{tenants_dir}/{tenant}")
+                        pool = live.get(state["taken"].get(tenant))
+                        if final is not None and pool is not None:
+                            finish_tenant(tenant, final, pool, state["taken_at"].get(tenant))
+                for ref in ready:
+                    pool = running.pop(ref)
+                    _pool_ended(pool, ray.get(ref), ray.get(queues[pool.group].state.remote()),
+                                group_left=checking or any(p.group == pool.group for p in [*running.values(), *waiting]),
+                                tenants=queued[pool.group], outcomes=outcomes, tenants_dir=tenants_dir,
+                                finish=finish_tenant, fail=fail_tenant)
+        for name in pending:  # a group whose pools all ended before its tenants came (cannot happen
+            if name not in outcomes:  # while queues are open, but never leave a tenant without a line)
+                fail_tenant(name, "failed", "no pool was left to take it", None)
+    finally:  # however the loop ends, no demand of this sweep stands
+        if demand is not None:
+            demand.release()
     comparison = []
     if sweep.spec.baseline is not None:
         comparison = run_baselines(sweep, [n for n in names if n in sweep.spec.baseline.tenants], out, storage,

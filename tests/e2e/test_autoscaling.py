@@ -188,3 +188,43 @@ def test_sweep_scales_gpu_nodes_up_from_zero_and_back_down(tmp_path, base_model_
     out.mkdir(exist_ok=True)
     (out / "autoscaling_proof.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(figures)
+
+
+def test_a_sweep_whose_driver_is_sigkilled_leaves_no_standing_demand(tmp_path, base_model_dir, fake_cluster):
+    """The sweep asks for its first wave up front as placement groups its job owns: when its
+    driver is SIGKILLed mid-run, the demand goes with the job, and the GPU nodes it caused are
+    removed after the idle timeout (a standing request_resources would have kept them)."""
+    address, env = fake_cluster
+    tenants = ["hooli", "acme", "globex"]
+    defaults = json.loads(json.dumps(FAST_DEFAULTS))
+    defaults["train"].update(max_steps=100000, checkpoint_every=100000, batch_size=2)  # runs until killed
+    defaults["data"] = {"max_seq_len": 64}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "killed", "base_model": {"name_or_path": str(base_model_dir)},
+        "output_dir": str(tmp_path / "runs"), "defaults": defaults,
+        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1, "backend": "gloo",
+                      "max_retries": 0, "packing": "off"},
+        "tenants": [{"name": t, "data": {"path": str(REPO / "jobs" / "data" / f"{t}.jsonl")}} for t in tenants],
+    }, sort_keys=False))
+    watch = NodeWatch(address)
+    watch.start()
+    sweep = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", "--config", str(spec)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**env, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and watch.peak < 2 and sweep.poll() is None:
+            time.sleep(1)
+        assert sweep.poll() is None, "the sweep ended before it could be killed: " + sweep.stdout.read()[-3000:]
+        assert watch.peak >= 2, watch.samples[-10:]  # the demand launched GPU nodes
+    finally:
+        sweep.kill()  # SIGKILL: no finally of the driver runs
+        sweep.wait(60)
+    killed = time.time()
+    deadline = killed + IDLE_TIMEOUT_S + 120
+    while time.time() < deadline and (not watch.samples or watch.samples[-1][1] > 0):
+        time.sleep(2)
+    watch.stop.set()
+    watch.join(timeout=30)
+    assert watch.samples[-1][1] == 0, f"GPU nodes still up {time.time() - killed:.0f} s after the driver died"
