@@ -135,20 +135,27 @@ class NodeWatch(threading.Thread):
         return max((count for _, count in self.samples), default=0)
 
 
-def test_sweep_scales_gpu_nodes_up_from_zero_and_back_down(tmp_path, base_model_dir, fake_cluster):
-    address, env = fake_cluster
-    tenants = ["hooli", "acme", "globex"]
+def _gpu_spec(tmp_path: Path, base_model_dir: Path, name: str, tenants: list[str], max_steps: int,
+              max_retries: int) -> Path:
+    """A sweep of sample tenants, one trainer and one (logical) GPU each, over gloo."""
     defaults = json.loads(json.dumps(FAST_DEFAULTS))
-    defaults["train"].update(max_steps=3, checkpoint_every=3, batch_size=2)
+    defaults["train"].update(max_steps=max_steps, checkpoint_every=max_steps, batch_size=2)
     defaults["data"] = {"max_seq_len": 64}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": "scale", "base_model": {"name_or_path": str(base_model_dir)},
+        "name": name, "base_model": {"name_or_path": str(base_model_dir)},
         "output_dir": str(tmp_path / "runs"), "defaults": defaults,
         "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1, "backend": "gloo",
-                      "max_retries": 1, "packing": "off"},  # one trainer, one GPU per tenant
+                      "max_retries": max_retries, "packing": "off"},  # one trainer, one GPU per tenant
         "tenants": [{"name": t, "data": {"path": str(REPO / "jobs" / "data" / f"{t}.jsonl")}} for t in tenants],
     }, sort_keys=False))
+    return spec
+
+
+def test_sweep_scales_gpu_nodes_up_from_zero_and_back_down(tmp_path, base_model_dir, fake_cluster):
+    address, env = fake_cluster
+    tenants = ["hooli", "acme", "globex"]
+    spec = _gpu_spec(tmp_path, base_model_dir, "scale", tenants, max_steps=3, max_retries=1)
 
     watch = NodeWatch(address)
     watch.start()
@@ -195,18 +202,8 @@ def test_a_sweep_whose_driver_is_sigkilled_leaves_no_standing_demand(tmp_path, b
     driver is SIGKILLed mid-run, the demand goes with the job, and the GPU nodes it caused are
     removed after the idle timeout (a standing request_resources would have kept them)."""
     address, env = fake_cluster
-    tenants = ["hooli", "acme", "globex"]
-    defaults = json.loads(json.dumps(FAST_DEFAULTS))
-    defaults["train"].update(max_steps=100000, checkpoint_every=100000, batch_size=2)  # runs until killed
-    defaults["data"] = {"max_seq_len": 64}
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "killed", "base_model": {"name_or_path": str(base_model_dir)},
-        "output_dir": str(tmp_path / "runs"), "defaults": defaults,
-        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1, "backend": "gloo",
-                      "max_retries": 0, "packing": "off"},
-        "tenants": [{"name": t, "data": {"path": str(REPO / "jobs" / "data" / f"{t}.jsonl")}} for t in tenants],
-    }, sort_keys=False))
+    spec = _gpu_spec(tmp_path, base_model_dir, "killed", ["hooli", "acme", "globex"], max_steps=100000,
+                     max_retries=0)  # trains until killed
     watch = NodeWatch(address)
     watch.start()
     sweep = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", "--config", str(spec)], cwd=REPO,
