@@ -63,11 +63,48 @@ def _probe_gpu_memory(accelerator_type: str | None) -> int | None:
         return None
 
 
+#: Memory of one GPU (GiB as the clouds state it) by Ray accelerator type: planning
+#: ``gpus_per_worker: auto`` before any GPU node is up needs the size of those the autoscaler adds.
+ACCELERATOR_GB = {"T4": 16, "A10G": 24, "L4": 24, "L40S": 48, "A100": 40, "A100-80G": 80, "H100": 80, "H200": 141}
+#: Set by the cluster files on every node: the GPU types the autoscaler can add and at most how
+#: many nodes of each, for example ``A10G:8,L4:2`` (a cluster scaled to zero shows no GPU to Ray).
+GPU_NODES_ENV = "FARM_GPU_NODES"
+
+
+def launchable_gpus(resources: ResourceSpec, environ=None) -> tuple[str, int] | None:
+    """(accelerator type, most nodes) of the GPUs an autoscaler can add while none is up: the
+    spec's ``accelerator_type`` if the cluster lists it (or lists nothing), else the cluster's
+    first GPU type (``$FARM_GPU_NODES``); None when neither says a GPU can come."""
+    import os
+
+    listed: list[tuple[str, int]] = []
+    for entry in (environ if environ is not None else os.environ).get(GPU_NODES_ENV, "").split(","):
+        name, _, count = entry.strip().partition(":")
+        if name and count.isdigit() and int(count) > 0:
+            listed.append((name, int(count)))
+    wanted = resources.accelerator_type
+    if wanted:
+        return next(((n, c) for n, c in listed if n == wanted), None if listed else (wanted, 1))
+    return listed[0] if listed else None
+
+
 def cluster_capacity(resources: ResourceSpec) -> Capacity:
-    """The capacity of the connected Ray cluster as the spec's resources will use it."""
+    """The capacity of the connected Ray cluster as the spec's resources will use it.
+
+    ``gpus_per_worker: auto`` plans for GPUs when the cluster has some, and also when it has
+    none up yet but can add them (``launchable_gpus``: an autoscaling cluster scaled to zero),
+    sized by ``device_memory_gb`` or the accelerator type's known memory.
+    """
     import ray
 
     total = ray.cluster_resources()
+    if resources.gpus_per_worker == "auto" and total.get("GPU", 0) <= 0:
+        coming = launchable_gpus(resources)
+        if coming is not None:
+            name, nodes = coming
+            gb = resources.device_memory_gb or ACCELERATOR_GB.get(name)
+            return Capacity("gpu", int(gb * GiB) if gb else None, nodes,
+                            f"none up yet: the autoscaler can add {nodes} {name} node(s)")
     wants_gpu = resources.gpus_per_worker == "auto" and total.get("GPU", 0) > 0 or \
         resources.gpus_per_worker not in ("auto", 0, 0.0)
     if wants_gpu:

@@ -156,3 +156,53 @@ def test_the_cluster_walk_throughs_spec_asks_for_one_a10g_node(cluster):
     bundles = [b for _ in sweep.jobs for b in trainer_resources(sweep.spec.resources).demand()]
     assert len(bundles) == 4 and all(b["accelerator_type:A10G"] > 0 for b in bundles)
     assert launches(config, bundles) == ({gpu: 1}, []), name
+
+
+def test_auto_gpus_plan_for_what_the_autoscaler_can_add_when_none_is_up():
+    from farm.sizing import launchable_gpus
+
+    auto = ResourceSpec(gpus_per_worker="auto")
+    assert launchable_gpus(auto, {}) is None  # no GPU can come: plan for CPUs
+    assert launchable_gpus(auto, {"FARM_GPU_NODES": "A10G:8,L4:2"}) == ("A10G", 8)
+    named = ResourceSpec(gpus_per_worker="auto", accelerator_type="L4")
+    assert launchable_gpus(named, {"FARM_GPU_NODES": "A10G:8,L4:2"}) == ("L4", 2)
+    assert launchable_gpus(named, {"FARM_GPU_NODES": "A10G:8"}) is None  # this cluster cannot add an L4
+    assert launchable_gpus(named, {}) == ("L4", 1)  # the spec says a GPU will be there
+    assert launchable_gpus(auto, {"FARM_GPU_NODES": "junk, :3,A10G:x"}) is None
+
+
+def test_an_auto_tenant_on_a_cluster_scaled_to_zero_asks_for_a_gpu_node(local_ray, monkeypatch, base_model_dir):
+    """The local Ray here has no GPU, like a GPU cluster scaled to zero; with FARM_GPU_NODES
+    (what both cluster files export) the planner sizes for A10Gs and the trainer's demand
+    launches a gpu_a10g node through Ray's scheduler against cluster/aws.yaml."""
+    from farm.sizing import cluster_capacity, size_adapter
+    from farm.spec import parse_spec
+
+    monkeypatch.setenv("FARM_GPU_NODES", "A10G:8,L4:2")
+    sweep = parse_spec({"name": "z", "base_model": {"name_or_path": str(base_model_dir)},
+                        "resources": {"gpus_per_worker": "auto", "accelerator_type": "A10G"},
+                        "tenants": [{"name": "acme", "data": {"path": str(REPO / "jobs/data/acme.jsonl")}}]})
+    capacity = cluster_capacity(sweep.spec.resources)
+    assert (capacity.kind, capacity.device_bytes, capacity.devices) == ("gpu", 24 * 2**30, 8), capacity
+    sized = size_adapter(sweep.job("acme"), sweep.spec.resources, capacity).resources
+    assert 0 < sized.gpus_per_worker <= 1  # a share of one A10G, not the head's CPUs
+    assert launches(aws_node_types(monkeypatch), trainer_resources(sized).demand()) == ({"gpu_a10g": 1}, [])
+    monkeypatch.delenv("FARM_GPU_NODES")
+    unnamed = sweep.spec.resources.model_copy(update={"accelerator_type": None})
+    assert cluster_capacity(unnamed).kind == "cpu"  # nothing says a GPU can come
+
+
+def test_both_cluster_files_export_the_gpu_types_their_autoscaler_can_add(monkeypatch):
+    """FARM_GPU_NODES in each file names exactly its GPU node types and their ceilings."""
+    import re
+
+    aws_text = (CLUSTER / "aws.yaml").read_text()
+    aws = dict(entry.split(":") for entry in re.search(r"FARM_GPU_NODES=(\S+)", aws_text).group(1).split(","))
+    types = aws_node_types(monkeypatch)["available_node_types"]
+    gpu_types = {next(k.split(":", 1)[1] for k in t["resources"] if k.startswith("accelerator_type:")): t["max_workers"]
+                 for t in types.values() if t["resources"].get("GPU")}
+    assert {k: int(v) for k, v in aws.items()} == gpu_types == {"A10G": 8, "L4": 2}
+    manifest = yaml.safe_load((CLUSTER / "kuberay.yaml").read_text())
+    env = {e["name"]: e.get("value") for e in manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    groups = {g["groupName"]: g["maxReplicas"] for g in manifest["spec"]["workerGroupSpecs"]}
+    assert env["FARM_GPU_NODES"] == f"A10G:{groups['gpu-a10g']}"

@@ -197,13 +197,20 @@ def test_sweep_scales_gpu_nodes_up_from_zero_and_back_down(tmp_path, base_model_
     print(figures)
 
 
-def test_a_sweep_whose_driver_is_sigkilled_leaves_no_standing_demand(tmp_path, base_model_dir, fake_cluster):
-    """The sweep asks for its first wave up front as placement groups its job owns: when its
-    driver is SIGKILLed mid-run, the demand goes with the job, and the GPU nodes it caused are
-    removed after the idle timeout (a standing request_resources would have kept them)."""
+def test_an_auto_gpu_sweep_scales_up_from_zero_and_its_sigkilled_driver_leaves_no_demand(
+        tmp_path, base_model_dir, fake_cluster):
+    """``gpus_per_worker: auto`` on a cluster with no GPU node up plans for the GPUs the
+    autoscaler can add (``FARM_GPU_NODES``, as the cluster files set it) and scales them up. The
+    sweep asks for its first wave up front as placement groups its job owns: when its driver is
+    SIGKILLed mid-run the demand goes with the job, and the GPU nodes it caused are removed after
+    the idle timeout (a standing request_resources would have kept them)."""
     address, env = fake_cluster
     spec = _gpu_spec(tmp_path, base_model_dir, "killed", ["hooli", "acme", "globex"], max_steps=100000,
                      max_retries=0)  # trains until killed
+    raw = yaml.safe_load(spec.read_text())
+    raw["resources"]["gpus_per_worker"] = "auto"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**env, "FARM_GPU_NODES": "fakegpu:4"}  # local-fake.yaml's gpu_worker type: 0..4
     watch = NodeWatch(address)
     watch.start()
     sweep = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", "--config", str(spec)], cwd=REPO,
@@ -214,7 +221,7 @@ def test_a_sweep_whose_driver_is_sigkilled_leaves_no_standing_demand(tmp_path, b
         while time.time() < deadline and watch.peak < 2 and sweep.poll() is None:
             time.sleep(1)
         assert sweep.poll() is None, "the sweep ended before it could be killed: " + sweep.stdout.read()[-3000:]
-        assert watch.peak >= 2, watch.samples[-10:]  # the demand launched GPU nodes
+        assert watch.peak >= 2, watch.samples[-10:]  # auto planned GPUs, and the demand launched GPU nodes
     finally:
         sweep.kill()  # SIGKILL: no finally of the driver runs
         sweep.wait(60)
