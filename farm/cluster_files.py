@@ -5,8 +5,9 @@ Two kinds of file are understood:
 * a Ray cluster launcher config (``ray up FILE``; it has a ``provider:``), checked against Ray's own
   schema (``ray/autoscaler/ray-schema.json``, the file ``ray up`` validates with) and Ray's own
   preparation (defaults filled in, then ``validate_config``), then against the farm's rules;
-* a KubeRay ``RayCluster`` manifest (``kind: RayCluster``), checked with a pydantic model of only
-  the fields the farm relies on (everything else is passed through), then the same rules.
+* a KubeRay ``RayCluster`` manifest (``kind: RayCluster``), checked against KubeRay's own CRD
+  schema (vendored from KubeRay 1.7.0, strict as ``kubectl apply`` is: unknown fields are
+  errors), then with a pydantic model of the fields the farm relies on, then the same rules.
 
 The farm's rules, in both kinds: GPU workers scale to zero and have a ceiling, at least one
 worker type has a GPU, idle nodes are reclaimed, token authentication is on everywhere Ray
@@ -19,6 +20,7 @@ Every problem is one string, ``"<file>: <key.path>: <reason>"``; an empty list m
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import io
 import json
@@ -127,11 +129,40 @@ def ray_schema() -> dict[str, Any]:
     return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
-def _schema_problems(config: dict[str, Any], problem) -> bool:
-    """Check ``config`` against Ray's schema, reporting every error (Ray stops at the first)."""
+#: KubeRay's RayCluster CRD schema (v1), vendored with its version and source inside the file.
+KUBERAY_CRD = Path(__file__).parent / "assets" / "kuberay-raycluster-v1.7.0.schema.json.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def kuberay_schema() -> dict[str, Any]:
+    """The RayCluster CRD's openAPIV3Schema, made strict as ``kubectl apply`` (strict field
+    validation, its default) applies it: an unknown field in an object that lists its
+    properties is an error, except where Kubernetes keeps unknown fields."""
+    import gzip
+
+    schema = json.loads(gzip.decompress(KUBERAY_CRD.read_bytes()))["schema"]
+
+    def strict(node: Any) -> None:
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+
+    strict(schema)
+    return schema
+
+
+def _schema_problems(config: dict[str, Any], problem, schema: dict[str, Any] | None = None,
+                     label: str = "Ray's cluster config schema") -> bool:
+    """Check ``config`` against ``schema`` (default: Ray's), reporting every error (Ray stops at the first)."""
     import jsonschema
 
-    schema = ray_schema()
+    schema = schema or ray_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     for error in errors:
@@ -142,10 +173,10 @@ def _schema_problems(config: dict[str, Any], problem) -> bool:
             patterns = [re.compile(p) for p in error.schema.get("patternProperties", {})]
             for key in error.instance:
                 if key not in known and not any(p.search(key) for p in patterns):
-                    problem(_join(where, str(key)), "unknown key: Ray's cluster config schema does not allow it")
+                    problem(_join(where, str(key)), f"unknown key: {label} does not allow it")
             continue
         message = error.message if len(error.message) <= 200 else error.message[:200] + "..."
-        problem(where, f"{message} (Ray's cluster config schema)")
+        problem(where, f"{message} ({label})")
     return bool(errors)
 
 
@@ -379,6 +410,8 @@ def _gpu_count(value: Any) -> float:
 
 
 def _check_kuberay(data: dict[str, Any], problem) -> None:
+    if _schema_problems(data, problem, kuberay_schema(), "KubeRay 1.7.0's RayCluster CRD schema"):
+        return  # the farm's rules below assume KubeRay's shape
     try:
         manifest = RayClusterManifest.model_validate(data)
     except ValidationError as exc:

@@ -131,8 +131,16 @@ GPU_GROUP = next(i for i, g in enumerate(KUBE["spec"]["workerGroupSpecs"]) if g[
      f"spec.workerGroupSpecs[{GPU_GROUP}].minReplicas", "must be 0 so the group scales to zero (got 1)"),
     (lambda c: _group(c, "gpu-a10g").update(replicas=9),
      f"spec.workerGroupSpecs[{GPU_GROUP}].replicas", "must not exceed maxReplicas 8 (got 9)"),
-    (lambda c: _group(c, "gpu-a10g").pop("maxReplicas"),
+    (lambda c: _group(c, "gpu-a10g").pop("maxReplicas"),  # KubeRay's own CRD requires it
+     f"spec.workerGroupSpecs[{GPU_GROUP}]", "'maxReplicas' is a required property (KubeRay 1.7.0's RayCluster CRD schema)"),
+    (lambda c: _group(c, "gpu-a10g").update(maxReplicas=0),
      f"spec.workerGroupSpecs[{GPU_GROUP}].maxReplicas", "must be set and at least 1"),
+    (lambda c: _group(c, "gpu-a10g").update(minReplica=0),  # a typo: kubectl apply's strict validation refuses it
+     f"spec.workerGroupSpecs[{GPU_GROUP}].minReplica", "unknown key: KubeRay 1.7.0's RayCluster CRD schema does not allow it"),
+    (lambda c: _group(c, "gpu-a10g")["template"]["spec"].update(nodeSelectr={}),
+     f"spec.workerGroupSpecs[{GPU_GROUP}].template.spec.nodeSelectr", "unknown key"),
+    (lambda c: _group(c, "gpu-a10g").update(maxReplicas="eight"),
+     f"spec.workerGroupSpecs[{GPU_GROUP}].maxReplicas", "'eight' is not of type 'integer'"),
     (lambda c: c["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"),
      "spec.headGroupSpec.serviceType", "must be ClusterIP (or absent) so the dashboard / Jobs API stays private"),
     (lambda c: c["spec"].pop("enableInTreeAutoscaling"),
@@ -148,7 +156,8 @@ GPU_GROUP = next(i for i, g in enumerate(KUBE["spec"]["workerGroupSpecs"]) if g[
      "Field required"),
     (lambda c: _group(c, "gpu-a10g").update(rayStartParams={}), f"spec.workerGroupSpecs[{GPU_GROUP}].rayStartParams.resources",
      "a GPU group must advertise its accelerator"),
-], ids=["min-replicas", "replicas", "max-replicas", "service-type", "autoscaling", "idle-timeout",
+], ids=["min-replicas", "replicas", "max-replicas-missing", "max-replicas-zero", "crd-unknown-key",
+        "crd-unknown-pod-key", "crd-type", "service-type", "autoscaling", "idle-timeout",
         "worker-token", "storage", "no-gpu", "api-version", "ray-start-params", "no-accelerator"])
 def test_broken_kuberay_manifest_names_the_key(tmp_path, mutate, key, reason):
     problems = _broken(tmp_path, "kuberay.yaml", mutate)
