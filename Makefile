@@ -27,7 +27,7 @@ BASE_MODEL ?= .farm/base-model
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.farm-installed
 
-.PHONY: setup demo test base-model samples clean bench baseline methods
+.PHONY: setup demo test base-model samples clean bench baseline methods image lint-image
 
 setup: $(STAMP)
 
@@ -69,3 +69,15 @@ bench: $(STAMP) base-model
 
 clean:
 	rm -rf .farm .pytest_cache
+
+# The node image (Dockerfile): needs a container builder (docker or a compatible CLI), which the
+# CI machines lack; there `make lint-image` (hadolint, from the dev extras) and
+# tests/test_image.py check the file instead.
+IMAGE ?= adapter-farm
+image:
+	docker build --build-arg FARM_CODE_VERSION="$$(git describe --always --dirty 2>/dev/null || echo unknown)" \
+		-t $(IMAGE):$$($(BIN)/python -c 'import farm; print(farm.__version__)' 2>/dev/null || echo dev) .
+
+lint-image: $(STAMP)
+	$(BIN)/hadolint Dockerfile
+
