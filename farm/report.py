@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 STATUS_OK = ("trained", "skipped")  # skipped: finished in an earlier run of the same sweep id
@@ -258,18 +259,19 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
     """The summary table, coloured by status, then what each tenant's data became."""
     console = console or Console()
     table = Table(*_COLUMNS, title=f"sweep {report.sweep_id} ({report.wall_seconds:.0f} s)",
-                  caption=_summary(report) if report.earlier else None)
+                  caption=escape(_summary(report)) if report.earlier else None)
     colours = {"trained": "green", "skipped": "cyan", "invalid": "red", "failed": "red"}
     for outcome in report.outcomes:
-        cells = _cells(outcome)
-        cells[2] = f"[{colours.get(outcome.status, 'white')}]{outcome.status}[/]"
+        # Errors quote workers, libraries and tenants' data: never read them as markup.
+        cells = [escape(cell) for cell in _cells(outcome)]
+        cells[2] = f"[{colours.get(outcome.status, 'white')}]{escape(outcome.status)}[/]"
         table.add_row(*cells)
     console.print(table)
     header, rows = _data_rows(report)
     if rows:
         data_table = Table(*header, title="tenant data")
         for row in rows:
-            data_table.add_row(*row)
+            data_table.add_row(*[escape(cell) for cell in row])
         console.print(data_table)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)

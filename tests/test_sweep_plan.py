@@ -41,6 +41,40 @@ def test_markdown_report_escapes_errors():
     assert "bad \\| pipe newline" in text and not report.ok
 
 
+def test_the_terminal_report_shows_errors_as_text_never_as_markup():
+    """A worker's gloo error quotes a path in brackets ("[/__w/pytorch/...]"), which rich would
+    read as a closing tag and refuse: the sweep then crashed printing its report."""
+    import io
+
+    from rich.console import Console
+
+    from farm.report import print_report
+
+    error = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+             "[127.0.0.1]:3480: Connection reset by peer; [bold]not bold[/bold]")
+    out = io.StringIO()
+    print_report(SweepReport("s", 1.0, [TenantOutcome("a[red]", "failed", error=error)]),
+                 Console(file=out, width=400, color_system=None))
+    text = out.getvalue()
+    assert "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537]" in text
+    assert "[bold]not bold[/bold]" in text and "a[red]" in text
+
+
+def test_a_collective_broken_by_a_dead_worker_is_the_groups_failure_not_the_tenants():
+    import torch
+
+    from farm.train.common import peer_lost
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+                        "peer [127.0.0.1]:21429. This is typically caused by a remote worker crashing.")
+    assert peer_lost(gloo)  # what torch 2.13's gloo raised here when the other rank died (a plain RuntimeError)
+    assert peer_lost(RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1994, remote process exited"))
+    if hasattr(torch.distributed, "DistError"):
+        assert peer_lost(torch.distributed.DistError("store timed out"))
+    assert not peer_lost(RuntimeError("CUDA out of memory"))  # the tenant's own failure
+    assert not peer_lost(ValueError("tenant 'acme': line 3: bad record"))
+
+
 def test_error_summary_finds_the_workers_root_cause():
     from farm.sweep import error_summary
 

@@ -41,7 +41,7 @@ from farm.models import (BaseModelCache, Placement, build_peft_model, count_para
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, InjectedWorkerFailure, JobCancelled, LocalCheckpoints,
                                Progress, StepLoop, TrainState, build_optimizer, build_scheduler, evaluate,
-                               load_checkpoint, peak_memory_bytes, summed_loss, write_checkpoint)
+                               load_checkpoint, peak_memory_bytes, peer_lost, summed_loss, write_checkpoint)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -281,6 +281,8 @@ def ray_pool_loop(config: dict) -> dict:
             except InjectedWorkerFailure:
                 raise  # stands for a dying worker: Ray Train restarts the group
             except Exception as exc:  # this tenant's failure, not the pool's: record it, take the next
+                if world > 1 and peer_lost(exc):
+                    raise  # another worker died mid-collective: the group restarts and resumes this tenant
                 status = "invalid" if isinstance(exc, DataError) else \
                     "cancelled" if isinstance(exc, JobCancelled) else "failed"
                 errors[key] = f"{type(exc).__name__}: {exc}"[:2000]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -443,6 +444,20 @@ class StepLoop:
             if fail_at and state.step == int(fail_at) and self.resumed_from is None:
                 raise InjectedWorkerFailure(f"FARM_FAIL_AT_STEP: injected failure after step {state.step}")
         return self
+
+
+_PEER_LOST = re.compile(r"gloo/transport|ProcessGroupNCCL|NCCL (error|communicator)|Connection (closed|reset) by peer"
+                        r"|DistBackendError|DistNetworkError", re.IGNORECASE)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another worker of the group died
+    (gloo raises a plain ``RuntimeError`` naming its transport, NCCL names itself; newer torch
+    raises ``DistError``s). In a multi-worker pool that is the worker group's failure, for Ray
+    Train to restart (and resume the tenant), not the tenant's."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    return bool(_PEER_LOST.search(str(exc)[:2000]))
 
 
 class JobCancelled(RuntimeError):
