@@ -36,6 +36,7 @@ from farm.jsonwords import shown
 
 LAUNCHER = "ray launcher"
 KUBERAY = "kuberay"
+MANIFESTS = "kubernetes"
 UNKNOWN = "unknown"
 
 TOP = "(top level)"
@@ -85,7 +86,7 @@ def check_cluster_file(path: Path) -> ClusterFileReport:
         problem(TOP, f"cannot read the file ({exc})")
         return report
     try:
-        data = yaml.safe_load(text)
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else TOP
@@ -93,7 +94,11 @@ def check_cluster_file(path: Path) -> ClusterFileReport:
         problem(where, f"not valid YAML: {reason}")
         return report
 
-    if isinstance(data, dict) and data.get("kind") == "RayCluster":
+    data = documents[0] if len(documents) == 1 else None
+    if len(documents) > 1:
+        report.kind = MANIFESTS
+        _check_manifests(documents, problem)
+    elif isinstance(data, dict) and data.get("kind") == "RayCluster":
         report.kind = KUBERAY
         _check_kuberay(data, problem)
     elif isinstance(data, dict) and "provider" in data:
@@ -129,18 +134,19 @@ def ray_schema() -> dict[str, Any]:
     return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
-#: KubeRay's RayCluster CRD schema (v1), vendored with its version and source inside the file.
-KUBERAY_CRD = Path(__file__).parent / "assets" / "kuberay-raycluster-v1.7.0.schema.json.gz"
+#: KubeRay's CRD schemas (v1), vendored with their version and source inside each file.
+KUBERAY_CRDS = {kind: Path(__file__).parent / "assets" / f"kuberay-{kind.lower()}-v1.7.0.schema.json.gz"
+                for kind in ("RayCluster", "RayJob")}
 
 
-@functools.lru_cache(maxsize=1)
-def kuberay_schema() -> dict[str, Any]:
-    """The RayCluster CRD's openAPIV3Schema, made strict as ``kubectl apply`` (strict field
+@functools.lru_cache(maxsize=2)
+def kuberay_schema(kind: str = "RayCluster") -> dict[str, Any]:
+    """A KubeRay CRD's openAPIV3Schema, made strict as ``kubectl apply`` (strict field
     validation, its default) applies it: an unknown field in an object that lists its
     properties is an error, except where Kubernetes keeps unknown fields."""
     import gzip
 
-    schema = json.loads(gzip.decompress(KUBERAY_CRD.read_bytes()))["schema"]
+    schema = json.loads(gzip.decompress(KUBERAY_CRDS[kind].read_bytes()))["schema"]
 
     def strict(node: Any) -> None:
         if isinstance(node, dict):
@@ -475,3 +481,86 @@ def _check_kuberay(data: dict[str, Any], problem) -> None:
                         "accelerator_type resource, so demand naming the accelerator is infeasible")
     if not has_gpu:
         problem("spec.workerGroupSpecs", "no worker group requests a GPU (`nvidia.com/gpu` in a container's limits)")
+
+
+# --- Kubernetes manifests: serving and the service (cluster/serving.yaml) ---------------------
+
+VLLM_APP, GATEWAY_APP = "farm-vllm", "farm-gateway"  # app.kubernetes.io/name of the pods
+_APP = "app.kubernetes.io/name"
+_SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|SECRET|CATALOG", re.IGNORECASE)
+
+
+def _pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(key path, pod template) of a workload document (Deployment, StatefulSet, Job)."""
+    template = (doc.get("spec") or {}).get("template")
+    return [("spec.template", template)] if isinstance(template, dict) else []
+
+
+def _check_manifests(documents: list[Any], problem) -> None:
+    """A multi-document file of Kubernetes objects: KubeRay's CRDs against their schemas, and
+    the farm's rules: vLLM reachable only from the gateway's pods, secrets only from Secrets,
+    autoscalers that scale something in the file within sane bounds."""
+    named: list[tuple[int, str, dict[str, Any]]] = []
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str) or "apiVersion" not in doc \
+                or not isinstance((doc.get("metadata") or {}).get("name"), str):
+            problem(f"documents[{i}]", "not a Kubernetes object: needs apiVersion, kind and metadata.name")
+            continue
+        named.append((i, f"documents[{i}] ({doc['kind']} {doc['metadata']['name']})", doc))
+
+    def at(prefix: str):
+        return lambda key, reason: problem(f"{prefix}.{key}" if key != TOP else prefix, reason)
+
+    deployments = {doc["metadata"]["name"] for _, _, doc in named if doc["kind"] == "Deployment"}
+    vllm_pods = False
+    for _, where, doc in named:
+        kind = doc["kind"]
+        if kind == "RayCluster":
+            _check_kuberay(doc, at(where))
+        elif kind == "RayJob":
+            if not _schema_problems(doc, at(where), kuberay_schema("RayJob"), "KubeRay 1.7.0's RayJob CRD schema"):
+                spec = doc.get("spec") or {}
+                if not spec.get("clusterSelector") and not spec.get("rayClusterSpec"):
+                    problem(f"{where}.spec", "names no cluster: set clusterSelector (a running RayCluster) or rayClusterSpec")
+        elif kind == "Service":
+            selector = (doc.get("spec") or {}).get("selector") or {}
+            kind_of = (doc.get("spec") or {}).get("type", "ClusterIP")
+            if selector.get(_APP) == VLLM_APP and kind_of != "ClusterIP":
+                problem(f"{where}.spec.type", f"must be ClusterIP: vLLM is reached through farm gateway only (got {shown(kind_of)})")
+        elif kind == "HorizontalPodAutoscaler":
+            spec = doc.get("spec") or {}
+            target = spec.get("scaleTargetRef") or {}
+            if target.get("kind") == "Deployment" and target.get("name") not in deployments:
+                problem(f"{where}.spec.scaleTargetRef.name", f"no Deployment {shown(target.get('name'))} in this file")
+            low, high = spec.get("minReplicas", 1), spec.get("maxReplicas")
+            if not isinstance(high, int) or not isinstance(low, int) or not 1 <= low <= high:
+                problem(f"{where}.spec", f"needs 1 <= minReplicas <= maxReplicas (got {shown(low)}, {shown(high)})")
+        for key, template in _pod_templates(doc):
+            labels = (template.get("metadata") or {}).get("labels") or {}
+            vllm_pods |= labels.get(_APP) == VLLM_APP
+            for c, container in enumerate((template.get("spec") or {}).get("containers") or []):
+                path = f"{where}.{key}.spec.containers[{c}]"
+                for e, var in enumerate(container.get("env") or []):
+                    if _SECRET_NAME.search(str(var.get("name", ""))) and "value" in var:
+                        problem(f"{path}.env[{e}]", f"{var.get('name')} is a secret: take it from a Secret "
+                                                    "(valueFrom.secretKeyRef), never a literal value")
+                command = [str(part) for part in container.get("command") or []]
+                if "serve" in command and "0.0.0.0" in command and "--behind-gateway" not in command:
+                    problem(f"{path}.command", "farm serve on 0.0.0.0 without --behind-gateway: it refuses to start")
+    if vllm_pods:
+        guarded = False
+        for _, where, doc in named:
+            spec = doc.get("spec") or {}
+            if doc["kind"] != "NetworkPolicy" or ((spec.get("podSelector") or {}).get("matchLabels") or {}).get(_APP) != VLLM_APP:
+                continue
+            sources = [source for rule in spec.get("ingress") or [] for source in rule.get("from") or []]
+            only_gateway = all(((src.get("podSelector") or {}).get("matchLabels") or {}).get(_APP) == GATEWAY_APP
+                               and "ipBlock" not in src for src in sources)
+            if "Ingress" in (spec.get("policyTypes") or []) and sources and only_gateway:
+                guarded = True
+            else:
+                problem(f"{where}.spec", "must admit ingress to vLLM's pods from farm gateway's pods only")
+        if not guarded:
+            problem(TOP, "vLLM pods (app.kubernetes.io/name: farm-vllm) need a NetworkPolicy admitting ingress from "
+                         "farm gateway's pods only")
+

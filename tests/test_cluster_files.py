@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from farm.cluster_files import KUBERAY, LAUNCHER, check_cluster_file, validate_cluster_file
+from farm.cluster_files import KUBERAY, LAUNCHER, MANIFESTS, check_cluster_file, validate_cluster_file
 
 from .conftest import REPO
 
@@ -18,14 +18,65 @@ CLUSTER_FILES = sorted(CLUSTER.glob("*.yaml"))
 
 def test_the_cluster_definitions_exist():
     names = {path.name for path in CLUSTER_FILES}
-    assert {"aws.yaml", "kuberay.yaml"} <= names
+    assert {"aws.yaml", "kuberay.yaml", "serving.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_every_cluster_file_validates(path: Path):
     report = check_cluster_file(path)
     assert report.problems == []
-    assert report.kind == (KUBERAY if path.name == "kuberay.yaml" else LAUNCHER)
+    assert report.kind == {"kuberay.yaml": KUBERAY, "serving.yaml": MANIFESTS}.get(path.name, LAUNCHER)
+
+
+SERVING = list(yaml.safe_load_all((CLUSTER / "serving.yaml").read_text()))
+
+
+def _doc(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _index(kind: str, name: str) -> str:
+    i = next(i for i, d in enumerate(SERVING) if d["kind"] == kind and d["metadata"]["name"] == name)
+    return f"documents[{i}] ({kind} {name})"
+
+
+def _container(docs: list[dict], name: str) -> dict:
+    return _doc(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _drop(docs: list[dict], kind: str) -> None:
+    docs[:] = [d for d in docs if d["kind"] != kind]
+
+
+@pytest.mark.parametrize("mutate, key, reason", [
+    (lambda d: _doc(d, "Service", "farm-vllm-qwen-0-5b")["spec"].update(type="LoadBalancer"),
+     f"{_index('Service', 'farm-vllm-qwen-0-5b')}.spec.type", "must be ClusterIP: vLLM is reached through farm gateway only"),
+    (lambda d: _drop(d, "NetworkPolicy"), "(top level)", "need a NetworkPolicy admitting ingress from farm gateway's pods only"),
+    (lambda d: _doc(d, "NetworkPolicy", "farm-vllm-only-from-gateway")["spec"]["ingress"][0]["from"].append(
+        {"ipBlock": {"cidr": "0.0.0.0/0"}}),
+     f"{_index('NetworkPolicy', 'farm-vllm-only-from-gateway')}.spec", "from farm gateway's pods only"),
+    (lambda d: _container(d, "farm-gateway")["env"].__setitem__(0, {"name": "FARM_VLLM_API_KEY", "value": "hunter2"}),
+     f"{_index('Deployment', 'farm-gateway')}.spec.template.spec.containers[0].env[0]", "is a secret: take it from a Secret"),
+    (lambda d: _container(d, "farm-vllm-qwen-0-5b")["command"].remove("--behind-gateway"),
+     f"{_index('Deployment', 'farm-vllm-qwen-0-5b')}.spec.template.spec.containers[0].command", "without --behind-gateway"),
+    (lambda d: _doc(d, "HorizontalPodAutoscaler", "farm-gateway")["spec"]["scaleTargetRef"].update(name="nope"),
+     f"{_index('HorizontalPodAutoscaler', 'farm-gateway')}.spec.scaleTargetRef.name", 'no Deployment "nope" in this file'),
+    (lambda d: _doc(d, "HorizontalPodAutoscaler", "farm-gateway")["spec"].update(minReplicas=11),
+     f"{_index('HorizontalPodAutoscaler', 'farm-gateway')}.spec", "needs 1 <= minReplicas <= maxReplicas"),
+    (lambda d: _doc(d, "RayJob", "farm-service")["spec"].update(entrypointt="x"),
+     f"{_index('RayJob', 'farm-service')}.spec.entrypointt", "unknown key: KubeRay 1.7.0's RayJob CRD schema"),
+    (lambda d: _doc(d, "RayJob", "farm-service")["spec"].pop("clusterSelector"),
+     f"{_index('RayJob', 'farm-service')}.spec", "names no cluster"),
+], ids=["vllm-exposed", "no-network-policy", "policy-admits-the-world", "literal-secret", "not-behind-gateway",
+        "hpa-target", "hpa-bounds", "rayjob-unknown-key", "rayjob-no-cluster"])
+def test_broken_serving_manifests_name_the_document_and_key(tmp_path, mutate, key, reason):
+    docs = [dict(d) for d in yaml.safe_load_all((CLUSTER / "serving.yaml").read_text())]
+    mutate(docs)
+    path = tmp_path / "serving.yaml"
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    problems = validate_cluster_file(path)
+    expected = f"{path}: {key}: "
+    assert any(p.startswith(expected) and reason in p for p in problems), problems
 
 
 def _broken(tmp_path: Path, name: str, mutate: Callable[[dict[str, Any]], None]) -> list[str]:

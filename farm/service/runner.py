@@ -67,13 +67,16 @@ class ServiceConfigError(ValueError):
 
 
 def load_service_config(path: Path) -> ServiceConfig:
-    """Read ``service.yaml``; local paths in it are relative to the file."""
+    """Read ``service.yaml``; local paths in it are relative to the file; a catalog URL left
+    out comes from ``$FARM_REGISTRY_CATALOG`` (as for the gateway: it carries a password)."""
+    from farm.serving.gateway_config import with_catalog_from_env
+
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ServiceConfigError(f"{path}: {exc}") from None
     try:
-        config = ServiceConfig.model_validate(raw)
+        config = ServiceConfig.model_validate(with_catalog_from_env(raw) if isinstance(raw, dict) else raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ServiceConfigError(f"{path}: {problems}") from None

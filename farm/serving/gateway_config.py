@@ -201,12 +201,24 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     except (OSError, yaml.YAMLError) as exc:
         raise GatewayConfigError(f"{path}: {exc}") from None
     if isinstance(raw, dict):
-        raw = _relative_to(raw, Path(path).resolve().parent)
+        raw = with_catalog_from_env(_relative_to(raw, Path(path).resolve().parent))
     try:
         return GatewayConfig.model_validate(raw or {})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise GatewayConfigError(f"{path}: {problems}") from None
+
+
+CATALOG_ENV = "FARM_REGISTRY_CATALOG"
+
+
+def with_catalog_from_env(raw: dict) -> dict:
+    """``registry.catalog`` from ``$FARM_REGISTRY_CATALOG`` when the file leaves it out: a
+    PostgreSQL URL carries a password, which belongs in a Secret, not in a config file."""
+    registry = raw.get("registry")
+    if os.environ.get(CATALOG_ENV) and (registry is None or (isinstance(registry, dict) and not registry.get("catalog"))):
+        raw = {**raw, "registry": {**(registry or {}), "catalog": os.environ[CATALOG_ENV]}}
+    return raw
 
 
 def _relative_to(raw: dict, folder: Path) -> dict:

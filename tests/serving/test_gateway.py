@@ -447,7 +447,7 @@ class TestGatewayWithVllm:
         assert httpx.get(f"{stack['url']}/healthz").json()["healthy_backends"] == {"base": 1, "base-b": 0}
 
 
-def test_gateway_file_paths_are_relative_to_it_and_errors_name_the_field(tmp_path, base_model_dir):
+def test_gateway_file_paths_are_relative_to_it_and_errors_name_the_field(tmp_path, base_model_dir, monkeypatch):
     from farm.serving.gateway_config import GatewayConfigError, load_gateway_config
 
     shutil.copytree(base_model_dir, tmp_path / "models" / "tiny")
@@ -461,6 +461,16 @@ def test_gateway_file_paths_are_relative_to_it_and_errors_name_the_field(tmp_pat
     assert config.bases[0].backends[0].url == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="K is not set"):
         config.bases[0].backends[0].api_key()
+    # a catalog URL (it carries a password) comes from the environment, never from the file
+    assert config.registry.catalog is None
+    monkeypatch.setenv("FARM_REGISTRY_CATALOG", "postgresql+psycopg://farm:secret@db:5432/farm")
+    assert load_gateway_config(good).registry.catalog == "postgresql+psycopg://farm:secret@db:5432/farm"
+    from farm.service.runner import load_service_config
+
+    service = tmp_path / "conf" / "service.yaml"
+    service.write_text("base_model: {name_or_path: ../models/tiny}\nregistry: {store: ../reg}\n")
+    assert load_service_config(service).registry.catalog == "postgresql+psycopg://farm:secret@db:5432/farm"
+    monkeypatch.delenv("FARM_REGISTRY_CATALOG")
     bad = tmp_path / "conf" / "bad.yaml"
     bad.write_text("bases:\n  - name: tiny\n    base_model: x\n    backends: [{url: 'ftp://x'}]\n"
                    "limits: {default: {requests_per_minute: 0}}\n")
