@@ -290,17 +290,26 @@ class UpFrontDemand:
         self.placed.clear()
 
 
-def _pack_resources(single: TrainerResources, pack: Pack, packs: int, jobs: list[TenantJob]) -> TrainerResources:
+def _pack_resources(single: TrainerResources, pack: Pack, packs: int, jobs: list[TenantJob],
+                    device_bytes: int | None = None) -> TrainerResources:
     """A pack's worker request: the planner's memory for all its slots and the CPUs of the
     trainers it replaces (``slots`` x CPUs per worker), within one node and a fair share of the
-    cluster's CPUs among the packs, so the shared forward pass has threads to run on."""
+    cluster's CPUs among the packs, so the shared forward pass has threads to run on. On GPUs
+    its share of a device is its own plan's (``slots`` adapters on one base), not its first
+    tenant's: the whole device when the device's size is unknown."""
     import ray
+
+    from farm.sizing import MAX_JOBS_PER_DEVICE
 
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     cpus = single.resources_per_worker["CPU"]
     share = max(cpus, int(ray.cluster_resources().get("CPU", 0) // max(packs, 1)))
     pack_cpus = max(cpus, min(cpus * pack.slots, max(nodes, default=cpus), share))
     per_worker = {**single.resources_per_worker, "CPU": pack_cpus}
+    if per_worker.get("GPU"):
+        per_device = max(1, min(MAX_JOBS_PER_DEVICE, device_bytes // pack.planned_bytes)) \
+            if device_bytes and pack.planned_bytes else 1
+        per_worker["GPU"] = round(1 / per_device, 4)
     if "memory" in per_worker:
         # The plan holds one CPU's data pipeline; a pack with more CPUs also runs data workers.
         data = [job.settings.data for job in jobs]
@@ -697,7 +706,8 @@ def _plan_pools(sweep: ResolvedSweep, pending: list[str], resources: dict[str, T
                 console.print(pack.note, markup=False, highlight=False)
             packed = {t for p in packs for t in p.tenants}
             alone = [n for n in pending if n not in packed]
-    pool_resources = {p.name: _pack_resources(resources[p.tenants[0]], p, len(packs), [sweep.job(t) for t in p.tenants])
+    pool_resources = {p.name: _pack_resources(resources[p.tenants[0]], p, len(packs), [sweep.job(t) for t in p.tenants],
+                                              capacity.device_bytes if capacity.kind == "gpu" else None)
                       for p in packs}
     singles, single_resources = plan_single_pools(alone, resources, ray.cluster_resources(), options.max_concurrent)
     for pool in singles:

@@ -206,3 +206,19 @@ def test_both_cluster_files_export_the_gpu_types_their_autoscaler_can_add(monkey
     env = {e["name"]: e.get("value") for e in manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
     groups = {g["groupName"]: g["maxReplicas"] for g in manifest["spec"]["workerGroupSpecs"]}
     assert env["FARM_GPU_NODES"] == f"A10G:{groups['gpu-a10g']}"
+
+
+def test_a_pack_asks_for_its_own_share_of_a_gpu_not_its_first_tenants(local_ray, monkeypatch):
+    """A co-training pack holds several adapters on one base: its GPU share comes from its own
+    plan (``slots`` adapters), so a pack needing 10 GB of a 24 GB A10G asks for half of one,
+    whatever its first tenant alone asked for."""
+    from farm.sizing import Pack
+    from farm.sweep import _pack_resources
+
+    single = trainer_resources(ResourceSpec(cpus_per_worker=1, gpus_per_worker=0.125, accelerator_type="A10G"))
+    pack = Pack("pack-1", ("a", "b", "c"), slots=3, planned_bytes=10 * 2**30, note="")
+    jobs = []  # no memory resource on GPUs: the jobs' data settings are not read
+    asked = _pack_resources(single, pack, 1, jobs, device_bytes=24 * 2**30)
+    assert asked.resources_per_worker["GPU"] == 0.5
+    assert _pack_resources(single, pack, 1, jobs, device_bytes=None).resources_per_worker["GPU"] == 1.0
+    assert launches(aws_node_types(monkeypatch), asked.demand() * 2) == ({"gpu_a10g": 1}, [])  # two packs, one A10G
