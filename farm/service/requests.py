@@ -149,18 +149,28 @@ class FineTuningRequest(_Strict):
             raise _request_error(exc, f"method.{kind}.hyperparameters") from None
         return section, hyper
 
+    def method_settings(self, defaults: JobSettings | None = None):
+        """The PEFT method's settings object: the request's own (checked by the same settings
+        class a sweep spec uses; ``RequestError`` naming the field), else the defaults'."""
+        section, _ = self._method_parts()
+        name = self.method_name()
+        info = method_info(name)
+        try:
+            if section:
+                return info.settings.model_validate(section)
+        except ValidationError as exc:
+            raise _request_error(exc, f"method.{name}") from None
+        return getattr(defaults, info.name) if defaults is not None and hasattr(defaults, info.name) \
+            else info.settings()
+
     def settings(self, defaults: JobSettings, train_rows: int) -> JobSettings:
         """The farm's settings for this job: the service's ``defaults`` with this request's method,
         its settings and hyperparameters applied; ``train_rows`` is how many training rows the
         training file made (n_epochs is counted in them)."""
-        section, hyper = self._method_parts()
+        _, hyper = self._method_parts()
         name = self.method_name()
         info = method_info(name)
-        try:
-            method_settings = info.settings.model_validate(section) if section else \
-                (getattr(defaults, info.name) if hasattr(defaults, info.name) else info.settings())
-        except ValidationError as exc:
-            raise _request_error(exc, f"method.{name}") from None
+        method_settings = self.method_settings(defaults)
         train = defaults.train
         batch = train.batch_size if hyper.batch_size == "auto" else hyper.batch_size
         batch = max(1, min(batch, train_rows))
@@ -193,7 +203,7 @@ def read_request(body: object) -> FineTuningRequest:
         request = FineTuningRequest.model_validate(body)
     except ValidationError as exc:
         raise _request_error(exc, None) from None
-    request._method_parts()  # the method object is checked now, not when the job starts
+    request.method_settings()  # the method object and its settings are checked now, not when the job starts
     return request
 
 

@@ -59,6 +59,8 @@ class ServiceConfig(StrictModel):
     pools: int = Field(1, ge=1, description="pools training at once (each trains one job at a time)")
     running_per_tenant: int = Field(1, ge=1, description="most jobs of one tenant training at once")
     defaults: JobSettings = Field(default_factory=JobSettings, description="settings a request leaves open")
+    max_steps: int = Field(10_000, ge=1, description="most optimizer steps one job may ask for (max_steps, or "
+                           "n_epochs x its training rows): one tenant cannot hold a pool for days")
     poll_s: float = Field(0.2, gt=0, le=10, description="seconds between the loop's rounds")
 
 
@@ -259,6 +261,11 @@ class FineTuningService:
             settings = read_request(row.request).settings(defaults, loaded.report.train_rows)
         except RequestError as exc:
             raise _JobRefused("invalid_request", exc.param, str(exc)) from None
+        if settings.train.max_steps > self.config.max_steps:
+            raise _JobRefused("invalid_request", "hyperparameters",
+                              f"hyperparameters: {settings.train.max_steps:,} steps ({loaded.report.train_rows:,} training "
+                              f"rows) are more than this service trains in one job ({self.config.max_steps:,}); ask for "
+                              "fewer epochs or split the file")
         adapter = row.request.get("suffix") or DEFAULT_ADAPTER
         return TenantJob(tenant=row.tenant, adapter=adapter, base_model=self.config.base_model, settings=settings,
                          output_dir="(set by the pool)", run_id=row.id)

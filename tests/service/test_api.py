@@ -148,6 +148,8 @@ def test_jobs_are_checked_scoped_limited_and_cancelled_before_a_pool_has_them(ap
             ({"model": "tiny", "training_file": "file-x"}, 400, "training_file"),
             ({"model": "tiny", "training_file": file_id, "validation_file": "file-y"}, 400, "validation_file"),
             ({"model": "tiny", "training_file": file_id, "method": {"type": "dpo"}}, 400, "method.type"),
+            ({"model": "tiny", "training_file": file_id, "method": {"type": "lora", "lora": {"rank": 0}}}, 400,
+             "method.lora.rank"),  # the method's own settings are checked at once, not when the job starts
             ({"model": "tiny", "training_file": file_id, "suffix": "Bad Name"}, 400, "suffix"),
             ({"model": "tiny", "training_file": file_id, "integrations": [{"type": "wandb"}]}, 400, "integrations"),
             ({"model": "tiny", "training_file": file_id, "learning_rate": 1}, 400, "learning_rate")):
