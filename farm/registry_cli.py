@@ -228,7 +228,7 @@ def list_cmd(
     """Search versions."""
     if status not in ("active", "archived", "any"):
         _fail(f"--status {status!r}: use active, archived or any")
-    from farm.registry.api import parse_metric_filter
+    from farm.registry.names import parse_metric_filter
 
     def search() -> dict:
         filters = dict(

@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from farm.registry import validate
 from farm.registry.catalog import Catalog, Principal
 from farm.registry.core import NotFound, Registry, VersionInfo
-from farm.registry.names import NameError_, Ref, check_name, parse_ref, serve_name
+from farm.registry.names import (NameError_, Ref, check_name, check_text, parse_metric_filter,  # noqa: F401
+                                 parse_ref, serve_name)
 from farm.registry.validate import PublishError
 
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 2**30   # a whole publish request (all files together)
@@ -53,7 +54,6 @@ _PUBLISH_PATH = re.compile(r"^/v1/adapters/[^/]+/[^/]+/versions/?$")
 _NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
 _SERVE_PATTERN = rf"^{_NAME}\.{_NAME}\.v[1-9][0-9]{{0,8}}$"
 _REF_PATTERN = rf"^{_NAME}\.{_NAME}(\.v[1-9][0-9]{{0,8}}|@{_NAME})$"
-_METRIC_FILTER = re.compile(r"^(?P<name>[^<>=]+?)\s*(?P<op><=|>=|<|>|=)\s*(?P<value>\S.*)$")
 
 
 # -- response models (they are what /docs and /openapi.json describe) -------------------------
@@ -101,35 +101,6 @@ _ERRORS = {401: {"model": ErrorOut, "description": "missing or unknown token"},
 
 
 # -- helpers shared with the CLI ----------------------------------------------------------------
-def parse_metric_filter(text: str) -> tuple[str, str, float]:
-    """``eval_loss<=3.5`` -> ``("eval_loss", "<=", 3.5)``; ``ValueError`` when malformed."""
-    match = _METRIC_FILTER.match(text.strip()) if isinstance(text, str) else None
-    if not match:
-        raise ValueError(f"metric filter {text!r}: use NAME<op>VALUE with op one of <, <=, >, >=, =")
-    name = match.group("name").strip()
-    try:
-        value = float(match.group("value"))
-    except ValueError:
-        raise ValueError(f"metric filter {text!r}: {match.group('value')!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"metric filter {text!r}: the value must be a finite number")
-    _check_text("metric name", name, 100)
-    return name, match.group("op"), value
-
-
-def _check_text(field: str, value: str, max_len: int) -> str:
-    """Free text that reaches SQL: bounded, no control characters, encodable as UTF-8."""
-    if len(value) > max_len:
-        raise ValueError(f"{field}: at most {max_len} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError(f"{field}: control characters are not allowed")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{field}: not valid UTF-8 text") from None
-    return value
-
-
 def _check_json_value(field: str, value: Any, depth: int = 0) -> None:
     """JSON that is stored and echoed: finite numbers, UTF-8 strings, bounded nesting."""
     if depth > 32:
@@ -429,7 +400,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
             for field, value in (("base_model", base_model), ("method", method), ("sweep_id", sweep_id),
                                  ("sort", sort)):
                 if value is not None:
-                    _check_text(field, value, 500)
+                    check_text(field, value, 500)
             filters = dict(
                 tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable,
                 alias=alias, sweep_id=sweep_id, status=None if status == "any" else status,
@@ -577,25 +548,25 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                 # names (plain names, no pickles, only adapter files) and sizes, before writing anything
                 validate.validate_files({name: upload.size or 0 for name, upload in uploads.items()},
                                         max_upload_bytes)
-                base_model = _check_text("base_model", fields.get("base_model") or "", 500)
+                base_model = check_text("base_model", fields.get("base_model") or "", 500)
                 if not base_model:
                     raise ValueError("base_model: required")
                 base_architecture = fields.get("base_architecture") or None
                 if base_architecture is not None:
-                    _check_text("base_architecture", base_architecture, 200)
+                    check_text("base_architecture", base_architecture, 200)
                 method = fields.get("method") or None
                 if method is not None:
-                    _check_text("method", method, 32)
+                    check_text("method", method, 32)
                 metrics = _json_object("metrics", fields.get("metrics"))
                 for key in metrics:
-                    _check_text("metric name", key, 100)
+                    check_text("metric name", key, 100)
                 training = _json_object("training", fields.get("training"))
                 lineage = _json_object("lineage", fields.get("lineage"))
                 for key, max_len in (("sweep_id", 200), ("dataset_fingerprint", 64)):
                     if lineage.get(key) is not None:
                         if not isinstance(lineage[key], str):
                             raise ValueError(f"lineage.{key}: must be a string")
-                        _check_text(f"lineage.{key}", lineage[key], max_len)
+                        check_text(f"lineage.{key}", lineage[key], max_len)
                 raw_aliases = fields.get("aliases")
                 aliases = tuple(a.strip() for a in (raw_aliases if raw_aliases is not None else "latest").split(",")
                                 if a.strip())

@@ -9,6 +9,7 @@ reference** ``<tenant>.<adapter>@<alias>`` follows a movable pointer.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -62,3 +63,35 @@ def parse_ref(text: str) -> Ref:
             return Ref(match.group(1), match.group(2), alias=match.group(3))
     raise NameError_(f"{text!r} is neither a serve name (tenant.adapter.vN) nor an alias "
                      "reference (tenant.adapter@alias)")
+
+
+_METRIC_FILTER = re.compile(r"^(?P<name>[^<>=]+?)\s*(?P<op><=|>=|<|>|=)\s*(?P<value>\S.*)$")
+
+
+def parse_metric_filter(text: str) -> tuple[str, str, float]:
+    """``eval_loss<=3.5`` -> ``("eval_loss", "<=", 3.5)``; ``ValueError`` when malformed."""
+    match = _METRIC_FILTER.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"metric filter {text!r}: use NAME<op>VALUE with op one of <, <=, >, >=, =")
+    name = match.group("name").strip()
+    try:
+        value = float(match.group("value"))
+    except ValueError:
+        raise ValueError(f"metric filter {text!r}: {match.group('value')!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"metric filter {text!r}: the value must be a finite number")
+    check_text("metric name", name, 100)
+    return name, match.group("op"), value
+
+
+def check_text(field: str, value: str, max_len: int) -> str:
+    """Free text that reaches SQL: bounded, no control characters, encodable as UTF-8."""
+    if len(value) > max_len:
+        raise ValueError(f"{field}: at most {max_len} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{field}: control characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field}: not valid UTF-8 text") from None
+    return value
