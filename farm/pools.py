@@ -105,6 +105,16 @@ class TenantQueue:
     def is_cancelled(self, tenant: str) -> bool:
         return tenant in self.cancelled
 
+    def forget(self, tenant: str) -> None:
+        """Drop a finished or failed job from every record (a long-running service's queue
+        would otherwise grow with every job it ever ran, and so would each ``state()``)."""
+        if tenant not in self.done and tenant not in self.errors:
+            return  # still waiting or training: its records are needed
+        for record in (self.jobs, self.taken, self.taken_at, self.errors, self.statuses):
+            record.pop(tenant, None)
+        self.done.discard(tenant)
+        self.cancelled.discard(tenant)
+
     def state(self) -> dict:
         """Who took what, what finished and failed, what still waits (for the driver's report)."""
         return {"taken": dict(self.taken), "taken_at": dict(self.taken_at), "done": sorted(self.done), "errors": dict(self.errors),

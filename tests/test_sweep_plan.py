@@ -402,6 +402,29 @@ def test_an_open_queue_takes_new_tenants_and_a_closed_one_refuses_them():
         queue.add([{"tenant": "c"}])
 
 
+def test_a_service_queue_names_jobs_by_run_id_cancels_and_forgets_them():
+    """The fine-tuning service's jobs: one tenant has several (run_id names each); a cancel
+    takes a waiting job out at once and flags a taken one for its pool; a finished job is
+    forgotten so a long-running service's queue does not grow."""
+    from farm.pools import TenantQueue
+
+    queue = TenantQueue([{"tenant": "acme", "run_id": "ftjob-1"}, {"tenant": "acme", "run_id": "ftjob-2"},
+                         {"tenant": "acme", "run_id": "ftjob-3"}])
+    assert [j["run_id"] for j in queue.take("pool-1", 1)] == ["ftjob-1"]
+    queue.cancel("ftjob-2")  # waiting: out of the queue at once, reported cancelled
+    assert queue.state()["waiting"] == ["ftjob-3"] and queue.state()["statuses"]["ftjob-2"] == "cancelled"
+    queue.cancel("ftjob-1")  # taken: its pool sees the flag at its next step
+    assert queue.is_cancelled("ftjob-1") and "ftjob-1" not in queue.errors
+    queue.fail("ftjob-1", "JobCancelled: cancelled after step 3", "cancelled")
+    queue.forget("ftjob-3")  # still waiting: kept
+    assert queue.state()["waiting"] == ["ftjob-3"]
+    for job in ("ftjob-1", "ftjob-2"):
+        queue.forget(job)
+    state = queue.state()
+    assert state["taken"] == {} and state["errors"] == {} and state["statuses"] == {} and list(queue.jobs) == ["ftjob-3"]
+    assert not queue.is_cancelled("ftjob-1")
+
+
 def test_the_planner_shards_a_base_that_fits_no_single_gpu_over_the_fewest_that_hold_it():
     from farm.plan import GiB
     from farm.sizing import Capacity, DoesNotFit, size_adapter

@@ -348,6 +348,7 @@ class FineTuningService:
         self.inflight.pop(job_id, None)
         self.last_step.pop(job_id, None)
         self.board.forget.remote(job_id)
+        self.queue.forget.remote(job_id)
 
     def _succeed(self, job_id: str, final) -> None:
         from farm.registry.catalog import UsageDelta
