@@ -31,6 +31,12 @@ export PATH="$ROOT/.venv/bin:$PATH"       # `python` in the job is the project's
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="$ROOT/.farm/ray_auth_token"
 mkdir -p "$ROOT/.farm"
+# The demo's own registry may come from an older checkout: bring its catalog to this release's
+# schema first (additive migrations; a no-op when current). Other registries are migrated by
+# their operators, after a backup (`farm registry migrate`).
+if [ -f "$REGISTRY/catalog.sqlite" ]; then
+  farm registry migrate --store "$REGISTRY"
+fi
 if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
   (umask 077; python -c "import secrets; print(secrets.token_hex(32))" > "$RAY_AUTH_TOKEN_PATH")
 fi
