@@ -262,8 +262,8 @@ class UpFrontDemand:
     def __init__(self, groups: list[list[dict]], console: Console):
         from ray.util.placement_group import placement_group
 
-        self.groups = [placement_group(bundles, strategy="PACK") for bundles in groups if bundles]
-        self.placed = {group.ready(): group for group in self.groups}
+        created = [placement_group(bundles, strategy="PACK") for bundles in groups if bundles]
+        self.placed = {group.ready(): group for group in created}  # ready ref -> group, until removed
         console.print(f"asked the autoscaler for {sum(len(b) for b in groups)} worker bundle(s) up front",
                       markup=False, highlight=False)
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from typing import TYPE_CHECKING
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -35,11 +33,10 @@ from farm.data import DataError
 from farm.registry.catalog import Principal
 from farm.registry.names import NameError_, check_name
 from farm.service.files import check_upload, spool_upload
-from farm.service.records import ServiceRecords, job_object, new_id
+from farm.service.records import ServiceRecords, file_object, job_object, new_id
 from farm.service.requests import RequestError, read_request
-
-if TYPE_CHECKING:
-    from farm.serving.gateway import Gateway
+# farm.serving.gateway imports this module only inside create_gateway_app: no import cycle.
+from farm.serving.gateway import Gateway, GatewayError, _read_body
 
 PURPOSE = "fine-tune"
 MAX_FILENAME = 255
@@ -49,7 +46,7 @@ MULTIPART_OVERHEAD = 64 << 10  # the form's own bytes around the file
 class FineTuningAPI:
     """Route handlers over the gateway's identity, the catalog's records and the registry's store."""
 
-    def __init__(self, gateway: "Gateway"):
+    def __init__(self, gateway: Gateway):
         from farm.registry.store import Store
 
         self.gateway = gateway
@@ -64,11 +61,10 @@ class FineTuningAPI:
         ``acting``: the request creates or changes something, so an admin must name the tenant
         (``OpenAI-Organization``); a tenant's token may only name itself.
         """
-        from farm.serving.gateway import GatewayError
-
         if self.config is None:
             raise GatewayError(404, "fine-tuning is not enabled on this gateway", "NotFoundError")
-        who: Principal = await self.gateway.principal(request)
+        # _limited looked the token up already (it runs first): one lookup per request
+        who: Principal = getattr(request.state, "principal", None) or await self.gateway.principal(request)
         named = request.headers.get("openai-organization", "").strip() or None
         if named is not None:
             try:
@@ -87,8 +83,6 @@ class FineTuningAPI:
 
     # -- files --------------------------------------------------------------------------------
     async def upload(self, request: Request) -> Response:
-        from farm.serving.gateway import GatewayError
-
         tenant = await self._caller(request, acting=True)
         quota = self.config.quota(tenant)
         length = request.headers.get("content-length")
@@ -148,21 +142,15 @@ class FineTuningAPI:
         purpose = params.get("purpose")
         order = params.get("order", "desc")
         if order not in ("asc", "desc"):
-            from farm.serving.gateway import GatewayError
-
             raise GatewayError(400, "order: 'asc' or 'desc'", param="order")
         page = await asyncio.to_thread(self.records.files, tenant, purpose, params.get("after"),
                                        _limit(params, 10000), order)
         return JSONResponse(page.to_json(with_ids=True))
 
     async def get_file(self, request: Request) -> Response:
-        from farm.service.records import file_object
-
         return JSONResponse(file_object(await self._file(request)))
 
     async def delete_file(self, request: Request) -> Response:
-        from farm.serving.gateway import GatewayError
-
         row = await self._file(request, acting=True)
         job = await asyncio.to_thread(self.records.file_in_use, row.id)
         if job is not None:
@@ -173,8 +161,6 @@ class FineTuningAPI:
         return JSONResponse({"id": row.id, "object": "file", "deleted": True})
 
     async def _file(self, request: Request, acting: bool = False):
-        from farm.serving.gateway import GatewayError
-
         tenant = await self._caller(request, acting=acting)
         file_id = request.path_params["file_id"]
         row = await asyncio.to_thread(self.records.file, tenant, file_id)
@@ -184,8 +170,6 @@ class FineTuningAPI:
 
     # -- jobs ---------------------------------------------------------------------------------
     async def create_job(self, request: Request) -> Response:
-        from farm.serving.gateway import GatewayError, _read_body
-
         tenant = await self._caller(request, acting=True)
         body = await _read_body(request, self.gateway.config.max_body_bytes)
         try:
@@ -240,8 +224,6 @@ class FineTuningAPI:
         return JSONResponse(page.to_json(with_ids=True))
 
     async def cancel(self, request: Request) -> Response:
-        from farm.serving.gateway import GatewayError
-
         row = await self._job(request, acting=True)
         if row.status in ("succeeded", "failed", "cancelled"):
             raise GatewayError(409, f"job {row.id} has already {row.status}; only a job that has not finished can "
@@ -250,8 +232,6 @@ class FineTuningAPI:
         return JSONResponse(job_object(row))
 
     async def _job(self, request: Request, acting: bool = False):
-        from farm.serving.gateway import GatewayError
-
         tenant = await self._caller(request, acting=acting)
         job_id = request.path_params["job_id"]
         row = await asyncio.to_thread(self.records.job, tenant, job_id)
@@ -262,8 +242,6 @@ class FineTuningAPI:
 
 
 def _limit(params, default: int) -> int:
-    from farm.serving.gateway import GatewayError
-
     raw = params.get("limit")
     if raw is None:
         return default
@@ -272,15 +250,13 @@ def _limit(params, default: int) -> int:
     return int(raw)
 
 
-def _limited(gateway: "Gateway", handler):
+def _limited(gateway: Gateway, handler):
     """The caller's request limits (per minute, in flight) count these routes too, as the
     completions routes count; a refusal is the same 429 with ``Retry-After``."""
     async def endpoint(request: Request) -> Response:
-        from farm.serving.gateway import GatewayError
-
         if gateway.config.fine_tuning is None:
             return await handler(request)  # answers 404 before anything counts
-        who = await gateway.principal(request)
+        who = request.state.principal = await gateway.principal(request)
         refusal = gateway.limiter.admit(who.tenant, 0)
         if refusal is not None:
             raise GatewayError(429, f"rate limit: {refusal.message}; retry after {refusal.retry_after_s} s",
@@ -293,7 +269,7 @@ def _limited(gateway: "Gateway", handler):
     return endpoint
 
 
-def fine_tuning_routes(gateway: "Gateway", handled) -> list[Route]:
+def fine_tuning_routes(gateway: Gateway, handled) -> list[Route]:
     """The API's routes for the gateway's app; ``handled`` wraps each handler in its error
     answers, after the caller's request limits. Without ``fine_tuning`` in the gateway file
     every one answers 404."""

@@ -246,24 +246,35 @@ class ServiceRecords:
     # -- events and checkpoints (the API reads them) ------------------------------------------
     def events(self, job_id: str, after: str | None = None, limit: int = 20) -> Page:
         """Newest first, as OpenAI lists them; ``after``: an event id of a previous page."""
-        query = select(FineTuningEventRow).where(FineTuningEventRow.job_id == job_id)
-        if after is not None:
-            number = _number(after, "ftevent-")
-            query = query.where(FineTuningEventRow.id < (number if number is not None else 0))
-        with self.sessions() as session:
-            rows = list(session.scalars(query.order_by(FineTuningEventRow.id.desc()).limit(limit + 1)))
-        return Page([event_object(r) for r in rows[:limit]], len(rows) > limit)
+        return self._numbered_page(FineTuningEventRow, job_id, "ftevent-", after, limit,
+                                   FineTuningEventRow.id.desc(), event_object)
 
     def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> Page:
-        query = select(FineTuningCheckpointRow).where(FineTuningCheckpointRow.job_id == job_id)
-        if after is not None:
-            number = _number(after, "ftckpt-")
-            query = query.where(FineTuningCheckpointRow.id < (number if number is not None else 0))
+        """Latest step first; ``after``: a checkpoint id of a previous page."""
+        return self._numbered_page(FineTuningCheckpointRow, job_id, "ftckpt-", after, limit,
+                                   FineTuningCheckpointRow.step.desc(), checkpoint_object)
+
+    def cancel_requested(self, job_ids: list[str]) -> list[str]:
+        """Which of ``job_ids`` have a cancel request (the service stops those it is training)."""
+        if not job_ids:
+            return []
         with self.sessions() as session:
-            rows = list(session.scalars(query.order_by(FineTuningCheckpointRow.step.desc()).limit(limit + 1)))
-        return Page([checkpoint_object(r) for r in rows[:limit]], len(rows) > limit)
+            return list(session.scalars(select(FineTuningJobRow.id).where(
+                FineTuningJobRow.id.in_(job_ids), FineTuningJobRow.cancel_requested.is_(True))))
 
     # -- paging ----------------------------------------------------------------------------------
+    def _numbered_page(self, row_type, job_id: str, prefix: str, after: str | None, limit: int, ordering,
+                       shape) -> Page:
+        """One job's rows with integer ids shown as ``<prefix><id>`` (events, checkpoints),
+        starting below the id ``after`` names (a malformed one starts nothing)."""
+        query = select(row_type).where(row_type.job_id == job_id)
+        if after is not None:
+            number = _number(after, prefix)
+            query = query.where(row_type.id < (number if number is not None else 0))
+        with self.sessions() as session:
+            rows = list(session.scalars(query.order_by(ordering).limit(limit + 1)))
+        return Page([shape(r) for r in rows[:limit]], len(rows) > limit)
+
     def _page(self, query, row_type, after: str | None, limit: int, order: str, shape, tenant: str | None) -> Page:
         """Rows by (created_at, id) in ``order``, starting after the object ``after`` (the
         caller's own: another tenant's id starts nothing)."""

@@ -163,9 +163,9 @@ class FineTuningService:
         self._pools[ref] = name
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, stop: threading.Event, until=None) -> None:
-        """Rounds until ``stop`` is set (or ``until()`` is true: tests, benchmarks)."""
-        while not stop.is_set() and not (until is not None and until()):
+    def run(self, stop: threading.Event) -> None:
+        """Rounds until ``stop`` is set (SIGTERM, Ctrl-C)."""
+        while not stop.is_set():
             started = time.monotonic()
             try:
                 self.round()
@@ -376,26 +376,13 @@ class FineTuningService:
                           fine_tuned_model=serve, trained_tokens=int(result["tokens"]))
 
     def _checkpoint_steps(self, job_id: str) -> list[int]:
-        import pyarrow.fs as pafs
+        from farm.train.ray_support import checkpoint_folders
 
-        from farm.train.ray_support import storage_fs
-
-        fs, path = storage_fs(f"{self.tenants_dir}/{job_id}")
-        names = [e.base_name for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                 if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint-")]
-        return sorted(int(n.removeprefix("checkpoint-")) for n in names if n.removeprefix("checkpoint-").isdigit())
+        names = checkpoint_folders(f"{self.tenants_dir}/{job_id}")
+        return [int(n.removeprefix("checkpoint-")) for n in names if n.removeprefix("checkpoint-").isdigit()]
 
     def _cancel_requested(self) -> None:
-        from sqlalchemy import select
-
-        from farm.registry.catalog import FineTuningJobRow
-
-        if not self.inflight:
-            return
-        with self.records.sessions() as session:
-            asked = session.scalars(select(FineTuningJobRow.id).where(
-                FineTuningJobRow.id.in_(list(self.inflight)), FineTuningJobRow.cancel_requested.is_(True))).all()
-        for job_id in asked:
+        for job_id in self.records.cancel_requested(list(self.inflight)):
             self.queue.cancel.remote(job_id)
 
     def _pools_ended(self, state: dict) -> None:

@@ -88,6 +88,23 @@ class BaseConfig(_Strict):
         return tenant is None or "*" in self.tenants or tenant in self.tenants
 
 
+def _tenant_names(value: dict) -> dict:
+    """Per-tenant sections are keyed by registry tenant names."""
+    for tenant in value:
+        check_name("tenant", tenant)
+    return value
+
+
+def _layered(model, *layers):
+    """``model`` from ``layers`` (None skipped), each one's set fields over the ones before:
+    a tenant's own settings over the default's (over the built-in ones)."""
+    merged: dict = {}
+    for layer in layers:
+        if layer is not None:
+            merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+    return model(**merged)
+
+
 class TenantLimits(_Strict):
     """Per-tenant limits; a field left out takes the default's value."""
 
@@ -102,21 +119,11 @@ class LimitsConfig(_Strict):
         requests_per_minute=600, tokens_per_minute=200_000, concurrent_requests=16, max_tokens=1024))
     tenants: dict[str, TenantLimits] = Field(default_factory=dict)
 
-    @field_validator("tenants")
-    @classmethod
-    def _names(cls, value: dict) -> dict:
-        for tenant in value:
-            check_name("tenant", tenant)
-        return value
+    _names = field_validator("tenants")(classmethod(lambda cls, value: _tenant_names(value)))
 
     def for_tenant(self, tenant: Optional[str]) -> TenantLimits:
         """The tenant's limits with the default filling what it leaves out (admins: default)."""
-        own = self.tenants.get(tenant) if tenant else None
-        if own is None:
-            return self.default
-        merged = self.default.model_dump()
-        merged.update({k: v for k, v in own.model_dump().items() if v is not None})
-        return TenantLimits(**merged)
+        return _layered(TenantLimits, self.default, self.tenants.get(tenant) if tenant else None)
 
 
 class FineTuningQuota(_Strict):
@@ -139,20 +146,11 @@ class FineTuningConfig(_Strict):
                                      "left out: 100 active jobs, 10 GiB stored, 512 MiB a file")
     tenants: dict[str, FineTuningQuota] = Field(default_factory=dict)
 
-    @field_validator("tenants")
-    @classmethod
-    def _names(cls, value: dict) -> dict:
-        for tenant in value:
-            check_name("tenant", tenant)
-        return value
+    _names = field_validator("tenants")(classmethod(lambda cls, value: _tenant_names(value)))
 
     def quota(self, tenant: str) -> FineTuningQuota:
         """The tenant's quota, every field set: its own, else the default's, else the built-in one."""
-        merged = QUOTA_BUILT_IN.model_dump()
-        for layer in (self.default, self.tenants.get(tenant)):
-            if layer is not None:
-                merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
-        return FineTuningQuota(**merged)
+        return _layered(FineTuningQuota, QUOTA_BUILT_IN, self.default, self.tenants.get(tenant))
 
 
 class RegistryConfig(_Strict):

@@ -112,6 +112,15 @@ def newest_on_storage(root: str):
     return (fs, found) if found else None
 
 
+def checkpoint_folders(root: str) -> list[str]:
+    """The names of the checkpoint folders directly under ``root``, oldest step first."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage_fs(root)
+    return sorted(e.base_name for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint-"))
+
+
 def local_copy(fs, path: str) -> Iterator[Path]:
     """Yield a local folder with the contents of ``path`` (the folder itself when it is local)."""
     import pyarrow.fs as pafs
@@ -192,12 +201,8 @@ class StorageCheckpoints:
         return None
 
     def _prune(self) -> None:
-        import pyarrow.fs as pafs
-
         fs, path = storage_fs(self.root)
-        names = sorted(e.base_name for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                       if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint-"))
-        for name in names[:-self.keep]:
+        for name in checkpoint_folders(self.root)[:-self.keep]:
             fs.delete_dir(f"{path}/{name}")
 
     def finish(self, out: Path, write: Callable[[Path], None], step: int, metrics: dict) -> None:

@@ -67,8 +67,10 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def start_gateway(tmp: Path, base: str, vllm: Server, timeout: float) -> tuple[Server, str | None]:
-    """The gateway in its own process group; (its handle, None or why it is not ready)."""
+def start_gateway(tmp: Path, base: str, vllm: Server, timeout: float,
+                  extra: dict | None = None) -> tuple[Server, str | None]:
+    """The gateway in its own process group; (its handle, None or why it is not ready).
+    ``extra``: more of the gateway file (the service benchmark adds ``fine_tuning``)."""
     import httpx
 
     port = _free_port()
@@ -76,7 +78,7 @@ def start_gateway(tmp: Path, base: str, vllm: Server, timeout: float) -> tuple[S
               "bases": [{"name": "base", "base_model": base, "served_model_name": "base", "tenants": ["*"],
                          "backends": [{"url": vllm.url, "api_key_env": KEY_ENV}]}],
               "limits": {"default": {"requests_per_minute": 10_000_000, "tokens_per_minute": 1_000_000_000,
-                                     "concurrent_requests": 100_000, "max_tokens": 256}}}
+                                     "concurrent_requests": 100_000, "max_tokens": 256}}, **(extra or {})}
     (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
     argv = [sys.executable, "-m", "farm.cli", "gateway", "--config", str(tmp / "gateway.yaml"),
             "--port", str(port), "--log-level", "warning"]

@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "jobs" / "bench"))
 from bench_common import write_json  # noqa: E402
-from gateway import KEY_ENV  # noqa: E402
-from serving import Server, _free_port, ensure_base_model, start_server  # noqa: E402
+from gateway import start_gateway  # noqa: E402
+from serving import Server, ensure_base_model, start_server  # noqa: E402
 
 GOALS = {"first_step_s": 2.0, "first_completion_s": 1.0}
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -51,24 +51,6 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class _ServerArgs:  # what serving.start_server reads
     max_loras = 4
     max_cpu_loras = 16
-
-
-def start_gateway(tmp: Path, base: str, vllm: Server) -> Server:
-    port = _free_port()
-    config = {"registry": {"store": str(tmp / "registry")},
-              "bases": [{"name": "tiny", "base_model": base, "served_model_name": "base",
-                         "backends": [{"url": vllm.url, "api_key_env": KEY_ENV}]}],
-              "limits": {"default": {"requests_per_minute": 10_000_000, "tokens_per_minute": 1_000_000_000,
-                                     "concurrent_requests": 100_000, "max_tokens": 256}},
-              "fine_tuning": {"models": ["tiny"], "default": {"active_jobs": 10_000}}, "health_interval_s": 1}
-    (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
-    argv = [sys.executable, "-m", "farm.cli", "gateway", "--config", str(tmp / "gateway.yaml"), "--port", str(port),
-            "--log-level", "warning"]
-    log = tmp / "gateway.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, env={**os.environ, KEY_ENV: vllm.api_key}, stdout=out,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    return Server(process, f"http://127.0.0.1:{port}", "", log, argv)
 
 
 def start_service(tmp: Path, base: str) -> Server:
@@ -109,7 +91,7 @@ class Api:
 
     def create(self, tenant: str) -> dict:
         answer = self.clients[tenant].post("/v1/fine_tuning/jobs", json={
-            "model": "tiny", "training_file": self.files[tenant], "hyperparameters": {"n_epochs": 1}})
+            "model": "base", "training_file": self.files[tenant], "hyperparameters": {"n_epochs": 1}})
         answer.raise_for_status()
         return answer.json()
 
@@ -222,20 +204,12 @@ def main() -> int:
             problem = vllm.wait_ready(600)
             if problem:
                 raise RuntimeError(f"{problem}\n{vllm.log_tail()}")
-            gateway = start_gateway(tmp, base, vllm)
+            # the gateway benchmark's gateway (base "base", limits out of the way) with the fine-tuning API on
+            gateway, problem = start_gateway(tmp, base, vllm, 120, extra={
+                "fine_tuning": {"models": ["base"], "default": {"active_jobs": 10_000}}, "health_interval_s": 1})
             processes.append(gateway)
-            import httpx
-
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{gateway.url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or gateway.process.poll() is not None:
-                    raise RuntimeError(f"the gateway did not start\n{gateway.log_tail()}")
-                time.sleep(0.3)
+            if problem:
+                raise RuntimeError(f"{problem}\n{gateway.log_tail()}")
             api = Api(gateway.url, tokens)
             for tenant in tenants:
                 api.upload(tenant, small)
