@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import venv
 
 import pytest
@@ -50,4 +49,3 @@ def test_every_role_is_an_extra_and_all_names_them_all():
     named = extras["all"][0].split("[", 1)[1].rstrip("]").split(",")
     assert set(named) == roles
     assert ".[all,dev]" in (REPO / "Makefile").read_text()  # make setup installs every role
-    assert sys.version_info >= (3, 11)

@@ -100,7 +100,7 @@ def test_files_are_checked_by_line_stored_whole_and_seen_only_by_their_tenant(ap
     bad_field = "\n".join(lines[:4] + ['{"messages": [{"role": "user", "content": 7}]}']).encode()
     message = _error(_upload(acme, bad_field))["message"]
     assert "line 5" in message and "messages[0]" in message, message
-    assert "empty" in _error(_upload(acme, b""))["message"] or "no records" in _error(_upload(acme, b""))["message"]
+    assert "holds no records" in _error(_upload(acme, b""))["message"]
     assert _error(_upload(acme, ACME_DATA, purpose="assistants"))["param"] == "purpose"
     assert len(_stored(api, "acme")) == 2
 
