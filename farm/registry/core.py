@@ -16,6 +16,7 @@ by ``gc``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -81,24 +82,37 @@ CODE_VERSION_ENV = "FARM_CODE_VERSION"
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The farm's version and commit, as lineage records it.
+    """The farm's version and the exact code it ran, as lineage records it.
 
     ``$FARM_CODE_VERSION`` first: stamped where the code was taken from, because a job's
     working dir arrives without ``.git`` (``ray job submit --working-dir`` leaves it out), so
     the job itself cannot ask git; ``jobs/run_demo.sh`` and the image set it. Otherwise the
-    package version plus the commit of the checkout this module is in, when it is one.
+    package version plus the commit of the checkout this module is in, when it is one; and
+    where neither exists (an unstamped working-dir copy), a fingerprint of the farm's own
+    source files, ``<version>+src.<sha256 prefix>``: the same code always gives the same value,
+    and installed package metadata would describe another copy than the one imported.
     """
     from farm import __version__
 
     stamped = os.environ.get(CODE_VERSION_ENV, "").strip()
     if stamped and len(stamped) <= 100 and stamped.isprintable():
         return stamped
+    package = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+                                timeout=5, cwd=package).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{__version__}+{commit}" if commit else __version__
+    return f"{__version__}+{commit}" if commit else f"{__version__}+src.{source_fingerprint(package)}"
+
+
+def source_fingerprint(package: Path) -> str:
+    """A short sha256 over the package's Python sources and their relative paths, in order."""
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def default_catalog_url(store_uri: str) -> str:

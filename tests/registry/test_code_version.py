@@ -27,7 +27,13 @@ def test_a_checkout_names_its_commit_and_a_working_dir_copy_needs_the_stamp(tmp_
     assert _version_in(REPO) == f"{__version__}+{commit}"
     # what a Ray job's working dir holds: the code, no .git
     shutil.copytree(REPO / "farm", tmp_path / "farm", ignore=shutil.ignore_patterns("__pycache__"))
-    assert _version_in(tmp_path) == __version__  # no commit to be found there
+    # no commit to be found there: the copy names its sources' fingerprint instead
+    unstamped = _version_in(tmp_path)
+    assert unstamped.startswith(f"{__version__}+src.") and len(unstamped) == len(__version__) + 17
+    assert _version_in(tmp_path) == unstamped  # the same code, the same value
+    (tmp_path / "farm" / "registry" / "core.py").write_text(
+        (tmp_path / "farm" / "registry" / "core.py").read_text() + "\n# a local edit\n")
+    assert _version_in(tmp_path) != unstamped  # other code, another value
     stamped = f"{__version__}+{commit}"
     assert _version_in(tmp_path, FARM_CODE_VERSION=stamped) == stamped  # what run_demo.sh sends along
-    assert _version_in(tmp_path, FARM_CODE_VERSION="x\n" * 80) == __version__  # junk is not a version
+    assert _version_in(tmp_path, FARM_CODE_VERSION="x\n" * 80).startswith(f"{__version__}+src.")  # junk is not a version
