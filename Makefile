@@ -43,7 +43,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 base-model: $(BASE_MODEL)/config.json
 
-$(BASE_MODEL)/config.json: | $(STAMP)
+# Rebuilt when its recipe changes (the builder or its corpus); otherwise cached.
+$(BASE_MODEL)/config.json: farm/base_model.py farm/base_corpus.py | $(STAMP)
 	$(BIN)/farm base-model build --out $(BASE_MODEL)
 
 samples: $(STAMP)

@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from farm.base_model import PretrainConfig
+
 app = typer.Typer(help="Adapter farm: one PEFT adapter per tenant on a shared base model.",
                   no_args_is_help=True, add_completion=False)
 base_model_app = typer.Typer(help="Build or inspect base models.", no_args_is_help=True)
@@ -84,19 +86,28 @@ def base_model_build(
     heads: int = typer.Option(4, help="attention heads (head_dim is 64)"),
     vocab: int = typer.Option(1024, help="tokenizer vocabulary size"),
     seed: int = typer.Option(0, help="weight initialisation seed"),
+    random: bool = typer.Option(False, "--random", help="keep the random initial weights (fast; for tests)"),
+    steps: int = typer.Option(PretrainConfig.steps, help="pretraining steps"),
 ) -> None:
-    """Build a tiny Llama-architecture base model offline (tokenizer trained locally)."""
+    """Build a tiny Llama-architecture base model offline: tokenizer trained locally, weights
+    pretrained on simple English from a grammar (a few minutes on 2 CPU cores), or random."""
     from farm.base_model import TinyModelConfig, build_base_model
 
     config = TinyModelConfig(layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
                              intermediate=2 * hidden, vocab=vocab, seed=seed)
+    pretrain = None if random else PretrainConfig(steps=steps)
     try:
         config.validate()
+        if pretrain is not None:
+            pretrain.validate()
     except ValueError as exc:
         _fail(str(exc))
-    path = build_base_model(out, config)
+    path = build_base_model(out, config, pretrain)
+    record = json.loads((path / "farm_base_model.json").read_text())
+    trained = "random weights" if pretrain is None else \
+        f"pretrained {steps} steps in {record['pretrain']['seconds']:.0f} s, final loss {record['pretrain']['final_loss']:.3f}"
     console.print(f"base model written to [bold]{path}[/bold] "
-                  f"({layers} layers, hidden {hidden}, {heads} heads, vocab {vocab})")
+                  f"({layers} layers, hidden {hidden}, {heads} heads, vocab {vocab}; {trained})")
 
 
 @samples_app.command("build")

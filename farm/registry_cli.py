@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 registry_app = typer.Typer(help="The adapter registry: serve, search, promote, download, publish.",
@@ -266,11 +267,21 @@ def show_cmd(ref: str = typer.Argument(..., help="tenant.adapter.vN or tenant.ad
 @registry_app.command("promote")
 def promote_cmd(ref: str = typer.Argument(..., help="the version to promote (serve name or alias ref)"),
                 alias: str = typer.Option("production", help="alias to point at it"),
+                if_better: bool = typer.Option(False, "--if-better", help="only if it passes the promotion gate: "
+                                               "every behaviour check of its spec at --min-pass-rate, and an eval loss "
+                                               "beating the alias's current version's by --min-improvement, both "
+                                               "scored now on its held-out data"),
+                min_improvement: Optional[float] = typer.Option(None, help="with --if-better: the share by which its eval loss must be lower (default: its spec's eval.promote, else 0)"),
+                min_pass_rate: Optional[float] = typer.Option(None, help="with --if-better: each check's lowest pass rate (default: its spec's eval.promote, else 0.9)"),
                 as_json: bool = _json_option(),
                 url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
-    """Point an alias (default: production) at a version."""
+    """Point an alias (default: production) at a version; with --if-better, only when it passes
+    the gate (exit 1 and the reason when it does not: the version stays published, unpromoted)."""
     backend = _guarded(lambda: _backend(url, token, store, catalog))
+    if if_better:
+        _promote_if_better(backend, ref, alias, min_improvement, min_pass_rate, as_json)
+        return
 
     def promote() -> dict:
         from farm.registry.names import serve_name
@@ -287,6 +298,43 @@ def promote_cmd(ref: str = typer.Argument(..., help="the version to promote (ser
     tenant_adapter = result["serve_name"].rsplit(".", 1)[0]
     was = f"v{result['previous']}" if result["previous"] is not None else "unset"
     console.print(f"{tenant_adapter}@{alias} -> [bold]v{result['version']}[/bold] (was {was})")
+
+
+def _promote_if_better(backend, ref: str, alias: str, min_improvement: Optional[float],
+                       min_pass_rate: Optional[float], as_json: bool) -> None:
+    from pydantic import ValidationError
+
+    from farm.quality import job_of_version, promote_if_better
+    from farm.spec import PromotionSpec
+
+    def gate() -> PromotionSpec:
+        declared = job_of_version(backend.resolve(ref)).settings.eval.promote
+        values = {**(declared.model_dump() if declared else {}), "alias": alias}
+        values.update({k: v for k, v in (("min_improvement", min_improvement), ("min_pass_rate", min_pass_rate))
+                       if v is not None})
+        try:
+            return PromotionSpec.model_validate(values)
+        except ValidationError as exc:
+            _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()), code=2)
+
+    result = _guarded(lambda: promote_if_better(backend, ref, _guarded(gate)))
+    if as_json:
+        _print_json(result)
+    else:
+        table = Table("check", "adapter", "current", title=f"{result['serve_name']} @{alias}")
+        for check in result.get("checks", []):
+            current = "" if check["incumbent"] is None else f"{check['incumbent']:.0%}"
+            table.add_row(escape(check["check"]), f"{check['adapter']:.0%}", current)
+        loss = result.get("eval_loss", {})
+        if loss:
+            current = "" if loss.get("incumbent") is None else f"{loss['incumbent']:.4f}"
+            table.add_row("eval loss", f"{loss['adapter']:.4f}", current)
+        if result["decision"] != "unchanged":
+            console.print(table)
+        colour = {"promoted": "green", "held": "red"}.get(result["decision"], "cyan")
+        console.print(f"[{colour}]{result['decision']}[/{colour}]: {escape(result['reason'])}")
+    if result["decision"] == "held":
+        raise typer.Exit(1)
 
 
 @registry_app.command("download")

@@ -54,6 +54,9 @@ class TenantOutcome:
     reported_at: str | None = None
     # What its data became (farm.data.DataReport.to_json): records read, used, skipped, ...
     data: dict | None = None
+    # Its quality evals (farm.quality.TenantQuality as JSON: checks' pass rates base vs adapter,
+    # eval loss beside the gated alias's current version, the gate's decision); None: none asked
+    quality: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,6 +88,7 @@ class SweepReport:
     comparison: list = field(default_factory=list)  # farm.baseline.ComparisonRow, LoRA vs full
     ran: list[str] | None = None        # tenants this run was asked for; None: every tenant in outcomes
     notes: list[str] = field(default_factory=list)  # what the reader must know (a report kept aside)
+    matrix: dict | None = None          # farm.quality.loss_matrix of this run's adapters
 
     @property
     def ok(self) -> bool:
@@ -112,7 +116,8 @@ class SweepReport:
         return {"sweep_id": self.sweep_id, "wall_seconds": round(self.wall_seconds, 2), "ok": self.ok,
                 "this_run": self.this_run, "notes": list(self.notes),
                 "tenants": [asdict(o) for o in self.outcomes],
-                "comparison": [{**asdict(row), "plan_error": round(row.plan_error, 4)} for row in self.comparison]}
+                "comparison": [{**asdict(row), "plan_error": round(row.plan_error, 4)} for row in self.comparison],
+                "matrix": self.matrix}
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,7 @@ def merge_with_previous(report: SweepReport, folder: Path, compared: Collection[
     comparison = [row for row in previous.comparison if row.tenant not in replaced] + list(report.comparison)
     return SweepReport(report.sweep_id, report.wall_seconds, merge_outcomes(previous.outcomes, report.outcomes),
                        comparison, ran=report.this_run,
-                       notes=list(report.notes) + ([previous.note] if previous.note else []))
+                       notes=list(report.notes) + ([previous.note] if previous.note else []), matrix=report.matrix)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -255,6 +260,49 @@ def _data_rows(report: SweepReport) -> tuple[tuple[str, ...], list[list[str]]]:
     return ("tenant", *DataReport.COLUMNS), rows
 
 
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
+def _quality_rows(report: SweepReport) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The behaviour-check table: per tenant and check, the base's and the adapter's pass rates,
+    the gated alias's current version beside them, eval loss, and the gate's decision."""
+    rows = []
+    for outcome in report.outcomes:
+        quality = outcome.quality
+        if not quality:
+            continue
+        decision = quality.get("decision") or {}
+        verdict = f"{decision['decision']} @{decision['alias']}: {decision['reason']}" if decision else ""
+        loss = quality.get("eval_loss", {})
+        loss_cell = _fmt(loss.get("adapter")) + (f" (current {_fmt(loss['incumbent'])})"
+                                                 if loss.get("incumbent") is not None else "")
+        checks = quality.get("checks") or [{"check": "(none)", "base": None, "adapter": None, "incumbent": None}]
+        for index, check in enumerate(checks):
+            first = index == 0
+            rows.append([outcome.tenant if first else "", check["check"], _percent(check["base"]),
+                         _percent(check["adapter"]), _percent(check.get("incumbent")),
+                         loss_cell if first else "", verdict if first else ""])
+    return ("tenant", "behaviour check", "base", "adapter", "current", "eval loss", "promotion"), rows
+
+
+def _matrix_rows(report: SweepReport) -> tuple[tuple[str, ...], list[list[str]], str]:
+    """The cross-tenant eval-loss matrix (adapters down, tenants' data across; the lowest loss
+    of each data column starred) and a line on the diagonal."""
+    matrix = report.matrix
+    if not matrix:
+        return (), [], ""
+    names = matrix["tenants"]
+    best = {data: min(names, key=lambda a: matrix["loss"][a][data]) for data in names}
+    rows = [[adapter, *[f"{matrix['loss'][adapter][data]:.3f}{' *' if best[data] == adapter else ''}"
+                        for data in names]] for adapter in names]
+    own = sum(bool(v) for v in matrix["own_best"].values())
+    line = (f"each adapter's eval loss on each tenant's first {matrix['rows']} held-out rows (* lowest of the "
+            f"column): the tenant's own adapter is best on its data in {own} of {len(names)} "
+            f"({own / len(names):.0%})")
+    return ("adapter \\ data", *names), rows, line
+
+
 def print_report(report: SweepReport, console: Console | None = None) -> None:
     """The summary table, coloured by status, then what each tenant's data became."""
     console = console or Console()
@@ -273,6 +321,18 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
         for row in rows:
             data_table.add_row(*[escape(cell) for cell in row])
         console.print(data_table)
+    header, rows = _quality_rows(report)
+    if rows:
+        quality_table = Table(*header, title="behaviour checks on held-out prompts (pass rates)")
+        for row in rows:
+            quality_table.add_row(*[escape(cell) for cell in row])
+        console.print(quality_table)
+    header, rows, line = _matrix_rows(report)
+    if rows:
+        matrix_table = Table(*header, title="cross-tenant eval loss", caption=escape(line))
+        for row in rows:
+            matrix_table.add_row(*[escape(cell) for cell in row])
+        console.print(matrix_table)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     if report.comparison:
@@ -293,6 +353,12 @@ def markdown(report: SweepReport) -> str:
     if rows:
         lines += ["", "## Tenant data", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
+    header, rows = _quality_rows(report)
+    if rows:
+        lines += ["", "## Behaviour checks on held-out prompts", "", _md_table(header, rows)]
+    header, rows, line = _matrix_rows(report)
+    if rows:
+        lines += ["", "## Cross-tenant eval loss", "", line, "", _md_table(header, rows)]
     lines += ["", "![loss curves](loss_curves.png)", ""]
     if report.comparison:
         from farm.baseline import comparison_markdown
@@ -300,6 +366,14 @@ def markdown(report: SweepReport) -> str:
         lines += ["## LoRA vs full fine-tuning", "", comparison_markdown(report.comparison), "",
                   "![LoRA vs full](lora_vs_full.png)", ""]
     return "\n".join(lines)
+
+
+def _md_table(header: Sequence[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    return "\n".join(["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(map(cell, row)) + " |" for row in rows)])
 
 
 def plot_losses(report: SweepReport, path: Path) -> Path | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,24 +156,3 @@ def build_samples(out_dir: Path, seed: int = DEFAULT_SEED) -> dict[str, Path]:
                     fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
         written[tenant.name] = path
     return written
-
-
-def corpus_text(seed: int = DEFAULT_SEED) -> Iterator[str]:
-    """Text to train the tiny base model's tokenizer on: every sample record's strings."""
-    for tenant in SAMPLE_TENANTS:
-        for record in generate_records(tenant, seed):
-            yield from _strings(record)
-    # Plain English filler so that text outside the samples still tokenises into sub-words.
-    yield ("The quick brown fox jumps over the lazy dog. A farm trains one adapter for every "
-           "tenant, on one shared base model, and serves them all at once. Numbers 0123456789.")
-
-
-def _strings(value: object) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)

@@ -109,6 +109,117 @@ class TrainSpec(StrictModel):
         return self
 
 
+CHECK_KINDS = ("starts_with", "ends_with", "regex", "upper_case", "max_words", "json_schema")
+
+
+class BehaviourCheck(StrictModel):
+    """One behaviour check on a greedy generation: exactly one kind of test.
+
+    Applied to the answer an adapter generates for each held-out prompt (for a plain-text
+    tenant: the whole generated document). ``starts_with``/``ends_with`` compare after trimming
+    white space; ``regex`` must match somewhere (anchor it with ``^``/``$`` for a full match; it
+    runs under a time limit); ``upper_case`` wants letters and none in lower case; ``max_words``
+    counts white-space separated words; ``json_schema`` wants the answer to be JSON valid
+    against the schema.
+    """
+
+    name: Optional[str] = Field(None, max_length=80, description="label in reports and lineage; default: the check itself")
+    starts_with: Optional[str] = Field(None, min_length=1, max_length=500, description="the answer starts with this text")
+    ends_with: Optional[str] = Field(None, min_length=1, max_length=500, description="the answer ends with this text")
+    regex: Optional[str] = Field(None, min_length=1, max_length=500, description="a regular expression found in the answer")
+    upper_case: Optional[bool] = Field(None, description="true: the answer has letters, none lower case")
+    max_words: Optional[int] = Field(None, ge=1, le=10_000, description="the answer has at most this many words")
+    json_schema: Optional[dict[str, Any]] = Field(None, description="the answer is JSON valid against this schema")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [kind for kind in CHECK_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a check has exactly one of {', '.join(CHECK_KINDS)}; got "
+                             f"{', '.join(given) if given else 'none'}")
+        if self.regex is not None:
+            import regex
+
+            try:
+                regex.compile(self.regex)
+            except regex.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        if self.json_schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(self.json_schema).check_schema(self.json_schema)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from None
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in CHECK_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def label(self) -> str:
+        """How reports and lineage name this check."""
+        if self.name:
+            return self.name
+        value = getattr(self, self.kind)
+        return self.kind if isinstance(value, (bool, dict)) else f"{self.kind} {value!r}"
+
+    def passes(self, text: str) -> bool:
+        """Whether ``text`` (one generated answer) passes this check."""
+        kind, value = self.kind, getattr(self, self.kind)
+        if kind == "starts_with":
+            return text.strip().startswith(value.strip())
+        if kind == "ends_with":
+            return text.strip().endswith(value.strip())
+        if kind == "regex":
+            import regex
+
+            try:  # a pattern that backtracks for too long fails the answer instead of hanging the eval
+                return regex.search(value, text, timeout=1.0) is not None
+            except TimeoutError:
+                return False
+        if kind == "upper_case":
+            letters = [c for c in text if c.isalpha()]
+            return bool(letters) and all(not c.islower() for c in letters) == value
+        if kind == "max_words":
+            return len(text.split()) <= value
+        import json
+
+        import jsonschema
+
+        try:
+            jsonschema.validate(json.loads(text), value)
+        except (ValueError, jsonschema.ValidationError):
+            return False
+        return True
+
+
+class PromotionSpec(StrictModel):
+    """When a newly published version may take an alias (eval-gated promotion)."""
+
+    alias: str = Field("production", description="the alias the gate guards")
+    min_improvement: float = Field(0.0, ge=0, lt=1, description="the new version's eval loss must be lower than the alias's current version's by at least this share (0.02: 2%), both measured on the new version's held-out data; 0: not worse")
+    min_pass_rate: float = Field(0.9, ge=0, le=1, description="every behaviour check must pass on at least this share of held-out prompts")
+
+    @field_validator("alias")
+    @classmethod
+    def _valid_alias(cls, value: str) -> str:
+        if not NAME_PATTERN.fullmatch(value) or value == "latest":
+            raise ValueError(f"{value!r} is not an alias a gate can guard (pattern {NAME_PATTERN.pattern}; "
+                             "'latest' always follows the newest version)")
+        return value
+
+
+class EvalSpec(StrictModel):
+    """Quality evals of a tenant's adapter after training, and the gate for promoting it."""
+
+    checks: list[BehaviourCheck] = Field(default_factory=list, max_length=50, description="behaviour checks on greedy generations for held-out prompts, each reported as the base's and the adapter's pass rate")
+    prompts: int = Field(32, ge=1, le=1000, description="held-out prompts the checks run on (the first of the eval split)")
+    max_new_tokens: int = Field(64, ge=1, le=1024, description="longest greedy generation per prompt")
+    promote: Optional[PromotionSpec] = Field(None, description="move an alias to the new version only when it passes this gate; null: no gated alias")
+
+
 class _JobSettingsFields(StrictModel):
     """Everything that can differ from one tenant to another: method, its settings, training, data.
 
@@ -119,6 +230,7 @@ class _JobSettingsFields(StrictModel):
     method: MethodName = Field("lora", description=f"PEFT method: {', '.join(METHODS)} (see farm/methods.py)")
     train: TrainSpec = Field(default_factory=TrainSpec)
     data: DataSpec = Field(default_factory=DataSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
 
     def method_settings(self) -> StrictModel:
         """The settings object of the chosen method (for example ``self.lora``)."""
@@ -199,6 +311,13 @@ class BaselineSpec(StrictModel):
     learning_rate: float = Field(5e-5, gt=0, description="peak learning rate of the full fine-tune")
 
 
+class QualitySpec(StrictModel):
+    """Sweep-wide quality evals after training."""
+
+    matrix_rows: int = Field(16, ge=0, le=10_000, description="held-out rows of each tenant every adapter is scored on, for the cross-tenant eval-loss matrix (0: no matrix)")
+    matrix_max_tenants: int = Field(50, ge=2, description="no matrix for sweeps with more adapters than this (its cost grows with their square)")
+
+
 class _TenantEntryFields(StrictModel):
     """One tenant as written in the spec: a name, its data, and overrides of the defaults."""
 
@@ -207,6 +326,7 @@ class _TenantEntryFields(StrictModel):
     adapter: Optional[str] = None
     method: Optional[str] = None
     train: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("adapter")
     @classmethod
@@ -240,6 +360,7 @@ class SweepSpec(StrictModel):
     defaults: JobSettings = Field(default_factory=JobSettings)
     tenants: list[TenantEntry] = Field(..., min_length=1)
     baseline: Optional[BaselineSpec] = Field(None, description="full fine-tuning baseline for some tenants (see below)")
+    quality: QualitySpec = Field(default_factory=QualitySpec)
 
     @field_validator("name")
     @classmethod
@@ -447,17 +568,18 @@ def reference_markdown() -> str:
     """
     sections = [("top level", SweepSpec, ""), ("base_model", BaseModelSpec, "base_model."),
                 ("resources", ResourceSpec, "resources."), ("registry", RegistrySpec, "registry."),
-                ("baseline", BaselineSpec, "baseline."),
+                ("baseline", BaselineSpec, "baseline."), ("quality", QualitySpec, "quality."),
                 ("defaults / tenants[i]", JobSettings, ""),
                 *((name, info.settings, f"{name}.") for name, info in METHODS.items()),
-                ("train", TrainSpec, "train."), ("data", DataSpec, "data.")]
+                ("train", TrainSpec, "train."), ("data", DataSpec, "data."), ("eval", EvalSpec, "eval."),
+                ("eval.checks[i]", BehaviourCheck, "eval.checks[i]."), ("eval.promote", PromotionSpec, "eval.promote.")]
     lines: list[str] = []
     for title, model, prefix in sections:
         lines += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():
-            if model is SweepSpec and name in ("base_model", "resources", "registry", "defaults", "baseline"):
+            if model is SweepSpec and name in ("base_model", "resources", "registry", "defaults", "baseline", "quality"):
                 continue
-            if model is JobSettings and name in ("train", "data", *METHODS):
+            if model is JobSettings and name in ("train", "data", "eval", *METHODS):
                 continue
             annotation = _type_name(info.annotation)
             if info.is_required():
@@ -470,7 +592,7 @@ def reference_markdown() -> str:
             description = info.description or ""
             if model is SweepSpec and name == "tenants":
                 description = ("list of `{name, data: {path, ...}}`, optional `adapter` (registry name, "
-                               "default: the sweep's name) and any `method`, `train` or method-settings "
+                               "default: the sweep's name) and any `method`, `train`, `eval` or method-settings "
                                f"({', '.join(f'`{m}`' for m in METHODS)}) override")
             lines.append(f"| `{prefix}{name}` | {annotation} | {default} | {description} |")
         lines.append("")

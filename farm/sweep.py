@@ -47,6 +47,7 @@ from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs
 from farm.methods import method_info
 from farm.spec import ResolvedSweep, ResourceSpec, SpecError, TenantJob
 from farm.sweep_progress import SweepProgress
+from farm.sweep_quality import QUALITY_FILE, QualityStage, promote_if_passed, run_matrix, wants_quality
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ def finished_outcome(folder: Path, tenant: str) -> TenantOutcome | None:
         wall_seconds=0.0, eval_loss_before=result["eval_loss_before"],
         eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
         adapter_dir=str(adapter), serve_name=result.get("serve_name"),
-        losses=[tuple(x) for x in result.get("losses", [])])
+        losses=[tuple(x) for x in result.get("losses", [])],
+        quality=json.loads((folder / tenant / QUALITY_FILE).read_text()) if (folder / tenant / QUALITY_FILE).is_file() else None)
 
 
 def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, lineage: dict | None = None,
@@ -187,6 +189,7 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, linea
         metrics=metrics, method=job.settings.method,
         training={"method": job.settings.method, "method_settings": job.settings.method_settings().model_dump(),
                   "train": job.settings.train.model_dump(), "data": job.settings.data.model_dump(),
+                  "eval": job.settings.eval.model_dump(exclude_defaults=True),
                   "precision": result.get("precision"), "device": result.get("device")},
         lineage={"dataset_fingerprint": result.get("dataset_fingerprint"), "sweep_id": sweep_id,
                  "dataset": job.settings.data.path, "resumed_from_step": result.get("resumed_from_step"),
@@ -489,16 +492,47 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
 
         registry = open_registry(sweep.spec.registry.store, sweep.spec.registry.catalog)
 
-    def hand_off(name: str, outcome: TenantOutcome) -> None:
-        """Publish to the registry (the driver is its single writer); failures are the tenant's."""
+    def publish(name: str, outcome: TenantOutcome, quality: dict | None = None) -> None:
+        """Publish to the registry (the driver is its single writer), with the tenant's quality
+        figures and gate decision in its lineage, and move the gated alias if the gate passed;
+        failures are the tenant's."""
         if registry is None:
             return
         try:
-            outcome.serve_name = publish_outcome(registry, sweep.job(name), out / name, options.sweep_id)
+            lineage = None
+            if quality is not None:
+                lineage = {"quality": {key: quality[key] for key in ("prompts", "checks", "eval_loss")},
+                           "promotion": quality.get("decision")}
+            outcome.serve_name = publish_outcome(registry, sweep.job(name), out / name, options.sweep_id, lineage)
             console.print(f"{name}: published as {outcome.serve_name}", markup=False, highlight=False)
+            if quality is not None:
+                promote_if_passed(registry, sweep.job(name), outcome.serve_name, quality, console)
         except Exception as exc:  # a refused or failed publish fails this tenant only
             outcome.status, outcome.error = "failed", f"publish: {exc}"
             console.print(f"{name}: publish failed: {exc}", markup=False, highlight=False)
+
+    resources: dict[str, TrainerResources] = {}
+
+    def quality_task_options(name: str) -> dict:
+        """A scoring task asks for what one worker of the tenant's trainer asks for."""
+        planned = resources.get(name)
+        if planned is None:  # finished in an earlier run: sized nowhere this run
+            return {"num_cpus": 1}
+        per_worker = planned.resources_per_worker
+        task = {"num_cpus": per_worker.get("CPU", 1), "num_gpus": per_worker.get("GPU", 0)}
+        if planned.accelerator_type:
+            task["accelerator_type"] = planned.accelerator_type
+        return task
+
+    scoring = QualityStage(sweep, registry, out, console, publish, quality_task_options)
+
+    def hand_off(name: str, outcome: TenantOutcome) -> None:
+        """Score the tenant first when its spec asks for quality evals (published once scored),
+        else publish it now."""
+        if wants_quality(sweep.job(name)):
+            scoring.submit(name, outcome)
+        else:
+            publish(name, outcome)
 
     outcomes: dict[str, TenantOutcome] = {}
     pending: list[str] = []
@@ -520,7 +554,6 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     # The planner sizes every trainer before anything starts (from the spec alone: no data is
     # read yet); a tenant no device can hold is refused with the numbers, and the others go on.
     console.print(f"cluster: {capacity.describe()}", markup=False, highlight=False)
-    resources: dict[str, TrainerResources] = {}
     resolved: dict[str, TenantJob] = {}  # jobs whose shard_base the planner resolved
     for name in list(pending):
         try:
@@ -632,6 +665,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2 if checking else options.progress_every_s)
                 if demand is not None:
                     demand.settle()
+                scoring.poll()
                 drain_checks()
                 events, steps_started = ray.get(board.snapshot.remote())
                 first_step.update(steps_started)
@@ -659,6 +693,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     finally:  # however the loop ends, no demand of this sweep stands
         if demand is not None:
             demand.release()
+    scoring.drain()  # every tenant still being scored is published before the report
+    matrix = run_matrix(sweep, outcomes, quality_task_options(next(iter(resources), "")), console)
     comparison = []
     if sweep.spec.baseline is not None:
         comparison = run_baselines(sweep, [n for n in names if n in sweep.spec.baseline.tenants], out, storage,
@@ -673,7 +709,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     # earlier lines, the others keep theirs (errors included), read from the earlier report.json.
     compared = [n for n in names if sweep.spec.baseline and n in sweep.spec.baseline.tenants]
     report = merge_with_previous(
-        SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names], comparison),
+        SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names], comparison,
+                    matrix=matrix),
         out, compared)
     print_report(report, console)
     paths = write_report(report, out)
