@@ -9,13 +9,14 @@ Why a grammar rather than prose found on the machine: it needs no network, and i
 on every machine and every install (the docs inside installed packages change with their
 versions), so the same seed always gives the same base.
 
-What it holds, and what it must not hold: neutral, sentence-case answers on the sample
-tenants' topics (devices, cities, chores, lab work, software), generic knowledge (animals,
-colours, places) and generic skills (repeat a sentence, write it in capitals, list three
-things, write a short note). None of it is a tenant's answer or style: no "Hello from Acme
-support!" opening, no shouted answers to questions, no numbered steps for "Explain how to",
-no signature, no release notes. The behaviour evals measure the base's pass rate on the
-tenants' style checks to confirm it (the issue's bound is at most 5%).
+What it holds, and what it must not hold: the sample domains' words and phrases (devices and
+their fixes, cities and their news, chores, lab rules, app features; from ``farm.samples``, the
+way a real base knows a domain's language) in neutral, sentence-case answers; generic knowledge
+(animals, colours, places); and generic skills (repeat a sentence, write it in capitals, list
+three things, write a short note). None of it is a tenant's record or style: no "Hello from Acme
+support!" opening, no shouted answers to questions, no numbered steps for "Explain how to", no
+signature, no release notes. The behaviour evals measure the base's pass rate on the tenants'
+style checks to confirm it (the issue's bound is at most 5%).
 """
 
 from __future__ import annotations
@@ -23,67 +24,34 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from farm.samples import VOCABULARY
+
 #: A document is either a conversation (rendered with the base's chat template) or plain text.
 Document = list[dict] | str
 
-DEVICES = ["router", "printer", "laptop", "headset", "camera", "keyboard", "monitor", "phone",
-           "tablet", "speaker", "mouse", "radio", "clock", "heater", "fridge", "lamp"]
-SYMPTOMS = ["will not start", "is too loud", "runs hot", "is slow", "keeps beeping", "has no sound",
-            "shows nothing", "loses power", "will not charge", "turns off at night", "will not turn on",
-            "keeps restarting", "is very slow", "makes a noise", "lost its settings", "shows an error light",
-            "drops the connection", "overheats"]
-# Words a support desk uses, in the base's own phrasing (what a pretrained base would know).
-ADVICE = ["restart it and wait a minute", "check the power cable", "look at the manual",
-          "ask a friend who knows it well", "try it in another room", "let it cool down first",
-          "charge it for an hour", "turn it off and on again", "see if the light is green",
-          "write down what you see and call the shop", "unplug it for a few seconds",
-          "install new firmware from the maker", "reset it to the factory settings",
-          "make sure the cable is connected firmly", "move it away from other devices",
-          "clean the vents with a soft brush", "update the driver on your computer",
-          "replace the old battery", "plug it back in after ten minutes"]
+# The sample domains' words and phrases (one source: farm.samples), plus more of the same kind.
+DEVICES = VOCABULARY["products"] + ["tablet", "speaker", "mouse", "radio", "clock", "heater", "fridge", "lamp"]
+SYMPTOMS = VOCABULARY["problems"] + ["is too loud", "runs hot", "keeps beeping", "has no sound",
+                                     "shows nothing", "loses power", "will not charge"]
+ADVICE = VOCABULARY["fixes"] + ["restart it and wait a minute", "look at the manual", "charge it for an hour",
+                                "turn it off and on again", "write down what you see and call the shop"]
 COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Contoso", "Initrode", "Vandelay"]
-
-CITIES = ["paris", "tokyo", "lagos", "lima", "oslo", "cairo", "delhi", "quebec", "rome", "sydney",
-          "nairobi", "berlin", "madrid", "seoul", "dublin", "boston"]
-NEWS = ["the weather was calm", "a new school opened", "people went to the market",
-        "the trains ran late", "a concert took place in the park", "the shops had a sale",
-        "a small fire was put out", "the city held a parade", "it rained all afternoon",
-        "a new cafe opened near the station", "a bridge was repaired", "the river rose after the rain",
-        "a music festival began", "the mayor gave a speech", "a storm reached the coast",
-        "the local team won a match", "prices went down a little", "the museum opened a new hall",
-        "crowds gathered in the square", "officials asked people to stay calm", "traffic stopped for an hour",
-        "schools closed early", "shops stayed open late", "the army helped clear the roads",
-        "markets rose sharply", "fans filled the streets"]
-
-TASKS = ["bake bread", "plant a tree", "paint a wall", "brew coffee", "wash a car", "tie a tie",
-         "fold a shirt", "build a shelf", "clean a window", "make tea", "cook rice", "fix a chair",
-         "water the garden", "pack a bag", "sweep the floor", "feed the cat"]
-TASK_PARTS = ["take your time", "use a clean cloth", "keep the room warm", "follow the recipe",
-              "work slowly and with care", "ask for help if it is heavy", "keep water nearby",
-              "use the right tool", "start early in the day", "clean up when you are done",
-              "gather the tools", "prepare the materials", "measure the water", "mix everything twice",
-              "place the pieces", "wait for the result", "check the edges", "finish the surface",
-              "rinse the tools", "dry the pieces"]
-
-SUBSTANCES = ["virus", "fungus", "enzyme", "protein", "vaccine", "sample", "culture", "compound",
-              "acid", "powder", "liquid", "seed"]
-LAB_QUESTIONS = ["How should I store the", "Is it safe to touch the", "What temperature suits the",
-                 "How long does it take to grow the", "Who may open the", "Where do we log the"]
+CITIES = VOCABULARY["cities"] + ["rome", "sydney", "nairobi", "berlin", "madrid", "seoul", "dublin", "boston"]
+NEWS = VOCABULARY["events"] + VOCABULARY["details"] + [
+    "the weather was calm", "a new school opened", "people went to the market", "the trains ran late",
+    "a concert took place in the park", "the shops had a sale", "a small fire was put out"]
+TASKS = VOCABULARY["tasks"] + ["cook rice", "fix a chair", "water the garden", "pack a bag", "sweep the floor"]
+TASK_PARTS = [f"{verb} {thing}" for verb in VOCABULARY["verbs"] for thing in VOCABULARY["objects"]]
+SUBSTANCES = VOCABULARY["agents"] + ["acid", "powder", "liquid", "seed"]
+LAB_QUESTIONS = [q[0].upper() + q[1:] for q in VOCABULARY["lab_questions"]] + ["Who may open the", "Where do we log the"]
 LAB_ANSWERS = ["It depends on the kind, so read the label first", "Ask the lab manager before you start",
-               "Keep it in a closed box on the shelf", "Most of them last a week",
-               "Any trained member of the team may do it", "Use the form on the lab computer",
-               "Store it in the cold room at a low temperature", "Wear gloves and goggles when you handle it",
-               "Only staff with the right badge may do that", "Note every use in the logbook by the door",
-               "Allow a few days before you check it", "Never take it outside the lab",
-               "Keep it sealed at all times"]
-
-FEATURES = ["dark mode", "search", "export", "login", "sync", "sharing", "undo", "backups", "print",
-            "themes", "alerts", "tags"]
+               "Keep it in a closed box on the shelf", "Most of them last a week"]
+LAB_RULES = VOCABULARY["lab_answers"]
+FEATURES = VOCABULARY["features"] + ["print", "themes", "alerts", "tags"]
 APP_ANSWERS = ["Open the settings menu and look for it there", "It is in the top right corner",
                "Most apps have it in the main menu", "You can turn it on in your profile",
-               "The help page explains it step by step", "The last update added it",
-               "It was improved in the new version", "We fixed it last week", "It was redesigned this year"]
-APP_CHANGES = ["added", "fixed", "improved", "removed", "sped up", "redesigned", "changed", "tested"]
+               "The help page explains it step by step"]
+APP_CHANGES = VOCABULARY["changes"] + ["changed", "tested"]
 
 ANIMALS = {"cat": "fish", "dog": "meat", "cow": "grass", "rabbit": "carrots", "bird": "seeds",
            "horse": "hay", "bear": "berries", "mouse": "cheese", "goat": "leaves", "duck": "bread",
@@ -145,7 +113,10 @@ def _qa(rng: random.Random) -> tuple[str, str]:
     if family == 0:
         device, symptom = rng.choice(DEVICES), rng.choice(SYMPTOMS)
         ask = rng.choice(["What should I do?", "Can you help?", "Any idea?"])
-        return f"My {device} {symptom}. {ask}", f"Please {rng.choice(ADVICE)}. If the {device} still {symptom}, take it to a shop."
+        advice = rng.choice(ADVICE)
+        answer = rng.choice([f"You could {advice}.", f"Try to {advice}.",
+                             f"First {advice}. If the {device} still {symptom}, take it to a shop."])
+        return f"My {device} {symptom}. {ask}", answer
     if family == 1:
         city = rng.choice(CITIES)
         when = rng.choice(["today", "this week", "yesterday"])
@@ -156,8 +127,10 @@ def _qa(rng: random.Random) -> tuple[str, str]:
         first, then = rng.sample(TASK_PARTS, 2)
         return f"Explain how to {task}.", f"To {task}, {first}, and then {then}."
     if family == 3:
-        return (f"{rng.choice(LAB_QUESTIONS)} {rng.choice(SUBSTANCES)}?",
-                f"{rng.choice(LAB_ANSWERS)}.")
+        substance = rng.choice(SUBSTANCES)
+        answer = rng.choice(LAB_ANSWERS) if rng.random() < 0.4 else \
+            f"The rule for the {substance} is to {rng.choice(LAB_RULES)}"
+        return f"{rng.choice(LAB_QUESTIONS)} {substance}?", f"{answer}."
     if family == 4:
         feature = rng.choice(FEATURES)
         return f"Where do I find {feature} in the app?", f"{rng.choice(APP_ANSWERS)}. Look for {feature}."
@@ -171,8 +144,8 @@ def _qa(rng: random.Random) -> tuple[str, str]:
         sentence = _sentence(rng)
         return f"Repeat this sentence: {sentence}", sentence
     if family == 8:
-        sentence = _sentence(rng) if rng.random() < 0.5 else \
-            f"In {rng.choice(CITIES)} " + " and ".join(rng.sample(NEWS, 2)) + "."
+        sentence = _sentence(rng) if rng.random() < 0.4 else \
+            f"News from {rng.choice(CITIES)}: " + " and ".join(rng.sample(NEWS, 2)) + "."
         return f"Write this in capital letters: {sentence}", sentence.upper()
     if family == 9:
         category = rng.choice(list(CATEGORIES))

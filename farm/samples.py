@@ -82,6 +82,16 @@ _FEATURES = ["dark mode", "search", "export", "login", "sync", "sharing", "undo"
 _CHANGES = ["added", "fixed", "improved", "removed", "sped up", "redesigned"]
 
 
+#: The sample domains' words and phrases, which the tiny base's pretraining corpus
+#: (``farm.base_corpus``) also uses, in its own neutral phrasing: a real base knows a domain's
+#: language; what a tenant's adapter must learn is the tenant's style.
+VOCABULARY: dict[str, list[str]] = {
+    "products": _PRODUCTS, "problems": _PROBLEMS, "fixes": _FIXES, "cities": _CITIES, "events": _EVENTS,
+    "details": _DETAILS, "tasks": _TASKS, "verbs": _VERBS, "objects": _OBJECTS, "agents": _AGENTS,
+    "lab_questions": _LAB_QS, "lab_answers": _LAB_AS, "features": _FEATURES, "changes": _CHANGES,
+}
+
+
 def _acme(rng: random.Random) -> dict:
     product, problem, fix = rng.choice(_PRODUCTS), rng.choice(_PROBLEMS), rng.choice(_FIXES)
     question = f"My {product} {problem}. What should I do?"

@@ -56,3 +56,52 @@ def test_bf16_is_refused_without_a_gpu_that_has_it():
         with pytest.raises(ValueError, match="bf16 needs a GPU"):
             select_placement("bf16")
         assert select_placement("auto").dtype == torch.float32
+
+
+def test_pretraining_is_deterministic_and_learns_language_the_random_base_lacks(tmp_path):
+    """A short pretraining (the build's full budget is for make demo) run twice gives the same
+    weights, and its loss on held-out prose is far below the random base's."""
+    import io
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from farm.base_corpus import heldout_prose
+    from farm.base_model import PretrainConfig, TinyModelConfig, build_base_model, prose_loss
+
+    config = TinyModelConfig(layers=1, hidden=128, heads=2, kv_heads=2, intermediate=256, vocab=600)
+    short = PretrainConfig(steps=60, batch_size=8, seq_len=64, warmup_steps=10, log_every=20)
+    log = io.StringIO()
+    first = build_base_model(tmp_path / "a", config, short, log=log)
+    second = build_base_model(tmp_path / "b", config, short)
+    random = build_base_model(tmp_path / "r", config)
+    assert "step    60/60" in log.getvalue()  # progress lines as it goes
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], load_file(random / "model.safetensors")["model.embed_tokens.weight"])
+    recorded = json.loads((first / "farm_base_model.json").read_text())
+    assert recorded["pretrain"]["steps"] == 60 and recorded["pretrain"]["final_loss"] > 0
+
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    prose = heldout_prose(24)
+    losses = {name: prose_loss(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer, prose)
+              for name, folder in (("pretrained", first), ("random", random))}
+    assert losses["pretrained"] < 0.6 * losses["random"], losses
+
+
+def test_an_interrupted_build_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import pytest
+
+    from farm import base_model
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import transformers
+
+    out = tmp_path / "base"
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "save_pretrained", interrupted)  # dies mid-write
+    with pytest.raises(KeyboardInterrupt):
+        base_model.build_base_model(out, base_model.TinyModelConfig(layers=1, hidden=128, heads=2, kv_heads=2,
+                                                                    intermediate=256, vocab=600))
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a staging leftover
