@@ -20,15 +20,12 @@ padding), which serves every method the farm trains.
 from __future__ import annotations
 
 import contextlib
-import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from farm.spec import EvalSpec, PromotionSpec, TenantJob
-
-logger = logging.getLogger(__name__)
 
 #: Plain-text examples have no prompt: generation starts from their first tokens instead.
 TEXT_PROMPT_TOKENS = 4
@@ -246,11 +243,6 @@ def load_base_for_eval(job: TenantJob, precision: str = "auto"):
     for parameter in base.parameters():
         parameter.requires_grad_(False)
     return tokenizer, base.eval(), placement.device
-
-
-def quality_record(quality: TenantQuality) -> dict:
-    """The JSON form lineage and reports keep."""
-    return asdict(quality)
 
 
 def job_of_version(info) -> TenantJob:

@@ -303,6 +303,17 @@ def _matrix_rows(report: SweepReport) -> tuple[tuple[str, ...], list[list[str]],
     return ("adapter \\ data", *names), rows, line
 
 
+def _print_table(console: Console, header: Sequence[str], rows: list[list[str]], title: str,
+                 caption: str | None = None) -> None:
+    """A titled table of plain cells (never read as markup); nothing when there are no rows."""
+    if not rows:
+        return
+    table = Table(*header, title=title, caption=escape(caption) if caption else None)
+    for row in rows:
+        table.add_row(*[escape(cell) for cell in row])
+    console.print(table)
+
+
 def print_report(report: SweepReport, console: Console | None = None) -> None:
     """The summary table, coloured by status, then what each tenant's data became."""
     console = console or Console()
@@ -316,23 +327,11 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
         table.add_row(*cells)
     console.print(table)
     header, rows = _data_rows(report)
-    if rows:
-        data_table = Table(*header, title="tenant data")
-        for row in rows:
-            data_table.add_row(*[escape(cell) for cell in row])
-        console.print(data_table)
+    _print_table(console, header, rows, "tenant data")
     header, rows = _quality_rows(report)
-    if rows:
-        quality_table = Table(*header, title="behaviour checks on held-out prompts (pass rates)")
-        for row in rows:
-            quality_table.add_row(*[escape(cell) for cell in row])
-        console.print(quality_table)
+    _print_table(console, header, rows, "behaviour checks on held-out prompts (pass rates)")
     header, rows, line = _matrix_rows(report)
-    if rows:
-        matrix_table = Table(*header, title="cross-tenant eval loss", caption=escape(line))
-        for row in rows:
-            matrix_table.add_row(*[escape(cell) for cell in row])
-        console.print(matrix_table)
+    _print_table(console, header, rows, "cross-tenant eval loss", line)
     for note in report.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     if report.comparison:
@@ -351,8 +350,7 @@ def markdown(report: SweepReport) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     header, rows = _data_rows(report)
     if rows:
-        lines += ["", "## Tenant data", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", "## Tenant data", "", _md_table(header, rows)]
     header, rows = _quality_rows(report)
     if rows:
         lines += ["", "## Behaviour checks on held-out prompts", "", _md_table(header, rows)]
