@@ -76,13 +76,15 @@ def test_the_sweep_promotes_only_versions_that_pass_the_gate_and_the_cli_agrees(
     assert decision["incumbent"] == "good.e2e.v1" and decision["current"]["eval_loss"] > 0
     assert registry.get("good", "e2e", alias="production").version == 1
 
-    # By hand: the same data and seed gave v2 v1's loss, so with no margin it is not worse
-    promoted = _farm("registry", "promote", "good.e2e.v2", "--if-better", "--min-improvement", "0",
-                     "--store", str(tmp_path / "registry"), "--json")
-    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
-    answer = json.loads(promoted.stdout)
-    assert answer["decision"] == "promoted" and answer["eval_loss"]["incumbent"] == answer["eval_loss"]["adapter"]
-    assert registry.get("good", "e2e", alias="production").version == 2
+    # By hand, with no margin: promoted exactly when v2 scores no worse than v1 on v2's data
+    # (v1 trained in a pack, v2 alone, so their losses may differ), and the alias follows
+    by_hand = _farm("registry", "promote", "good.e2e.v2", "--if-better", "--min-improvement", "0",
+                    "--store", str(tmp_path / "registry"), "--json")
+    answer = json.loads(by_hand.stdout[by_hand.stdout.index("{"):])
+    not_worse = answer["eval_loss"]["adapter"] <= answer["eval_loss"]["incumbent"]
+    assert answer["decision"] == ("promoted" if not_worse else "held"), answer
+    assert by_hand.returncode == (0 if not_worse else 1)
+    assert registry.get("good", "e2e", alias="production").version == (2 if not_worse else 1)
     refused = _farm("registry", "promote", "bad.e2e.v1", "--if-better", "--store", str(tmp_path / "registry"))
     assert refused.returncode == 1 and "held" in refused.stdout and "greeting passed 0%" in refused.stdout
     with pytest.raises(NotFound):
