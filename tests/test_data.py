@@ -150,8 +150,9 @@ def test_too_long_policies(tokenizer, tmp_path):
 def test_packing_fills_rows_and_keeps_examples_apart(tokenizer, base_model_dir):
     from transformers import AutoModelForCausalLM
 
-    packed = load_tenant_data("t", _spec(SAMPLE_DATA / "acme.jsonl", max_seq_len=256), tokenizer)
-    unpacked = load_tenant_data("t", _spec(SAMPLE_DATA / "acme.jsonl", max_seq_len=256, packing=False), tokenizer)
+    # acme's examples run to ~100 tokens: rows of 512 leave packing room for several per row
+    packed = load_tenant_data("t", _spec(SAMPLE_DATA / "acme.jsonl", max_seq_len=512), tokenizer)
+    unpacked = load_tenant_data("t", _spec(SAMPLE_DATA / "acme.jsonl", max_seq_len=512, packing=False), tokenizer)
     assert packed.train.padding_share < 0.05
     assert packed.train.real_tokens == unpacked.train.real_tokens
     assert len(packed.train) < len(unpacked.train) / 3

@@ -33,7 +33,7 @@ LORA_LIKE = {"rank": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-line
 CASES = {
     "lora": ({"lora": LORA_LIKE}, 3e-3),
     "dora": ({"dora": LORA_LIKE}, 3e-3),
-    "ia3": ({}, 3e-2),
+    "ia3": ({}, 1e-1),  # IA3 only rescales activations: on a random base it needs a large step
     # projection: the harder path (its MLP lives only in checkpoints, not in the saved adapter)
     "prefix": ({"prefix": {"num_virtual_tokens": 8, "projection": True, "projection_hidden_size": 64}}, 3e-2),
     "prompt": ({"prompt": {"num_virtual_tokens": 8, "init": "text", "init_text": "Answer the customer:"}}, 3e-2),
