@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from farm.methods import method_info
-from farm.spec import BaseModelSpec, JobSettings
+from farm.spec import BaseModelSpec, JobSettings, TenantJob
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,33 @@ def load_trainable_state(model, tensors: dict) -> None:
                 raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensors[name].shape)}, "
                                  f"adapter has {tuple(param.shape)}")
             param.copy_(as_sharded_like(tensors[name].to(param.device, param.dtype), param))
+
+
+def warm_start(model, job: TenantJob, adapter_name: str = "default") -> None:
+    """Load the adapter files ``job.init_adapter`` holds (a folder or storage URI, staged by the
+    sweep for ``train.init_from``) into ``model``'s adapter ``adapter_name``; nothing when the
+    job has none. The files must hold exactly this adapter's tensors with its shapes, else
+    ``ValueError`` naming the first difference (settings changed since that version)."""
+    if not job.init_adapter:
+        return
+    import pyarrow.fs as pafs
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load as load_safetensors
+
+    uri = job.init_adapter.rstrip("/")
+    fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    with fs.open_input_stream(f"{root}/adapter_model.safetensors") as stream:
+        tensors = load_safetensors(stream.read())
+    own = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"train.init_from: {job.init_version} does not match this adapter: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, value in own.items():
+        if tuple(value.shape) != tuple(tensors[name].shape):
+            raise ValueError(f"train.init_from: {job.init_version}: tensor {name} has shape "
+                             f"{tuple(tensors[name].shape)}, this adapter {tuple(value.shape)}")
+    set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
 
 
 def as_sharded_like(value, param):

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-STATUS_OK = ("trained", "skipped")  # skipped: finished in an earlier run of the same sweep id
+# skipped: finished in an earlier run of the same sweep id; unchanged: --changed-only kept its newest version
+STATUS_OK = ("trained", "skipped", "unchanged")
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -31,7 +32,7 @@ class TenantOutcome:
     """One tenant's line in the sweep summary."""
 
     tenant: str
-    status: str                      # trained | skipped | invalid | failed
+    status: str                      # trained | skipped | unchanged | invalid | failed
     method: str = ""                 # the PEFT method and its size, for example "lora r8", "prefix 16 tokens"
     steps: int = 0
     tokens: int = 0
@@ -319,7 +320,7 @@ def print_report(report: SweepReport, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(*_COLUMNS, title=f"sweep {report.sweep_id} ({report.wall_seconds:.0f} s)",
                   caption=escape(_summary(report)) if report.earlier else None)
-    colours = {"trained": "green", "skipped": "cyan", "invalid": "red", "failed": "red"}
+    colours = {"trained": "green", "skipped": "cyan", "unchanged": "cyan", "invalid": "red", "failed": "red"}
     for outcome in report.outcomes:
         # Errors quote workers, libraries and tenants' data: never read them as markup.
         cells = [escape(cell) for cell in _cells(outcome)]

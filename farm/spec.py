@@ -101,6 +101,14 @@ class TrainSpec(StrictModel):
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between progress lines")
+    init_from: Optional[str] = Field(None, description="warm start: begin from the weights of the version this alias of the tenant's own adapter names (production, latest, ...), when it exists and was trained with the same method settings; null: fresh init")
+
+    @field_validator("init_from")
+    @classmethod
+    def _valid_init_alias(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not an alias name (pattern {NAME_PATTERN.pattern})")
+        return value
 
     @model_validator(mode="after")
     def _early_stop_needs_eval(self):
@@ -395,6 +403,9 @@ class TenantJob(BaseModel):
     output_dir: str = Field(..., description="this tenant's folder inside the sweep's output")
     run_id: Optional[str] = Field(None, description="names this run where one tenant has several (a service's "
                                   "fine-tuning job id); a sweep's runs are named by their tenant")
+    init_adapter: Optional[str] = Field(None, description="folder or storage URI of the adapter files training starts "
+                                        "from (train.init_from, resolved and staged by the sweep); null: fresh init")
+    init_version: Optional[str] = Field(None, description="serve name of the version init_adapter holds (lineage)")
 
     @property
     def key(self) -> str:

@@ -44,6 +44,7 @@ from farm.models import load_tokenizer
 from farm.report import (SweepReport, TenantOutcome, merge_with_previous, print_report, replace_atomically,
                          write_report)
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
+from farm.incremental import select_changed, stage_warm_start, training_record
 from farm.methods import method_info
 from farm.spec import ResolvedSweep, ResourceSpec, SpecError, TenantJob
 from farm.sweep_progress import SweepProgress
@@ -68,6 +69,7 @@ class SweepOptions:
     max_concurrent: int | None = None
     storage: str | None = None              # Ray Train storage root; default: <sweep dir>/.ray
     progress_every_s: float = 5.0
+    changed_only: bool = False              # train only tenants changed since their newest version
 
     def __post_init__(self) -> None:
         if self.max_concurrent is not None and self.max_concurrent < 1:
@@ -187,13 +189,10 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, linea
     info = registry.publish(
         job.tenant, job.adapter, folder / ADAPTER_DIR, base_model=job.base_model.name_or_path,
         metrics=metrics, method=job.settings.method,
-        training={"method": job.settings.method, "method_settings": job.settings.method_settings().model_dump(),
-                  "train": job.settings.train.model_dump(), "data": job.settings.data.model_dump(),
-                  "eval": job.settings.eval.model_dump(exclude_defaults=True),
-                  "precision": result.get("precision"), "device": result.get("device")},
+        training={**training_record(job), "precision": result.get("precision"), "device": result.get("device")},
         lineage={"dataset_fingerprint": result.get("dataset_fingerprint"), "sweep_id": sweep_id,
                  "dataset": job.settings.data.path, "resumed_from_step": result.get("resumed_from_step"),
-                 **(lineage or {})},
+                 **({"init_from": job.init_version} if job.init_version else {}), **(lineage or {})},
         idempotency_key=idempotency_key)
     result["serve_name"] = info.serve_name
     replace_atomically(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
@@ -546,6 +545,12 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
                 hand_off(name, done)
         else:
             pending.append(name)
+    if options.changed_only:
+        if registry is None:
+            raise SpecError(sweep.source, ["registry: --changed-only compares each tenant with its newest version, "
+                                           "so the spec needs a registry"])
+        pending, unchanged = select_changed(sweep, pending, registry, console)
+        outcomes.update(unchanged)
     # What the cluster offers decides whether methods that need CUDA can run at all: if not,
     # the whole spec is refused here, before any tenant's data is read or any trainer starts.
     capacity = cluster_capacity(sweep.spec.resources)
@@ -570,6 +575,21 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             pending.remove(name)
             continue
         console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
+    for name in list(pending):  # train.init_from: the alias's version, staged where the workers read
+        job = resolved.get(name, sweep.job(name))
+        if job.settings.train.init_from is None:
+            continue
+        try:
+            if registry is None:
+                raise ValueError("train.init_from needs the spec's registry")
+            resolved[name] = stage_warm_start(registry, job, storage)
+        except Exception as exc:  # this tenant only: the others train
+            outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=str(exc))
+            console.print(f"{name}: refused, not started: {exc}", markup=False, highlight=False)
+            pending.remove(name)
+            continue
+        if resolved[name].init_version:
+            console.print(f"{name}: warm start from {resolved[name].init_version}", markup=False, highlight=False)
     # From here on every job says the layout it trains with (the pools' workers read it).
     sweep = sweep.model_copy(update={"jobs": {**sweep.jobs, **resolved}})
 

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                         help="override registry.store (folder or s3://...); default $FARM_REGISTRY_STORE")
     parser.add_argument("--registry-catalog", default=os.environ.get("FARM_REGISTRY_CATALOG"),
                         help="override registry.catalog (SQLAlchemy URL); default $FARM_REGISTRY_CATALOG")
+    parser.add_argument("--changed-only", action="store_true",
+                        help="train only the tenants whose base model, settings or dataset fingerprint differ from "
+                             "their newest version's lineage; the others keep that version (needs a registry)")
     parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress updates")
     parser.add_argument("--service", metavar="URL",
                         help="submit the tenants as jobs to the farm service behind this gateway instead of training "
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None, extra_overrides: dict | None = None, pro
              include_dashboard=False)
     options = SweepOptions(sweep_id=args.sweep_id or sweep.spec.name, tenants=tenants,
                            max_concurrent=args.max_concurrent, storage=args.storage,
-                           progress_every_s=args.progress_every)
+                           progress_every_s=args.progress_every, changed_only=args.changed_only)
     try:
         report = run_sweep(sweep, options)
     except SpecError as exc:  # refused up front (a method this cluster cannot run): nothing started

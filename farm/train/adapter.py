@@ -37,7 +37,7 @@ import torch
 
 from farm.data import DataError, TenantData, load_tenant_data
 from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, load_tokenizer,
-                         load_trainable_state, select_device, select_placement, trainable_state)
+                         load_trainable_state, select_device, select_placement, trainable_state, warm_start)
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, InjectedWorkerFailure, JobCancelled, LocalCheckpoints,
                                Progress, StepLoop, TrainState, build_optimizer, build_scheduler, evaluate,
@@ -119,6 +119,7 @@ class AdapterRecipe(StepLoop):
         torch.manual_seed(spec.seed)  # same adapter init on every worker and every run
         self.model = build_peft_model(self.bases.borrow(self.job.base_model, self.placement, self.job.settings),
                                       self.job.settings, self.job.base_model.name_or_path)
+        warm_start(self.model, self.job)  # train.init_from (a resumed run overwrites it below)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable, self.total = count_parameters(self.model)

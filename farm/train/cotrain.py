@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from farm.data import IGNORE_INDEX, DataError, TenantData, load_tenant_data
 from farm.methods import co_trainable_methods, method_info
-from farm.models import Placement, count_parameters, load_base_model, load_tokenizer, select_placement
+from farm.models import Placement, count_parameters, load_base_model, load_tokenizer, select_placement, warm_start
 from farm.spec import TenantJob
 from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, Progress, StepEvent, Stopwatch,
                                TrainState, build_optimizer, build_scheduler, evaluate, load_checkpoint, make_batch,
@@ -261,6 +261,7 @@ class CoTrainer:
         else:
             self.model.add_adapter(job.tenant, config)
             self.router.refresh()
+        warm_start(self.model, job, job.tenant)  # train.init_from (a resumed run overwrites it below)
         params = [p for name, p in self.model.named_parameters()
                   if f"lora_A.{job.tenant}." in name or f"lora_B.{job.tenant}." in name]
         for param in params:
