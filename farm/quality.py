@@ -14,7 +14,8 @@ worse than the one serving now. Everything here scores adapters on one loaded ba
 - ``loss_matrix``: every adapter's eval loss on every tenant's sampled rows.
 
 Generations run with transformers + PEFT (``model.generate``, greedy, batched with left
-padding), which serves every method the farm trains.
+padding), which serves every method the farm trains, or with the serving engine, vLLM, where
+it can load the adapter (``farm.quality_vllm``, ``eval.engine``).
 """
 
 from __future__ import annotations
@@ -156,30 +157,39 @@ class TenantQuality:
     samples: list[dict] = field(default_factory=list)    # a few {prompt, base, adapter}
     incumbent: str | None = None                         # serve name of the alias's current version
     decision: dict | None = None                         # the gate's, when the tenant has one
+    engine: str = "transformers"                         # what generated the answers
+    engine_note: str | None = None                       # why not vLLM, when auto chose transformers
 
 
 def score_tenant(base, tokenizer, job: TenantJob, adapter_dir: str | Path, device,
                  incumbent_dir: str | Path | None = None, incumbent: str | None = None,
-                 rows: int = 64) -> TenantQuality:
+                 rows: int = 64, engine=None) -> TenantQuality:
     """Score a tenant's new adapter against the base and, if given, the alias's current version.
 
     Everything is measured on the same held-out prompts and rows, so the two versions'
-    figures compare like for like whatever data the older one was trained on.
+    figures compare like for like whatever data the older one was trained on. ``engine``
+    (``(prompts, max_new_tokens, adapter_dir or None) -> token ids``, a ``VllmGenerator``)
+    generates the answers instead of transformers; eval losses are transformers' either way.
     """
     spec = job.settings.eval
     held = held_out(job, tokenizer, spec.prompts, rows)
     prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in held.prompts[:SAMPLES_KEPT]]
-    base_texts = answer_texts(tokenizer, held, generate(base, tokenizer, held.prompts, spec.max_new_tokens, device))
+
+    def answers(model, adapter: str | Path | None) -> list[str]:
+        ids = engine(held.prompts, spec.max_new_tokens, adapter) if engine is not None else \
+            generate(model, tokenizer, held.prompts, spec.max_new_tokens, device)
+        return answer_texts(tokenizer, held, ids)
+
+    base_texts = answers(base, None)
     with adapter_on(base, adapter_dir) as model:
-        new_texts = answer_texts(tokenizer, held, generate(model, tokenizer, held.prompts, spec.max_new_tokens, device))
+        new_texts = answers(model, adapter_dir)
         new_loss = eval_loss(model, held, device)
     quality = TenantQuality(job.tenant, len(held.prompts), eval_loss={"adapter": new_loss, "incumbent": None},
                             incumbent=incumbent)
     old_rates: dict[str, float] = {}
     if incumbent_dir is not None:
         with adapter_on(base, incumbent_dir) as model:
-            old_texts = answer_texts(tokenizer, held, generate(model, tokenizer, held.prompts,
-                                                               spec.max_new_tokens, device))
+            old_texts = answers(model, incumbent_dir)
             quality.eval_loss["incumbent"] = eval_loss(model, held, device)
         old_rates = pass_rates(spec, old_texts)
     base_rates, new_rates = pass_rates(spec, base_texts), pass_rates(spec, new_texts)
@@ -187,6 +197,26 @@ def score_tenant(base, tokenizer, job: TenantJob, adapter_dir: str | Path, devic
                        "incumbent": old_rates.get(label)} for label in new_rates]
     quality.samples = [{"prompt": p, "base": b, "adapter": a}
                        for p, b, a in zip(prompt_texts, base_texts, new_texts)]
+    return quality
+
+
+def score_on_engine(base, tokenizer, job: TenantJob, adapter_dir: str | Path, device,
+                    incumbent_dir: str | Path | None = None, incumbent: str | None = None) -> TenantQuality:
+    """``score_tenant`` with the generation engine ``eval.engine`` asks for: vLLM is used only
+    when it can load every adapter scored (the new one and the incumbent: like for like)."""
+    import json
+
+    from farm.quality_vllm import VllmGenerator, choose_engine
+
+    folders = [Path(adapter_dir), *([Path(incumbent_dir)] if incumbent_dir is not None else [])]
+    name, note = choose_engine(job.settings.eval.engine, folders, job.base_model.name_or_path, job.settings.method)
+    engine = None
+    if name == "vllm":
+        rank = max(json.loads((f / "adapter_config.json").read_text()).get("r") or 1 for f in folders)
+        engine = VllmGenerator(job.base_model.name_or_path, rank,
+                               job.settings.data.max_seq_len + job.settings.eval.max_new_tokens, tokenizer.eos_token_id)
+    quality = score_tenant(base, tokenizer, job, adapter_dir, device, incumbent_dir, incumbent, engine=engine)
+    quality.engine, quality.engine_note = name, note
     return quality
 
 
@@ -294,8 +324,8 @@ def promote_if_better(backend, ref: str, gate: PromotionSpec, precision: str = "
         if current is not None:
             old_dir = Path(work) / "current"
             backend.download(current.serve_name, old_dir)
-        quality = score_tenant(base, tokenizer, job, new_dir, device, old_dir,
-                               current.serve_name if current is not None else None)
+        quality = score_on_engine(base, tokenizer, job, new_dir, device, old_dir,
+                                  current.serve_name if current is not None else None)
     decision = decide(gate, quality)
     if decision["decision"] == "promoted":
         backend.set_alias(candidate.tenant, candidate.adapter, gate.alias, candidate.version)

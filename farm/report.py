@@ -283,8 +283,9 @@ def _quality_rows(report: SweepReport) -> tuple[tuple[str, ...], list[list[str]]
             first = index == 0
             rows.append([outcome.tenant if first else "", check["check"], _percent(check["base"]),
                          _percent(check["adapter"]), _percent(check.get("incumbent")),
-                         loss_cell if first else "", verdict if first else ""])
-    return ("tenant", "behaviour check", "base", "adapter", "current", "eval loss", "promotion"), rows
+                         loss_cell if first else "", quality.get("engine", "transformers") if first else "",
+                         verdict if first else ""])
+    return ("tenant", "behaviour check", "base", "adapter", "current", "eval loss", "answers by", "promotion"), rows
 
 
 def _matrix_rows(report: SweepReport) -> tuple[tuple[str, ...], list[list[str]], str]:

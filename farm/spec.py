@@ -225,6 +225,7 @@ class EvalSpec(StrictModel):
     checks: list[BehaviourCheck] = Field(default_factory=list, max_length=50, description="behaviour checks on greedy generations for held-out prompts, each reported as the base's and the adapter's pass rate")
     prompts: int = Field(32, ge=1, le=1000, description="held-out prompts the checks run on (the first of the eval split)")
     max_new_tokens: int = Field(64, ge=1, le=1024, description="longest greedy generation per prompt")
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="what generates the answers the checks judge: vllm (the serving engine; LoRA adapters it can load), transformers (+ PEFT, every method), auto (vllm on CUDA nodes where it can serve the adapter, transformers otherwise)")
     promote: Optional[PromotionSpec] = Field(None, description="move an alias to the new version only when it passes this gate; null: no gated alias")
 
 

@@ -500,7 +500,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         try:
             lineage = None
             if quality is not None:
-                lineage = {"quality": {key: quality[key] for key in ("prompts", "checks", "eval_loss")},
+                lineage = {"quality": {key: quality.get(key) for key in ("prompts", "checks", "eval_loss", "engine")},
                            "promotion": quality.get("decision")}
             outcome.serve_name = publish_outcome(registry, sweep.job(name), out / name, options.sweep_id, lineage)
             console.print(f"{name}: published as {outcome.serve_name}", markup=False, highlight=False)

@@ -42,14 +42,14 @@ def score_task(job: dict, adapter: dict[str, bytes], incumbent: dict[str, bytes]
     """Ray task body: score one tenant's adapter (and the alias's current version) on one base."""
     from dataclasses import asdict
 
-    from farm.quality import load_base_for_eval, score_tenant
+    from farm.quality import load_base_for_eval, score_on_engine
 
     tenant_job = TenantJob.model_validate(job)
     tokenizer, base, device = load_base_for_eval(tenant_job, precision)
     with tempfile.TemporaryDirectory(prefix="farm-quality-") as work:
         new_dir = _written(adapter, Path(work) / "new")
         old_dir = _written(incumbent, Path(work) / "current") if incumbent else None
-        quality = score_tenant(base, tokenizer, tenant_job, new_dir, device, old_dir, incumbent_name)
+        quality = score_on_engine(base, tokenizer, tenant_job, new_dir, device, old_dir, incumbent_name)
     return asdict(quality)
 
 
@@ -146,8 +146,9 @@ class QualityStage:
                            lambda tmp: tmp.write_text(json.dumps(quality, indent=2) + "\n"))
         outcome.quality = quality
         rates = ", ".join(f"{c['check']}: base {c['base']:.0%} -> adapter {c['adapter']:.0%}" for c in quality["checks"])
-        self.console.print(f"{name}: {rates or 'no behaviour checks'}; eval loss {quality['eval_loss']['adapter']}",
-                           markup=False, highlight=False)
+        engine = quality.get("engine", "transformers") + (f" ({quality['engine_note']})" if quality.get("engine_note") else "")
+        self.console.print(f"{name}: {rates or 'no behaviour checks'}; eval loss {quality['eval_loss']['adapter']}; "
+                           f"answers by {engine}", markup=False, highlight=False)
         self.publish(name, outcome, quality)
 
 
