@@ -328,6 +328,8 @@ def promote_if_better(backend, ref: str, gate: PromotionSpec, precision: str = "
                                   current.serve_name if current is not None else None)
     decision = decide(gate, quality)
     if decision["decision"] == "promoted":
-        backend.set_alias(candidate.tenant, candidate.adapter, gate.alias, candidate.version)
+        backend.set_alias(candidate.tenant, candidate.adapter, gate.alias, candidate.version,
+                          note={"by": "farm registry promote --if-better", "serve_name": candidate.serve_name,
+                                **decision})
     return {**decision, "serve_name": candidate.serve_name, "checks": quality.checks,
             "eval_loss": quality.eval_loss}

@@ -337,6 +337,34 @@ def _promote_if_better(backend, ref: str, alias: str, min_improvement: Optional[
         raise typer.Exit(1)
 
 
+@registry_app.command("history")
+def history_cmd(adapter_ref: str = typer.Argument(..., help="tenant.adapter"),
+                alias: Optional[str] = typer.Option(None, help="only this alias's moves"),
+                as_json: bool = _json_option(),
+                url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
+                store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+    """Every move of an adapter's aliases, oldest first, with why (a gate's decision and figures
+    when `farm sweep` or `promote --if-better` made it)."""
+    tenant, dot, adapter = adapter_ref.partition(".")
+    if not dot or "." in adapter:
+        _fail(escape(f"{adapter_ref!r}: expected tenant.adapter"), code=2)
+    backend = _guarded(lambda: _backend(url, token, store, catalog))
+    events = _guarded(lambda: backend.alias_history(tenant, adapter, alias))
+    if as_json:
+        _print_json(events)
+        return
+    table = Table("at", "alias", "version", "was", "why", title=f"{adapter_ref}: alias history")
+    for event in events:
+        note = event.get("note") or {}
+        why = note.get("reason") or ""
+        if note.get("decision"):
+            why = f"{note['decision']} by {note.get('by', '?')}: {why}"
+        version = "removed" if event["version"] is None else f"v{event['version']}"
+        was = "" if event.get("previous") is None else f"v{event['previous']}"
+        table.add_row(escape(str(event.get("at") or "")), escape(event["alias"] or ""), version, was, escape(why))
+    console.print(table)
+
+
 @registry_app.command("download")
 def download_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
                  out: Path = typer.Option(..., "--out", help="folder to create (must be absent or empty)"),

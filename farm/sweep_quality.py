@@ -163,7 +163,8 @@ def promote_if_passed(registry, job: TenantJob, serve_name: str, quality: dict, 
                       markup=False, highlight=False)
         return
     version = registry.resolve(serve_name).version
-    previous, _ = registry.set_alias(job.tenant, job.adapter, alias, version)
+    previous, _ = registry.set_alias(job.tenant, job.adapter, alias, version,
+                                     note={"by": "farm sweep", "serve_name": serve_name, **decision})
     was = f"v{previous}" if previous is not None else "unset"
     console.print(f"{job.tenant}: {serve_name} promoted to @{alias} (was {was}): {decision['reason']}",
                   markup=False, highlight=False)

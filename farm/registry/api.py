@@ -67,6 +67,16 @@ class VersionList(BaseModel):
 class AliasBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(..., ge=1, le=MAX_VERSION, description="version number the alias points at")
+    note: dict | None = Field(None, description="why (a JSON object of at most 16 KiB, for example an eval "
+                              "gate's decision and figures), kept with the move in the alias history")
+
+
+class AliasEvent(BaseModel):
+    alias: str
+    version: int | None = Field(..., description="the version the alias pointed at after the move; null: removed")
+    previous: int | None
+    at: str | None
+    note: dict | None
 
 
 class AliasOut(BaseModel):
@@ -481,11 +491,27 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
         what = serve_name(tenant, adapter, body.version)
         may_write(who, tenant, what)
         try:
-            previous, number = registry.set_alias(tenant, adapter, alias, body.version, who)
+            previous, number = registry.set_alias(tenant, adapter, alias, body.version, who, note=body.note)
         except NotFound:
             raise _not_found(what) from None
+        except ValueError as exc:  # the note
+            raise _unprocessable(str(exc)) from None
         return {"alias": alias, "version": number, "previous": previous,
                 "serve_name": serve_name(tenant, adapter, number)}
+
+    @app.get("/v1/adapters/{tenant}/{adapter}/alias-history", response_model=list[AliasEvent], tags=["aliases"],
+             responses=_ERRORS)
+    def alias_history(tenant: str = _name_param("tenant"), adapter: str = _name_param("adapter"),
+                      alias: str | None = Query(None, max_length=63, description="only this alias's moves"),
+                      who: Principal = Depends(principal)) -> list[dict]:
+        """Every move of the adapter's aliases, oldest first, with the note each was made with."""
+        check_name("tenant", tenant), check_name("adapter", adapter)
+        if alias is not None:
+            check_name("alias", alias)
+        try:
+            return registry.alias_history(tenant, adapter, alias, who)
+        except NotFound:
+            raise _not_found(f"{tenant}.{adapter}") from None
 
     @app.delete("/v1/adapters/{tenant}/{adapter}/aliases/{alias}", status_code=204, response_class=Response,
                 tags=["aliases"], responses=_ERRORS)

@@ -587,6 +587,12 @@ class Catalog:
                 found[version_id].append(name)
         return {vid: sorted(names) for vid, names in found.items()}
 
+    def has_adapter(self, tenant: str, adapter: str) -> bool:
+        """Whether ``tenant`` has an adapter of that name (any version, any status)."""
+        with self.sessions() as session:
+            return session.scalar(select(AdapterRow.id).join(TenantRow, AdapterRow.tenant_id == TenantRow.id)
+                                  .where(TenantRow.name == tenant, AdapterRow.name == adapter)) is not None
+
     def aliases_of(self, version_id: int) -> list[str]:
         with self.sessions() as session:
             return sorted(session.scalars(select(AliasRow.name).where(AliasRow.version_id == version_id)))

@@ -215,11 +215,19 @@ class RegistryClient:
                     time.sleep(0.5 * attempt)
         raise AssertionError("unreachable")
 
-    def set_alias(self, tenant: str, adapter: str, alias: str, number: int) -> tuple[int | None, int]:
-        """Point ``alias`` at version ``number``: (the version it pointed at before or None, number)."""
+    def set_alias(self, tenant: str, adapter: str, alias: str, number: int,
+                  note: dict | None = None) -> tuple[int | None, int]:
+        """Point ``alias`` at version ``number``: (the version it pointed at before or None, number);
+        ``note`` is kept with the move in the alias history."""
+        body = {"version": number, **({"note": note} if note is not None else {})}
         answer = self._request("PUT", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/aliases/"
-                                      f"{_segment(alias)}", json={"version": number}).json()
+                                      f"{_segment(alias)}", json=body).json()
         return answer["previous"], answer["version"]
+
+    def alias_history(self, tenant: str, adapter: str, alias: str | None = None) -> list[dict]:
+        """Every move of the adapter's aliases (or of ``alias``), oldest first, with its note."""
+        return self._request("GET", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/alias-history",
+                             params={"alias": alias} if alias else None).json()
 
     def delete_alias(self, tenant: str, adapter: str, alias: str) -> None:
         self._request("DELETE", f"/v1/adapters/{_segment(tenant)}/{_segment(adapter)}/aliases/{_segment(alias)}")

@@ -77,6 +77,25 @@ class VersionInfo:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+#: The largest note an alias move keeps (JSON bytes): a gate's decision with its figures fits.
+MAX_NOTE_BYTES = 16 * 2**10
+
+
+def check_note(note: dict | None) -> dict | None:
+    """A JSON object of at most ``MAX_NOTE_BYTES``, or ``ValueError`` saying why not."""
+    if note is None:
+        return None
+    if not isinstance(note, dict):
+        raise ValueError("note must be a JSON object")
+    try:
+        size = len(json.dumps(note, allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"note is not plain JSON: {exc}") from None
+    if size > MAX_NOTE_BYTES:
+        raise ValueError(f"note is {size} bytes of JSON, more than {MAX_NOTE_BYTES}")
+    return note
+
+
 CODE_VERSION_ENV = "FARM_CODE_VERSION"
 
 
@@ -297,18 +316,36 @@ class Registry:
 
     # -- aliases and lifecycle ---------------------------------------------------------------
     def set_alias(self, tenant: str, adapter: str, alias: str, number: int,
-                  principal: Principal | None = None) -> tuple[int | None, int]:
-        """Point an alias at a version; returns (previous version or None, new version)."""
+                  principal: Principal | None = None, note: dict | None = None) -> tuple[int | None, int]:
+        """Point an alias at a version; returns (previous version or None, new version).
+
+        ``note`` (a small JSON object: why, for example an eval gate's decision and figures)
+        is kept with the move in the adapter's alias history (``alias_history``)."""
         check_name("alias", alias)
+        note = check_note(note)
         self._writable(tenant, principal)
         try:
             previous, number = self.catalog.set_alias(tenant, adapter, alias, number)
         except KeyError:
             raise NotFound(serve_name(tenant, adapter, number)) from None
-        self._record(tenant, adapter, kind="alias", alias=alias, version=number)
+        self._record(tenant, adapter, kind="alias", alias=alias, version=number, previous=previous,
+                     **({"note": note} if note is not None else {}))
         if previous not in (None, number):
             self._changed([f"{tenant}.{adapter}@{alias}"], self.get(tenant, adapter, number).base_model)
         return previous, number
+
+    def alias_history(self, tenant: str, adapter: str, alias: str | None = None,
+                      principal: Principal | None = None) -> list[dict]:
+        """Every move of the adapter's aliases (or of ``alias``), oldest first: ``{alias,
+        version (None: removed), previous, at, note}``. ``NotFound`` for an adapter the
+        principal may not see, as for one that does not exist."""
+        if (principal is not None and not principal.is_admin and principal.tenant != tenant) or \
+                not self.catalog.has_adapter(tenant, adapter):
+            raise NotFound(f"{tenant}.{adapter}")
+        return [{"alias": r.get("alias"), "version": r.get("version"), "previous": r.get("previous"),
+                 "at": r.get("at"), "note": r.get("note")}
+                for r in self.store.records(tenant, adapter)
+                if r.get("kind") == "alias" and (alias is None or r.get("alias") == alias)]
 
     def delete_alias(self, tenant: str, adapter: str, alias: str, principal: Principal | None = None) -> int:
         self._writable(tenant, principal)
@@ -316,7 +353,7 @@ class Registry:
             number = self.catalog.delete_alias(tenant, adapter, alias)
         except KeyError:
             raise NotFound(f"{tenant}.{adapter}@{alias}") from None
-        self._record(tenant, adapter, kind="alias", alias=alias, version=None)
+        self._record(tenant, adapter, kind="alias", alias=alias, version=None, previous=number)
         self._changed([f"{tenant}.{adapter}@{alias}"], self.get(tenant, adapter, number).base_model)
         return number
 

@@ -37,8 +37,13 @@ class RegistryAPI(Protocol):
         """Validate and publish a folder as the next version (``settings``: metrics, training,
         lineage, aliases, base_architecture, method, idempotency_key)."""
 
-    def set_alias(self, tenant: str, adapter: str, alias: str, number: int) -> tuple[int | None, int]:
-        """Point an alias at a version: (the version it pointed at before or None, the version)."""
+    def set_alias(self, tenant: str, adapter: str, alias: str, number: int,
+                  note: dict | None = None) -> tuple[int | None, int]:
+        """Point an alias at a version: (the version it pointed at before or None, the version);
+        ``note`` (why) is kept with the move in the alias history."""
+
+    def alias_history(self, tenant: str, adapter: str, alias: str | None = None) -> list[dict]:
+        """Every move of the adapter's aliases (or of ``alias``), oldest first, with its note."""
 
     def gc(self, older_than_s: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Remove (or list) what crashed publishes left behind."""

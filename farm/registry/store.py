@@ -271,6 +271,10 @@ class Store:
         self._put(tmp, body)
         os.rename(tmp, f"{folder}/{name}")
 
+    def records(self, tenant: str, adapter: str) -> list[dict]:
+        """The state records of ``tenant/adapter``, oldest first (unreadable ones left out)."""
+        return self._read_records(self._adapter_dir(tenant, adapter), [])
+
     def _read_records(self, base: str, skipped: list[tuple[str, str]]) -> list[dict]:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(f"{base}/{RECORDS}", allow_not_found=True))

@@ -85,6 +85,12 @@ def test_the_sweep_promotes_only_versions_that_pass_the_gate_and_the_cli_agrees(
     assert answer["decision"] == ("promoted" if not_worse else "held"), answer
     assert by_hand.returncode == (0 if not_worse else 1)
     assert registry.get("good", "e2e", alias="production").version == (2 if not_worse else 1)
+    # why @production moved, each time: the alias history keeps the gate's decision with its figures
+    moves = json.loads(_farm("registry", "history", "good.e2e", "--alias", "production",
+                             "--store", str(tmp_path / "registry"), "--json").stdout)
+    assert [(m["version"], m["note"]["by"], m["note"]["decision"]) for m in moves] == [
+        (1, "farm sweep", "promoted"), *([(2, "farm registry promote --if-better", "promoted")] if not_worse else [])]
+    assert moves[0]["note"]["candidate"]["pass_rates"] == {"max_words 10000": 1.0}, moves[0]["note"]
     refused = _farm("registry", "promote", "bad.e2e.v1", "--if-better", "--store", str(tmp_path / "registry"))
     assert refused.returncode == 1 and "held" in refused.stdout and "greeting passed 0%" in refused.stdout
     with pytest.raises(NotFound):

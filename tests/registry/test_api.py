@@ -255,6 +255,18 @@ def test_alias_set_move_and_delete(env):
     assert env.get("/v1/versions/acme.support@production").status_code == 404
     again = env.request("DELETE", path)
     assert again.status_code == 404 and again.json() == {"detail": "not found: acme.support@production"}
+    # every move is in the alias history, with the note it was made with; only its tenant reads it
+    note = {"decision": "promoted", "reason": "every check passed"}
+    assert env.request("PUT", path, who="acme", json={"version": 1, "note": note}).status_code == 200
+    history = "/v1/adapters/acme/support/alias-history"
+    events = env.request("GET", history, who="acme", params={"alias": "production"})
+    assert events.status_code == 200, events.text
+    assert [(e["version"], e["previous"], e["note"]) for e in events.json()] == [
+        (1, None, None), (2, 1, None), (None, 2, None), (1, None, note)]
+    assert env.request("GET", history, who="globex").status_code == 404
+    assert env.request("GET", "/v1/adapters/acme/nothing/alias-history").status_code == 404
+    for body in ({"version": 1, "note": {"x": "y" * 20000}}, {"version": 1, "note": "why"}):
+        assert env.request("PUT", path, who="acme", json=body).status_code == 422, body
 
 
 def test_archive_hides_and_delete_removes(env, adapters):

@@ -100,6 +100,27 @@ class TestRegistryContract:
         with pytest.raises(NotFound):
             registry.set_alias("acme", "support", "production", 2)
 
+    def test_alias_history_keeps_every_move_with_its_note(self, registry, base_model_dir, adapter_dir):
+        for _ in range(2):
+            _publish(registry, base_model_dir, adapter_dir)
+        decision = {"decision": "promoted", "reason": "every check passed", "candidate": {"eval_loss": 0.05}}
+        registry.set_alias("acme", "support", "production", 1)
+        registry.set_alias("acme", "support", "production", 2, note=decision)
+        registry.delete_alias("acme", "support", "production")
+        events = registry.alias_history("acme", "support", "production")
+        assert [(e["version"], e["previous"]) for e in events] == [(1, None), (2, 1), (None, 2)]
+        assert events[0]["note"] is None and events[1]["note"] == decision and events[2]["at"]
+        assert [e["version"] for e in registry.alias_history("acme", "support", "latest")] == [1, 2]
+        assert len(registry.alias_history("acme", "support")) == 5
+        with pytest.raises(NotFound):  # another tenant's history, as a missing adapter's
+            registry.alias_history("acme", "support", principal=Principal("globex"))
+        with pytest.raises(NotFound):
+            registry.alias_history("acme", "nothing")
+        for bad in ({"x": "y" * 20000}, {"nan": float("nan")}, ["not", "an", "object"]):
+            with pytest.raises(ValueError, match="note"):
+                registry.set_alias("acme", "support", "production", 1, note=bad)
+        assert len(registry.alias_history("acme", "support", "production")) == 3  # refused notes moved nothing
+
     def test_tenant_principal_sees_only_its_own_tenant(self, registry, base_model_dir, adapter_dir, tmp_path):
         _publish(registry, base_model_dir, adapter_dir, tenant="acme")
         _publish(registry, base_model_dir, adapter_dir, tenant="globex")
