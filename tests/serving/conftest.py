@@ -103,7 +103,7 @@ def launch_vllm(root: Path, base_model: Path, registry_store: Path, served_model
     command = build_serve_command(
         str(base_model), ranks=list(max_lora_rank_of), registry_env={"FARM_REGISTRY_STORE": str(registry_store)},
         cache_dir=root / "cache", api_key=api_key, port=port, max_loras=2, max_cpu_loras=4, device="cpu",
-        served_model_name=served_model_name, max_model_len=256)
+        served_model_name=served_model_name, max_model_len=2048)  # room for streams long enough to cut mid-way
     log = root / "vllm.log"
     env = {**os.environ, **command.env}
     for name in ("FARM_REGISTRY_URL", "FARM_REGISTRY_TOKEN", "FARM_REGISTRY_CATALOG"):
