@@ -183,11 +183,25 @@ def comparison_table(rows: list[ComparisonRow], title: str = "LoRA vs full fine-
     """The comparison as a rich table (one row per run, LoRA first for each tenant)."""
     from rich.table import Table
 
-    table = Table("tenant", "run", "workers", "steps", "eval before", "eval after", "wall s", "tok/s",
+    table = Table("tenant", "run", "workers", "steps", "eval before", "eval after", "vs full", "wall s", "tok/s",
                   "peak mem/worker", "planned", "trainable", "on disk", title=title)
+    full = _full_eval(rows)
     for row in rows:
-        table.add_row(*_cells(row))
+        table.add_row(*_cells(row, full))
     return table
+
+
+def _full_eval(rows: list[ComparisonRow]) -> dict[str, float]:
+    """Each tenant's eval loss after full fine-tuning (what its other runs are measured against)."""
+    return {row.tenant: row.eval_loss_after for row in rows if row.run.startswith("full")}
+
+
+def _versus(row: ComparisonRow, full: dict[str, float]) -> str:
+    """A run's eval loss after, relative to full fine-tuning's of the same tenant (+8.9%: higher)."""
+    reference = full.get(row.tenant)
+    if row.run.startswith("full") or not reference:
+        return ""
+    return f"{row.eval_loss_after / reference - 1:+.1%}"
 
 
 def _mib(n: int) -> str:
@@ -198,19 +212,20 @@ def _size(n: int) -> str:
     return f"{n / 2**10:,.0f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
 
 
-def _cells(row: ComparisonRow) -> list[str]:
+def _cells(row: ComparisonRow, full: dict[str, float]) -> list[str]:
     return [row.tenant, row.run, str(row.workers), str(row.steps), f"{row.eval_loss_before:.4f}",
-            f"{row.eval_loss_after:.4f}", f"{row.wall_seconds:.1f}", f"{row.tokens_per_s:,.0f}",
+            f"{row.eval_loss_after:.4f}", _versus(row, full), f"{row.wall_seconds:.1f}", f"{row.tokens_per_s:,.0f}",
             _mib(row.peak_memory_bytes), f"{_mib(row.planned_memory_bytes)} ({row.plan_error:+.0%})",
             f"{row.trainable_params:,}", _size(row.bytes_on_disk)]
 
 
 def comparison_markdown(rows: list[ComparisonRow]) -> str:
     """The comparison as a Markdown table."""
-    head = ["tenant", "run", "workers", "steps", "eval before", "eval after", "wall s", "tok/s",
+    head = ["tenant", "run", "workers", "steps", "eval before", "eval after", "vs full", "wall s", "tok/s",
             "peak mem/worker", "planned (error)", "trainable", "on disk"]
+    full = _full_eval(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cells(row, full)) + " |" for row in rows]
     return "\n".join(lines)
 
 
