@@ -294,6 +294,9 @@ def train(
 
         if not torch.cuda.is_available():  # refused before any data is read
             _fail(f"tenant {tenant!r}: method {job.settings.method}: {needs}; this host has none")
+    if job.settings.train.init_from:  # resolved against the registry by sweeps only
+        console.print(f"note: train.init_from {job.settings.train.init_from!r} applies to `farm sweep` (which "
+                      "resolves it in the registry); `farm train` starts from a fresh adapter", markup=False)
     try:
         result = train_tenant(job, resume=not fresh)
     except DataError as exc:

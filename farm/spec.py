@@ -101,7 +101,7 @@ class TrainSpec(StrictModel):
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between progress lines")
-    init_from: Optional[str] = Field(None, description="warm start: begin from the weights of the version this alias of the tenant's own adapter names (production, latest, ...), when it exists and was trained with the same method settings; null: fresh init")
+    init_from: Optional[str] = Field(None, description="warm start (farm sweep): begin from the weights of the version this alias of the tenant's own adapter names (production, latest, ...), when it exists and was trained with the same method settings; null: fresh init")
 
     @field_validator("init_from")
     @classmethod
