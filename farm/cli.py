@@ -28,6 +28,22 @@ samples_app = typer.Typer(help="Sample tenant datasets.", no_args_is_help=True)
 spec_app = typer.Typer(help="Sweep specs.", no_args_is_help=True)
 data_app = typer.Typer(help="Tenant datasets.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Cluster definitions (cluster/*.yaml).", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from farm import __version__
+
+        print(f"farm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the farm's version and exit")) -> None:
+    """Adapter farm: one PEFT adapter per tenant on a shared base model."""
+
+
 app.add_typer(base_model_app, name="base-model")
 app.add_typer(samples_app, name="samples")
 app.add_typer(spec_app, name="spec")

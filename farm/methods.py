@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 if TYPE_CHECKING:
     from farm.plan import ModelShape
 
-# Ranks vLLM accepts for --max-lora-rank; an adapter whose rank is outside this set cannot be
-# served by vLLM (see ../shared/FIELD-NOTES.md).
+# Ranks vLLM (0.32) accepts for --max-lora-rank; an adapter whose rank is outside this set cannot be
+# served by vLLM: the server refuses to start with another --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -251,7 +251,7 @@ VLLM_LORA_TARGETS: dict[str, frozenset[str]] = {
 
 
 def _lora_vllm_blocker(config: dict, architecture: str | None) -> str | None:
-    """The first reason vLLM would refuse this LoRA adapter, or None (see FIELD-NOTES)."""
+    """The first reason vLLM (0.32) would refuse this LoRA adapter when loading it, or None."""
     rank = config.get("r")
     if rank not in VLLM_LORA_RANKS:
         return f"rank {rank} is not one vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))})"

@@ -34,6 +34,10 @@ def test_the_core_package_is_a_registry_client_without_the_training_stack(tmp_pa
                            "print(open_registry(sys.argv[1]).search()[1])", str(tmp_path / "store")],
                           capture_output=True, text=True, timeout=120)
     assert made.stdout.strip() == "0", made.stdout[-2000:] + made.stderr[-2000:]
+    from farm import __version__
+
+    version = subprocess.run([str(farm), "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"farm {__version__}", version.stdout + version.stderr
     listed = subprocess.run([str(farm), "registry", "list", "--store", str(tmp_path / "store"), "--json"],
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]

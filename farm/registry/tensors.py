@@ -2,7 +2,7 @@
 
 The registry runs these checks at publish, and the vLLM resolver runs them again (against the
 base the server actually holds) before a version can reach vLLM: one adapter whose tensors are
-NaN broke later requests of other tenants on the same server (see FIELD-NOTES), and a wrong
+NaN broke later requests of other tenants on the same vLLM server, and a wrong
 shape fails inside the engine. Tensors are read one at a time, in row chunks, so memory stays
 bounded by ``CHUNK_ELEMENTS`` whatever the file holds.
 

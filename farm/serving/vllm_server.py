@@ -3,7 +3,7 @@
     python -m farm.serving.vllm_server --model /models/base --enable-lora ...   (vLLM's own flags)
 
 vLLM 0.32 serves far more than inference, and checks its API key only on ``/v1``, ``/v2``,
-``/inference`` and ``/cohere`` paths (see FIELD-NOTES): ``/invocations`` picks any adapter from
+``/inference`` and ``/cohere`` paths (read in its API server's code): ``/invocations`` picks any adapter from
 a header, ``/adapters`` loads any local folder under any name, ``/tokenize`` and ``/metrics``
 answer anyone. And it asks LoRA resolvers (the farm's registry plugin) only when
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is on, the same switch that adds the routes which load

@@ -70,7 +70,7 @@ def deepspeed_config(job: TenantJob, baseline: BaselineSpec, placement: Placemen
         if baseline.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     if baseline.zero_stage == 3:
-        # Gather whole weights when saving, so a saved model is never a partition (FIELD-NOTES).
+        # Gather whole weights when saving: ZeRO-3 would otherwise save each rank's partition only.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     optimizer_params: dict = {"lr": baseline.learning_rate, "weight_decay": spec.weight_decay,
                               "betas": [0.9, 0.999], "eps": 1e-8}

@@ -127,18 +127,21 @@ def replace_in_readme(readme: Path, table: str) -> None:
     print(f"updated the table in {readme}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", default=str(REPO / ".farm" / "base-model"))
     parser.add_argument("--tenant", default="acme")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--smoke", action="store_true", help="3 steps per method: checks that every method still trains")
     parser.add_argument("--out", default=str(REPO / "bench-results" / "methods.json"))
     parser.add_argument("--readme", default=None, help="replace the methods table in this README")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args)
-        return
+        return 0
+    if args.smoke:
+        args.steps = 3
 
     import torch
     from rich.console import Console
@@ -157,7 +160,8 @@ def main() -> None:
                                "--tenant", args.tenant, "--steps", str(args.steps)],
                               capture_output=True, text=True, env=env, cwd=REPO)
         if proc.returncode != 0:
-            rows.append({"method": method, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
+            last = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
+            rows.append({"method": method, "skipped": f"failed: {last}", "failed": True})
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
@@ -178,9 +182,14 @@ def main() -> None:
     md_path = out.with_suffix(".md")
     md_path.write_text(md)
     print(f"wrote {md_path}")
+    failed = [row["method"] for row in rows if row.get("failed")]
+    if failed:  # a method that no longer trains fails the benchmark (and the README keeps its table)
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
     if args.readme:
         replace_in_readme(Path(args.readme), md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

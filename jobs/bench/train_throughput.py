@@ -57,10 +57,11 @@ PADDING_GOAL = 0.05
 
 from bench_common import write_json  # noqa: E402  (sibling module; run as a script)
 
-def _load_job(spec_path: str, tenant: str, steps: int, output_dir: str):
+def _load_job(spec_path: str, tenant: str, steps: int, output_dir: str, base_model: str | None = None):
     from farm.spec import load_spec
 
-    job = load_spec(spec_path).job(tenant)
+    overrides = {"base_model": {"name_or_path": os.path.abspath(base_model)}} if base_model else None
+    job = load_spec(spec_path, overrides).job(tenant)
     train = job.settings.train.model_copy(update={"max_steps": steps})
     settings = job.settings.model_copy(update={"train": train})
     return job.model_copy(update={"settings": settings, "output_dir": output_dir})
@@ -107,7 +108,7 @@ def _data_shape(args) -> dict:
     from farm.data import load_tenant_data
     from farm.models import load_tokenizer
 
-    job = _load_job(args.spec, args.tenant, args.steps, "unused")
+    job = _load_job(args.spec, args.tenant, args.steps, "unused", args.base_model)
     spec, data_spec = job.settings.train, job.settings.data
     tokenizer = load_tokenizer(job.base_model)
     rows = load_tenant_data(job.tenant, data_spec, tokenizer).train
@@ -137,7 +138,7 @@ def run_farm(args, workdir: str) -> dict:
     from farm.train.common import rows_for
     from farm.train.adapter import AdapterRecipe
 
-    job = _load_job(args.spec, args.tenant, args.steps, str(Path(workdir) / "farm-out"))
+    job = _load_job(args.spec, args.tenant, args.steps, str(Path(workdir) / "farm-out"), args.base_model)
     spec = job.settings.train
     start = time.perf_counter()
     # train_tenant(job, resume=False), in its three steps so memory can be read before step 1.
@@ -227,7 +228,7 @@ def run_hf_trainer(args, workdir: str) -> dict:
     from farm.models import build_peft_model
 
     hf_logging.disable_progress_bar()  # quiet like farm's own loader; no effect on timing
-    job = _load_job(args.spec, args.tenant, args.steps, str(Path(workdir) / "hf-out"))
+    job = _load_job(args.spec, args.tenant, args.steps, str(Path(workdir) / "hf-out"), args.base_model)
     spec = job.settings.train
     batch_size = args.hf_batch_size or spec.batch_size
     start = time.perf_counter()
@@ -241,7 +242,7 @@ def run_hf_trainer(args, workdir: str) -> dict:
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_pretrained(job.base_model.name_or_path, dtype=torch.float32)
     model.config.use_cache = False
-    model = build_peft_model(model, job.settings)
+    model = build_peft_model(model, job.settings, job.base_model.name_or_path)
 
     data_spec = job.settings.data.model_copy(update={"packing": False})
     rows = load_tenant_data(job.tenant, data_spec, tokenizer).train
@@ -344,6 +345,8 @@ def _run_variant_subprocess(variant: str, args, tmp: Path, hf_batch_size: int | 
     result_file = tmp / f"{tag or variant}.json"
     command = [sys.executable, os.path.abspath(__file__), "--spec", args.spec, "--tenant", args.tenant,
                "--steps", str(args.steps), "--variant", variant, "--result", str(result_file)]
+    if args.base_model:
+        command += ["--base-model", args.base_model]
     if hf_batch_size is not None:
         command += ["--hf-batch-size", str(hf_batch_size)]
     label = variant + (f" (per_device_train_batch_size={hf_batch_size})" if hf_batch_size else "")
@@ -428,10 +431,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="same-data: the Trainer's batch holds as many examples as farm's packed "
                              "rows (default); same-rows: both take batch_size rows; both: run both")
     parser.add_argument("--out", default="bench-results/train_throughput.json", help="JSON result file")
+    parser.add_argument("--base-model", help="base model folder or hub id (default: the spec's)")
+    parser.add_argument("--smoke", action="store_true", help="3 steps: checks that every side still runs")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--hf-batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps = 3
 
     if args.variant:  # child process: run one variant, write its figures, nothing else
         with tempfile.TemporaryDirectory(prefix=f"bench-{args.variant}-") as workdir:
@@ -482,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         payload.update(results=payload["modes"][modes[0]]["results"],
                        ratios=summaries[modes[0]]["ratios"], goals=summaries[modes[0]]["goals"])
     write_json(payload, args.out)
+    failed = [name for name, run in [("farm", farm), *((f"hf-trainer ({m})", r) for m, r in hf_runs.items())]
+              if "error" in run]
+    if failed:  # a comparison with a side missing is a failed benchmark, whatever the JSON says
+        print(f"FAILED: {', '.join(failed)} did not run", file=sys.stderr)
+        return 1
     return 0
 
 
