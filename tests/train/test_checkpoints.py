@@ -9,14 +9,17 @@ from farm.train.common import (LocalCheckpoints, TrainState, build_optimizer, bu
                                latest_checkpoint, load_checkpoint, write_checkpoint)
 
 
-def _setup():
-    torch.manual_seed(0)
+def _setup(seed: int = 0, steps: int = 3):
+    """A layer, its optimizer and schedule after ``steps`` steps from ``seed``."""
+    torch.manual_seed(seed)
     layer = torch.nn.Linear(4, 3)
     optimizer = build_optimizer(layer.parameters(), TrainSpec(learning_rate=0.1))
     scheduler = build_scheduler(optimizer, TrainSpec(max_steps=10, warmup_steps=2))
-    layer(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    scheduler.step()
+    for _ in range(steps):
+        layer(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
     return layer, optimizer, scheduler
 
 
@@ -31,13 +34,17 @@ def test_checkpoints_round_trip_and_incomplete_ones_are_skipped(tmp_path):
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))
 
     expected_rng = torch.get_rng_state()
-    torch.rand(5)  # move the RNG on; loading must put it back
-    _, fresh_opt, fresh_sched = _setup()
+    # Another seed and another step count: fresh state differs from the saved state in every
+    # part, so each check below fails if loading skips that part.
+    _, fresh_opt, fresh_sched = _setup(seed=1, steps=1)
+    saved_avg = optimizer.state_dict()["state"][0]["exp_avg"]
+    assert not torch.equal(torch.get_rng_state(), expected_rng)
+    assert not torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], saved_avg)
+    assert fresh_sched.state_dict()["last_epoch"] != scheduler.state_dict()["last_epoch"]
     tensors, state = load_checkpoint(tmp_path / "checkpoint-0000003", fresh_opt, fresh_sched)
     assert state.step == 3 and state.rows_consumed == 24
     assert torch.equal(tensors["weight"], layer.weight)
     assert torch.equal(torch.get_rng_state(), expected_rng)
-    saved_avg = optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], saved_avg)
     assert fresh_sched.state_dict()["last_epoch"] == scheduler.state_dict()["last_epoch"]
 
