@@ -38,6 +38,11 @@ def test_the_core_package_is_a_registry_client_without_the_training_stack(tmp_pa
 
     version = subprocess.run([str(farm), "--version"], capture_output=True, text=True, timeout=120)
     assert version.returncode == 0 and version.stdout.strip() == f"farm {__version__}", version.stdout + version.stderr
+    # the library's entry points: the registry-side ones load here, the training ones say what is missing
+    library = subprocess.run([str(python), "-c", "import sys, farm; from farm import load_spec, open_registry; "
+                              "print('torch' in sys.modules); farm.train_tenant"], capture_output=True, text=True,
+                             timeout=120)
+    assert library.stdout.strip() == "False" and "No module named 'torch'" in library.stderr, library.stdout + library.stderr
     listed = subprocess.run([str(farm), "registry", "list", "--store", str(tmp_path / "store"), "--json"],
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
