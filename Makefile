@@ -27,7 +27,7 @@ BASE_MODEL ?= .farm/base-model
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.farm-installed
 
-.PHONY: setup demo test base-model samples clean bench baseline methods image lint-image constraints
+.PHONY: setup demo test test-fast base-model samples clean bench baseline methods image lint-image constraints
 
 setup: $(STAMP)
 
@@ -66,6 +66,10 @@ methods: $(STAMP) base-model
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier: no training runs, servers or Ray (markers in pyproject.toml; `make test` runs all).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not vllm and not postgres and not s3 and not ray" $(PYTEST_ARGS)
 
 bench: $(STAMP) base-model
 	$(BIN)/python jobs/bench/train_throughput.py

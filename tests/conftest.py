@@ -62,6 +62,21 @@ def write_spec(tmp_path, base_model_dir):
     return write
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark every test by the real servers it starts (``-m "not postgres"`` and the like; ``make
+    test-fast`` runs the tier that starts none). A registry test's backend is a parameter, so
+    its servers are not among its fixtures: the parameter says which."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        backend = getattr(getattr(item, "callspec", None), "params", {}).get("registry_env")
+        if "pg_server" in names or backend == "local+postgres":
+            item.add_marker(pytest.mark.postgres)
+        if "s3_server" in names or backend == "s3+sqlite":
+            item.add_marker(pytest.mark.s3)
+        if "local_ray" in names:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A Ray instance of this module's own: its own temp dir, ports Ray picks, no dashboard;
