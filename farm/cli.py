@@ -139,13 +139,15 @@ def samples_build(out: Path = typer.Option(Path("jobs/data"), help="folder to wr
     console.print(table)
 
 
-def _load(spec_file: Path):
-    from farm.spec import SpecError, load_spec
+def _load(spec_file: Path, overrides: list[str] | None = None):
+    from farm.spec import SpecError, load_spec, parse_overrides
 
     try:
-        return load_spec(spec_file)
+        return load_spec(spec_file, parse_overrides(overrides or []))
     except SpecError as exc:
         _fail(str(exc))
+    except ValueError as exc:  # an override that is not KEY=VALUE
+        _fail(str(exc), code=2)
 
 
 @spec_app.command("validate")
@@ -290,12 +292,14 @@ def train(
     output_dir: Optional[Path] = typer.Option(None, help="override the tenant's output folder"),
     fresh: bool = typer.Option(False, help="ignore existing checkpoints and start over"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                                    help="spec overrides, e.g. defaults.train.max_steps=10"),
 ) -> None:
     """Train one tenant's adapter in this process, with progress; resumes from checkpoints."""
     from farm.data import DataError
     from farm.train.adapter import train_tenant
 
-    sweep = _load(spec_file)
+    sweep = _load(spec_file, overrides)
     try:
         job = sweep.job(tenant)
     except KeyError as exc:

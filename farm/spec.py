@@ -470,13 +470,39 @@ def _errors(exc: ValidationError, prefix: str = "") -> list[str]:
     return [f"{_path(prefix, tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()]
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of ``base`` with ``override`` merged in: mappings key by key, anything else replaced."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` overrides from a command line (``defaults.train.max_steps=10``) as the
+    nested dict ``load_spec`` merges: dotted keys address mappings (``tenants`` is a list: edit
+    the file for one tenant), values are YAML (``10``, ``3e-4``, ``true``, ``[q_proj, v_proj]``).
+    ``ValueError`` naming the item that is not ``KEY=VALUE``; the spec's validation then names
+    any key that does not exist."""
+    merged: dict = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise ValueError(f"{item!r}: expected KEY=VALUE, for example defaults.train.max_steps=10")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{item!r}: the value is not valid YAML ({exc})") from None
+        node = merged
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{item!r}: {part} was given a value by an earlier override")
+        node[parts[-1]] = parsed
     return merged
 
 
@@ -516,7 +542,7 @@ def parse_spec(raw: Any, source: str = "<spec>", spec_dir: Path | None = None) -
         overrides = tenant.model_dump(exclude={"name", "adapter"}, exclude_defaults=True)
         overrides["data"] = tenant.data
         try:
-            settings = JobSettings.model_validate(_deep_merge(defaults, overrides))
+            settings = JobSettings.model_validate(deep_merge(defaults, overrides))
         except ValidationError as exc:
             problems.extend(_errors(exc, f"tenants[{index}]"))
             continue
@@ -555,7 +581,7 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> ResolvedSweep:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"<file>: not valid YAML: {exc}"]) from None
     if overrides and isinstance(raw, dict):
-        raw = _deep_merge(raw, overrides)
+        raw = deep_merge(raw, overrides)
     return parse_spec(raw, source=str(path), spec_dir=path.resolve().parent)
 
 

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                         help="override registry.store (folder or s3://...); default $FARM_REGISTRY_STORE")
     parser.add_argument("--registry-catalog", default=os.environ.get("FARM_REGISTRY_CATALOG"),
                         help="override registry.catalog (SQLAlchemy URL); default $FARM_REGISTRY_CATALOG")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="spec overrides after the flags, e.g. defaults.train.max_steps=10 "
+                             "defaults.lora.rank=16 (values are YAML; tenants are a list: edit the file)")
     parser.add_argument("--changed-only", action="store_true",
                         help="train only the tenants whose base model, settings or dataset fingerprint differ from "
                              "their newest version's lineage; the others keep that version (needs a registry)")
@@ -89,7 +92,7 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None, extra_overrides: dict | None = None, prog: str | None = None) -> int:
     """Run the sweep; ``extra_overrides`` are deep-merged over the spec (after the flags')."""
     args = parse_args(argv, prog)
-    from farm.spec import SpecError, load_spec
+    from farm.spec import SpecError, deep_merge, load_spec, parse_overrides
     from farm.sweep import SweepOptions, run_sweep
 
     overrides: dict = {}
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None, extra_overrides: dict | None = None, pro
             overrides["registry"]["store"] = store if "://" in store else str(Path(store).resolve())
         if args.registry_catalog:
             overrides["registry"]["catalog"] = args.registry_catalog
+    try:
+        overrides = deep_merge(overrides, parse_overrides(args.overrides))
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     overrides.update(extra_overrides or {})
     try:
         sweep = load_spec(args.config, overrides)

@@ -88,3 +88,25 @@ def test_cli_validate_exit_codes(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert 'tenants[0].lora.rank: expected int, got "many"' in result.stderr
+
+
+def test_command_line_overrides_reach_the_spec_and_bad_ones_name_themselves(tmp_path):
+    from farm.spec import load_spec, parse_overrides
+    from farm.sweep_command import parse_args
+
+    overrides = parse_overrides(["defaults.train.max_steps=7", "defaults.lora.target_modules=[q_proj, v_proj]",
+                                 "defaults.train.learning_rate=3.0e-4", "baseline.workers=2", "name=night"])
+    assert overrides == {"defaults": {"train": {"max_steps": 7, "learning_rate": 3e-4},
+                                      "lora": {"target_modules": ["q_proj", "v_proj"]}},
+                         "baseline": {"workers": 2}, "name": "night"}
+    sweep = load_spec(REPO / "jobs/configs/demo.yaml",
+                      parse_overrides(["defaults.train.max_steps=7", "defaults.train.learning_rate=3e-4"]))
+    assert {(job.settings.train.max_steps, job.settings.train.learning_rate) for job in sweep.jobs.values()} == {
+        (7, 3e-4)}  # YAML reads 3e-4 as text; the spec's float field takes it
+    for bad, message in (("max_steps", "expected KEY=VALUE"), ("a..b=1", "expected KEY=VALUE"),
+                         ("x=[1, 2", "not valid YAML")):
+        with pytest.raises(ValueError, match=message):
+            parse_overrides([bad])
+    with pytest.raises(SpecError, match=r"defaults\.train\.max_stepz"):
+        load_spec(REPO / "jobs/configs/demo.yaml", parse_overrides(["defaults.train.max_stepz=7"]))
+    assert parse_args(["--config", "s.yaml", "defaults.train.max_steps=3"]).overrides == ["defaults.train.max_steps=3"]
