@@ -68,10 +68,10 @@ def pytest_collection_modifyitems(config, items):
     its servers are not among its fixtures: the parameter says which."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        backend = getattr(getattr(item, "callspec", None), "params", {}).get("registry_env")
-        if "pg_server" in names or backend == "local+postgres":
+        params = [p for p in getattr(getattr(item, "callspec", None), "params", {}).values() if isinstance(p, str)]
+        if "pg_server" in names or any(p.endswith("postgres") for p in params):
             item.add_marker(pytest.mark.postgres)
-        if "s3_server" in names or backend == "s3+sqlite":
+        if "s3_server" in names or any(p.startswith("s3+") for p in params):
             item.add_marker(pytest.mark.s3)
         if "local_ray" in names:
             item.add_marker(pytest.mark.ray)

@@ -8,6 +8,8 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 #: Runs a command and prints the peak resident memory of its process tree's largest process.
 _PEAK_RSS = ("import resource, subprocess, sys\n"
              "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
@@ -76,6 +78,7 @@ def test_preview_marks_exactly_the_assistant_spans(write_spec, tmp_path):
     assert missing.returncode == 1 and "tenant 'nobody' is not in" in missing.stderr
 
 
+@pytest.mark.slow  # builds a large file and measures a subprocess
 def test_data_check_memory_does_not_grow_with_the_largest_record_or_the_file(write_spec, tmp_path):
     """Peak RSS of `farm data check` on a 10 MB record of millions of tokens and on 200,000
     records stays within 1.2x of its peak on a 300-record file."""

@@ -6,7 +6,11 @@ used, the larger size goes through the worker processes, and the goals are judge
 
 from __future__ import annotations
 
+import pytest
+
 from .conftest import run_smoke
+
+pytestmark = pytest.mark.slow
 
 
 def test_data_pipeline_benchmark_smoke(tmp_path, base_model_dir):
