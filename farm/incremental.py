@@ -45,9 +45,9 @@ def _learning(record: dict) -> dict:
             "data": record.get("data")}
 
 
-def what_changed(info, job: TenantJob, fingerprint: str | None) -> str | None:
-    """Why ``job`` must train again although ``info`` (its newest version) exists, or None when
-    nothing that decides the weights differs: base model, dataset fingerprint, settings."""
+def settings_changed(info, job: TenantJob) -> str | None:
+    """Why ``job`` must train again although ``info`` (its newest version) exists, judged on
+    what decides the weights besides the data (base model, method, settings); None: the same."""
     if info.base_model != job.base_model.name_or_path:
         return f"base model {info.base_model} -> {job.base_model.name_or_path}"
     old, new = _learning(info.training), _learning(training_record(job))
@@ -57,8 +57,6 @@ def what_changed(info, job: TenantJob, fingerprint: str | None) -> str | None:
                 keys = sorted(k for k in {*old[part], *new[part]} if old[part].get(k) != new[part].get(k))
                 return f"{part} settings changed ({', '.join(keys[:4])})"
             return f"{part} {old[part]} -> {new[part]}"
-    if fingerprint is None or info.lineage.get("dataset_fingerprint") != fingerprint:
-        return "dataset changed"
     return None
 
 
@@ -84,14 +82,15 @@ def select_changed(sweep: ResolvedSweep, names: list[str], registry, console) ->
             changed.append(name)
             console.print(f"{name}: changed (no version yet)", markup=False, highlight=False)
             continue
-        reason = what_changed(info, job, info.lineage.get("dataset_fingerprint"))  # settings first: no data read
+        reason = settings_changed(info, job)  # settings first: no data is read for a tenant they decide
         if reason is None:
             tokenizer = tokenizer or load_tokenizer(sweep.spec.base_model)
             try:
                 fingerprint = load_tenant_data(name, job.settings.data, tokenizer).report.fingerprint
             except DataError:
                 fingerprint = None
-            reason = what_changed(info, job, fingerprint)
+            if fingerprint is None or fingerprint != info.lineage.get("dataset_fingerprint"):
+                reason = "dataset changed"
         if reason is not None:
             changed.append(name)
             console.print(f"{name}: changed since {info.serve_name}: {reason}", markup=False, highlight=False)

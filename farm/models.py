@@ -193,12 +193,12 @@ def warm_start(model, job: TenantJob, adapter_name: str = "default") -> None:
     ``ValueError`` naming the first difference (settings changed since that version)."""
     if not job.init_adapter:
         return
-    import pyarrow.fs as pafs
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
 
-    uri = job.init_adapter.rstrip("/")
-    fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    from farm.train.ray_support import storage_fs
+
+    fs, root = storage_fs(job.init_adapter.rstrip("/"))
     with fs.open_input_stream(f"{root}/adapter_model.safetensors") as stream:
         tensors = load_safetensors(stream.read())
     own = get_peft_model_state_dict(model, adapter_name=adapter_name)
