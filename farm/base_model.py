@@ -224,6 +224,10 @@ def pretrain_model(model, tokenizer, settings: PretrainConfig, log: TextIO | Non
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    from farm.base_corpus import heldout_prose
+
+    prose = heldout_prose()  # what the build reports it learnt: loss on prose it never saw, before and after
+    prose_before = prose_loss(model, tokenizer, prose)
     model.train()
     started, window = time.monotonic(), []
     print(f"pretraining the base: {settings.steps} steps x {settings.batch_size} rows x "
@@ -243,8 +247,10 @@ def pretrain_model(model, tokenizer, settings: PretrainConfig, log: TextIO | Non
             print(f"  step {step + 1:>5}/{settings.steps}  loss {sum(window) / len(window):.3f}  "
                   f"{elapsed:5.0f} s  (about {left:.0f} s left)", file=log, flush=True)
             window = []
-    model.eval()
-    return {"final_loss": round(loss.item(), 4), "seconds": round(time.monotonic() - started, 1)}
+    seconds = round(time.monotonic() - started, 1)
+    return {"final_loss": round(loss.item(), 4), "seconds": seconds,
+            "heldout_prose_loss": {"before": round(prose_before, 3),
+                                   "after": round(prose_loss(model, tokenizer, prose), 3)}}
 
 
 def prose_loss(model, tokenizer, texts: list[str]) -> float:

@@ -121,7 +121,9 @@ def base_model_build(
     path = build_base_model(out, config, pretrain)
     record = json.loads((path / "farm_base_model.json").read_text())
     trained = "random weights" if pretrain is None else \
-        f"pretrained {steps} steps in {record['pretrain']['seconds']:.0f} s, final loss {record['pretrain']['final_loss']:.3f}"
+        (f"pretrained {steps} steps in {record['pretrain']['seconds']:.0f} s, final loss "
+         f"{record['pretrain']['final_loss']:.3f}, held-out prose loss "
+         f"{record['pretrain']['heldout_prose_loss']['before']:.2f} -> {record['pretrain']['heldout_prose_loss']['after']:.2f}")
     console.print(f"base model written to [bold]{path}[/bold] "
                   f"({layers} layers, hidden {hidden}, {heads} heads, vocab {vocab}; {trained})")
 
