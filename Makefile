@@ -60,7 +60,7 @@ baseline: $(STAMP) base-model
 
 # A sweep mixing PEFT methods (lora, dora, ia3, prefix, prompt; and qlora where there is CUDA),
 # submitted with `ray job submit` like the demo.
-METHODS_TENANTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--tenants acme,globex,initech,umbrella,hooli)
+METHODS_TENANTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--tenants acme,globex,initech,umbrella,hooli,globex-bottleneck)
 methods: $(STAMP) base-model
 	FARM_DEMO_SPEC=jobs/configs/methods.yaml FARM_DEMO_ARGS="$(METHODS_TENANTS)" bash jobs/run_demo.sh
 

@@ -155,12 +155,15 @@ def planned_peak(job: TenantJob, result: dict) -> int:
 
 
 def method_label(job: TenantJob) -> str:
-    """``lora r8``, ``ia3``, ``prefix 16 tokens``: a run's method as a table shows it."""
+    """``lora r8``, ``ia3``, ``prefix 16 tokens``, ``bottleneck houlsby 1/16``: a run's method as a table shows it."""
     settings = job.settings.method_settings()
     if hasattr(settings, "rank"):
         return f"{job.settings.method} r{settings.rank}"
     if hasattr(settings, "num_virtual_tokens"):
         return f"{job.settings.method} {settings.num_virtual_tokens} tokens"
+    if hasattr(settings, "placement"):
+        size = f"size {settings.bottleneck_size}" if settings.bottleneck_size else f"1/{settings.reduction_factor}"
+        return f"{job.settings.method} {settings.placement} {size}"
     return job.settings.method
 
 

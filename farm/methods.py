@@ -16,7 +16,14 @@ ia3      IA3            no                            yes        no         yes
 prefix   PREFIX_TUNING  no                            no         no         no
 prompt   PROMPT_TUNING  no                            no         no         no
 qlora    LORA           yes (plain LoRA weights)      yes        no         yes  (needs CUDA)
+bottle-  BOTTLENECK     no                            no         no         yes
+neck     (the farm's)
 =======  =============  ============================  =========  =========  ===========
+
+Every method is served by the farm's transformers backend (``farm serve --backend
+transformers``); the gateway sends a version there when vLLM cannot serve it. Bottleneck
+adapters are the farm's own implementation (``farm.bottleneck``): ``library`` says which code
+builds and loads a method's adapters.
 """
 
 from __future__ import annotations
@@ -148,6 +155,21 @@ class PromptSettings(StrictModel):
         return self
 
 
+class BottleneckSettings(StrictModel):
+    """Bottleneck adapters: a small down-projection, non-linearity, up-projection and residual
+    after the attention and/or MLP block of every layer (``farm.bottleneck``)."""
+
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "pfeiffer", description="houlsby: after the attention and the MLP block of each layer; pfeiffer: after the MLP only")
+    reduction_factor: int = Field(16, ge=1, le=4096, description="bottleneck size is hidden size / reduction_factor")
+    bottleneck_size: Optional[int] = Field(None, ge=1, le=65536, description="bottleneck size itself (overrides reduction_factor)")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="activation between the projections")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the adapter (training only)")
+    init: Literal["near_identity", "identity"] = Field(
+        "near_identity", description="near_identity: both projections small random; identity: up-projection zero (exact no-op at start)")
+    init_std: float = Field(1e-2, gt=0, le=1, description="standard deviation of the initial projection weights")
+
+
 # -- the entries --------------------------------------------------------------------------------
 
 
@@ -183,6 +205,10 @@ class MethodInfo:
     quantization: Optional[Callable[[StrictModel], object]] = None
     #: why it cannot train on a base sharded across workers (``train.shard_base``; None: it can)
     no_sharded_base: Optional[str] = None
+    #: whose code builds, saves and loads its adapters: ``peft``, or ``farm`` (``farm.bottleneck``)
+    library: Literal["peft", "farm"] = "peft"
+    #: why ``farm export merged`` cannot fold it into the base (None: it is mergeable)
+    not_mergeable: Optional[str] = None
 
 
 def _lora_config(settings: LoraSettings, base_model: str, use_dora: bool = False):
@@ -228,6 +254,11 @@ def _prompt_config(settings: PromptSettings, base_model: str):
                               prompt_tuning_init_text=settings.init_text if text else None,
                               # PEFT tokenises init_text with the base model's own tokenizer
                               tokenizer_name_or_path=base_model if text else None)
+
+
+def _bottleneck_config(settings: BottleneckSettings, base_model: str):
+    # The config depends on the base's shape; farm.bottleneck.attach builds it from the model.
+    return settings
 
 
 def _bnb_config(settings: QLoraSettings):
@@ -323,6 +354,14 @@ def _prompt_plan(settings: PromptSettings, shape: "ModelShape") -> dict:
             "extra_tokens": settings.num_virtual_tokens}
 
 
+def _bottleneck_plan(settings: BottleneckSettings, shape: "ModelShape") -> dict:
+    # Per adapted block: down (hidden x size + size) and up (size x hidden + hidden).
+    size = settings.bottleneck_size or max(1, shape.hidden // settings.reduction_factor)
+    blocks = 2 if settings.placement == "houlsby" else 1
+    count = shape.layers * blocks * (2 * shape.hidden * size + size + shape.hidden)
+    return {"method": "lora", "rank": 1, "target_modules": (), "adapter_params": count}
+
+
 _ONLY_LORA = "vLLM serves LoRA adapters only"
 
 _PROMPT_OUTSIDE = ("its trained virtual tokens live outside the base's layers, which the sharding wraps; "
@@ -349,7 +388,8 @@ METHODS: dict[str, MethodInfo] = {
         peft_type="PREFIX_TUNING",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prefix tuning adds key/value prefixes, which vLLM "
                                     "cannot load and which cannot be merged into the weights"),
-        mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prefix_plan,
+        mergeable=False, not_mergeable="it adds key/value prefixes, not weight updates",
+        co_trainable=False, packs_rows=False, plan_fields=_prefix_plan,
         no_gradient_checkpointing="its prefixes enter every layer through the key/value cache, which "
                                   "gradient checkpointing turns off",
         no_sharded_base=_PROMPT_OUTSIDE),
@@ -358,7 +398,8 @@ METHODS: dict[str, MethodInfo] = {
         peft_type="PROMPT_TUNING",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prompt tuning's virtual-token embeddings are not "
                                     "LoRA weights and cannot be merged into the weights"),
-        mergeable=False, co_trainable=False, packs_rows=False, plan_fields=_prompt_plan,
+        mergeable=False, not_mergeable="it adds virtual tokens before the input, not weight updates",
+        co_trainable=False, packs_rows=False, plan_fields=_prompt_plan,
         no_sharded_base=_PROMPT_OUTSIDE),
     "qlora": MethodInfo(
         "qlora", QLoraSettings, _lora_config, "LoRA on a 4-bit (bitsandbytes) base", peft_type="LORA",
@@ -367,6 +408,15 @@ METHODS: dict[str, MethodInfo] = {
         needs_cuda="QLoRA loads the base in 4-bit with bitsandbytes, whose kernels need a CUDA device",
         quantization=_bnb_config,
         no_sharded_base="its base is already 4-bit to fit one device, and FSDP does not shard bitsandbytes weights"),
+    "bottleneck": MethodInfo(
+        "bottleneck", BottleneckSettings, _bottleneck_config,
+        "bottleneck modules (down, non-linearity, up, residual) after each layer's blocks",
+        peft_type="BOTTLENECK", library="farm",
+        vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; bottleneck adapters add non-linear modules after each "
+                                    "layer's blocks, which vLLM cannot load"),
+        mergeable=False, not_mergeable="a bottleneck adapter is non-linear (an activation between its "
+                                       "projections), so no weight update of the base equals it",
+        co_trainable=False, packs_rows=True, plan_fields=_bottleneck_plan),
 }
 
 #: ``Literal`` of the method names, for the spec's ``method`` field.
@@ -389,6 +439,18 @@ def method_info(name: str) -> MethodInfo:
 def mergeable_methods() -> list[str]:
     """Names of the methods ``farm export merged`` can fold into the base weights."""
     return [name for name, info in METHODS.items() if info.mergeable]
+
+
+#: The serving backends: vLLM (LoRA adapters it can load) and the farm's transformers backend
+#: (``farm serve --backend transformers``), which loads every method the farm trains.
+SERVING_BACKENDS = ("vllm", "transformers")
+
+
+def servable_by(method: str, servable_by_vllm: bool) -> list[str]:
+    """The backends that can serve a version of ``method``, preferred first: vLLM when it can
+    load the adapter (the registry's verdict at publish), and transformers for every method the
+    farm knows."""
+    return (["vllm"] if servable_by_vllm else []) + (["transformers"] if method in METHODS else [])
 
 
 def co_trainable_methods() -> list[str]:

@@ -7,6 +7,7 @@ is always loaded with ``trust_remote_code=False`` and safetensors weights only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -133,10 +134,7 @@ class BaseModelCache:
         if peft_model is None or info.quantization is not None or settings.train.gradient_checkpointing \
                 or settings.train.shard_base == "fsdp":  # FSDP turned its modules into sharded ones
             return
-        if peft_model.peft_config[peft_model.active_adapter].is_prompt_learning:
-            base = peft_model.get_base_model()
-        else:
-            base = peft_model.base_model.unload()
+        base = unload_adapter(peft_model)
         pristine = ([name for name, _ in base.named_parameters()] == self._names
                     and not any(p.requires_grad for p in base.parameters()))
         self._model = base if pristine else None
@@ -148,10 +146,60 @@ def build_peft_model(model, settings: JobSettings, base_model: str):
     ``base_model`` is the base's name or path (prompt tuning's text initialisation tokenises
     with it).
     """
+    info = method_info(settings.method)
+    if info.library == "farm":
+        from farm import bottleneck
+
+        return bottleneck.attach(model, settings.method_settings(), base_model)
     from peft import get_peft_model
 
-    info = method_info(settings.method)
     return get_peft_model(model, info.to_peft_config(settings.method_settings(), base_model))
+
+
+def load_adapter(base, folder: str | Path, trainable: bool = False):
+    """``base`` with the saved adapter in ``folder`` attached, whichever library's it is (PEFT's,
+    or the farm's bottleneck adapters, told apart by ``peft_type``)."""
+    import json
+
+    from farm import bottleneck
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    if isinstance(config, dict) and config.get("peft_type") == bottleneck.PEFT_TYPE:
+        return bottleneck.load(base, folder, trainable=trainable)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
+
+
+def unload_adapter(model):
+    """Take the adapter off ``model`` (from ``build_peft_model`` or ``load_adapter``); returns the
+    base as it was: PEFT's ``unload`` puts every wrapped module back, prompt learning never
+    touched the base's modules, bottleneck adapters remove their hooks and modules."""
+    config = getattr(model, "peft_config", None)
+    if config is not None and config[model.active_adapter].is_prompt_learning:
+        return model.get_base_model()
+    if config is not None:
+        return model.base_model.unload()
+    return model.unload()
+
+
+def adapter_state_dict(model, adapter_name: str = "default") -> dict:
+    """The adapter's tensors as they are saved (PEFT's names, or the bottleneck's)."""
+    if hasattr(model, "adapter_state"):
+        return model.adapter_state()
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def set_adapter_state_dict(model, tensors: dict, adapter_name: str = "default") -> None:
+    """Load saved adapter tensors (``adapter_state_dict``'s names) into ``model``."""
+    if hasattr(model, "load_adapter_state"):
+        model.load_adapter_state(tensors)
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
 
 
 def full_tensor(value):
@@ -193,7 +241,6 @@ def warm_start(model, job: TenantJob, adapter_name: str = "default") -> None:
     ``ValueError`` naming the first difference (settings changed since that version)."""
     if not job.init_adapter:
         return
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load as load_safetensors
 
     from farm.train.ray_support import storage_fs
@@ -201,7 +248,7 @@ def warm_start(model, job: TenantJob, adapter_name: str = "default") -> None:
     fs, root = storage_fs(job.init_adapter.rstrip("/"))
     with fs.open_input_stream(f"{root}/adapter_model.safetensors") as stream:
         tensors = load_safetensors(stream.read())
-    own = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    own = adapter_state_dict(model, adapter_name=adapter_name)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise ValueError(f"train.init_from: {job.init_version} does not match this adapter: missing {missing[:3]}, "
@@ -210,7 +257,7 @@ def warm_start(model, job: TenantJob, adapter_name: str = "default") -> None:
         if tuple(value.shape) != tuple(tensors[name].shape):
             raise ValueError(f"train.init_from: {job.init_version}: tensor {name} has shape "
                              f"{tuple(tensors[name].shape)}, this adapter {tuple(value.shape)}")
-    set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+    set_adapter_state_dict(model, tensors, adapter_name=adapter_name)
 
 
 def as_sharded_like(value, param):

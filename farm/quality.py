@@ -125,18 +125,14 @@ def pass_rates(spec: EvalSpec, texts: list[str]) -> dict[str, float]:
 @contextlib.contextmanager
 def adapter_on(base, adapter_dir: str | Path):
     """``base`` wrapped with the adapter in ``adapter_dir`` for as long as the block runs; the
-    base is given back as it was (PEFT's ``unload`` restores every wrapped module; prompt
-    learning never touches the base's modules)."""
-    from peft import PeftModel
+    base is given back as it was (``farm.models.unload_adapter``)."""
+    from farm.models import load_adapter, unload_adapter
 
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+    model = load_adapter(base, adapter_dir).eval()
     try:
         yield model
     finally:
-        if model.peft_config[model.active_adapter].is_prompt_learning:
-            model.get_base_model()
-        else:
-            model.base_model.unload()
+        unload_adapter(model)
 
 
 def eval_loss(model, held: HeldOut, device) -> float:

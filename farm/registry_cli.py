@@ -128,10 +128,10 @@ def _metrics_text(metrics: dict) -> str:
 
 
 def _versions_table(items: list[dict]) -> Table:
-    table = Table("serve name", "method", "rank", "vLLM", "status", "aliases", "created", "size", "metrics")
+    table = Table("serve name", "method", "rank", "served by", "status", "aliases", "created", "size", "metrics")
     for item in items:
         table.add_row(item["serve_name"], item["method"], str(item["rank"] or ""),
-                      "[green]yes[/green]" if item["servable_by_vllm"] else "[yellow]no[/yellow]",
+                      ", ".join(item.get("servable_by") or []) or "[yellow]none[/yellow]",
                       item["status"], ", ".join(item["aliases"]), item["created_at"][:19].replace("T", " "),
                       _size(item["size_bytes"]), _metrics_text(item["metrics"]))
     return table
@@ -140,7 +140,7 @@ def _versions_table(items: list[dict]) -> Table:
 def _show_version(info: dict) -> None:
     table = Table("field", "value", show_header=False)
     for key in ("serve_name", "tenant", "adapter", "version", "base_model", "method", "rank",
-                "servable_by_vllm", "not_servable_reason", "status", "created_at", "size_bytes", "aliases"):
+                "servable_by", "servable_by_vllm", "not_servable_reason", "status", "created_at", "size_bytes", "aliases"):
         value = info.get(key)
         table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
     for key in ("metrics", "training", "lineage", "method_settings"):
@@ -414,7 +414,9 @@ def publish_cmd(
     if as_json:
         _print_json(info)
         return
-    servable = "servable by vLLM" if info["servable_by_vllm"] else f"not servable: {info['not_servable_reason']}"
+    servable = f"served by {', '.join(info['servable_by'])}"
+    if not info["servable_by_vllm"]:
+        servable += f"; not by vLLM: {info['not_servable_reason']}"
     console.print(f"published [bold]{info['serve_name']}[/bold] ({servable}; aliases: "
                   f"{', '.join(info['aliases']) or 'none'})")
 

@@ -71,6 +71,14 @@ class VersionInfo:
     method_settings: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+    #: the serving backends that can serve this version, preferred first (``farm.methods.servable_by``);
+    #: derived from the method and vLLM's verdict, whose reason ``not_servable_reason`` keeps
+    servable_by: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from farm.methods import servable_by
+
+        self.servable_by = servable_by(self.method, self.servable_by_vllm)
 
     def to_dict(self) -> dict:
         # not asdict(): it deep-copies every manifest, which dominates a search page's cost

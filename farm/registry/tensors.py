@@ -113,6 +113,7 @@ def check_adapter_weights(weights: Path, config: Mapping,
     except Exception as exc:
         raise PublishError(f"{WEIGHTS_FILE}: not a valid safetensors file ({exc})") from None
     count = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     with handle_cm as handle:
         names = list(handle.keys())
         if not names:
@@ -120,6 +121,7 @@ def check_adapter_weights(weights: Path, config: Mapping,
         for name in names:
             shape = _check_finite(handle, name)
             count += 1
+            shapes[name] = shape
             if not is_lora:
                 continue
             part = next((p for p in _LORA_PARTS if name.endswith("." + p)), None)
@@ -130,6 +132,8 @@ def check_adapter_weights(weights: Path, config: Mapping,
             if not module or not _targeted(module, targets):
                 raise _tensor_error(name, f"adapts module {module!r}, which is not among target_modules")
             halves.setdefault(module, {})[part] = shape
+    if peft_type == "BOTTLENECK":
+        _check_bottleneck(config, shapes, base_modules)
     if not is_lora:
         return count
     for module, parts in sorted(halves.items()):
@@ -198,3 +202,26 @@ def base_module_shapes(base_model: str) -> dict[str, ModuleShape] | None:
         elif isinstance(module, torch.nn.Embedding):
             shapes[name] = ModuleShape("embedding", module.num_embeddings, module.embedding_dim)
     return shapes
+
+
+def _check_bottleneck(config: Mapping, shapes: dict[str, tuple[int, ...]],
+                      base_modules: Mapping[str, ModuleShape] | None) -> None:
+    """A bottleneck adapter's tensors are exactly its config's (names, shapes, every layer), and
+    with the base known, its hidden size is the base's (the input of each layer's MLP)."""
+    from farm.bottleneck import CHILD, check_tensor_names, parse_config
+
+    try:
+        parsed = parse_config(dict(config))
+    except ValueError as exc:
+        raise PublishError(f"{CONFIG_FILE}: {exc}") from None
+    reason = check_tensor_names(parsed, shapes)
+    if reason is not None:
+        raise PublishError(f"{WEIGHTS_FILE}: {reason}")
+    if base_modules:
+        widths = {shape.out_features for shape in base_modules.values() if shape.kind == "embedding"}
+        if widths and parsed.hidden_size not in widths:
+            raise PublishError(f"{CONFIG_FILE}: hidden_size {parsed.hidden_size} is not the base's {sorted(widths)}")
+        for name in shapes:
+            block = name.split(f".{CHILD}.")[0]  # <layer>.<self_attn|mlp>
+            if not any(module.startswith(block + ".") for module in base_modules):
+                raise PublishError(f"{WEIGHTS_FILE}: {name}: the base has no block {block}")

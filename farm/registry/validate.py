@@ -53,6 +53,9 @@ class RecordedSettings(BaseModel):
     prefix_projection: Optional[bool] = None
     encoder_hidden_size: Optional[int] = Field(None, ge=1, le=2**31 - 1)
     prompt_tuning_init: Optional[str] = Field(None, max_length=64)
+    placement: Optional[str] = Field(None, max_length=16)
+    bottleneck_size: Optional[int] = Field(None, ge=1, le=65536)
+    non_linearity: Optional[str] = Field(None, max_length=16)
 
     @field_validator("lora_alpha", "lora_dropout", mode="before")
     @classmethod
@@ -172,6 +175,13 @@ def check_config(raw: bytes, base_model: str, base_architecture: str | None,
         tokens = config.get("num_virtual_tokens")
         if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 65536:
             raise PublishError(f"{CONFIG_FILE}: field 'num_virtual_tokens' must be an integer in 1..65536, got {tokens!r}")
+    if peft_type == "BOTTLENECK":  # the farm's own format: every field typed, nothing unknown
+        from farm.bottleneck import parse_config
+
+        try:
+            parse_config(config)
+        except ValueError as exc:
+            raise PublishError(f"{CONFIG_FILE}: {exc}") from None
     try:
         recorded = RecordedSettings.model_validate(config)
     except ValidationError as exc:

@@ -46,9 +46,9 @@ def export_merged(registry: Registry, reference: str, out: Path) -> tuple[Versio
 
     info = registry.resolve(reference)
     if info.method not in METHODS or not METHODS[info.method].mergeable:
+        why = METHODS[info.method].not_mergeable if info.method in METHODS else "the farm does not know the method"
         raise ExportError(f"{info.serve_name}: a {info.method} adapter cannot be merged into the base "
-                          f"weights (it adds virtual tokens or prefixes, not weight updates); mergeable "
-                          f"methods: {', '.join(mergeable_methods())}")
+                          f"weights ({why}); mergeable methods: {', '.join(mergeable_methods())}")
     tmp = _atomic_folder(out)
     with tempfile.TemporaryDirectory(prefix="farm-export-") as work:
         registry.download(info.serve_name, Path(work) / "adapter")

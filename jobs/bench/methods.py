@@ -35,7 +35,8 @@ from bench_common import write_json  # noqa: E402
 
 #: Peak learning rate per method: the low-rank methods share the demo's; the ones with a few
 #: thousand parameters (IA3 scales, prefixes, prompt embeddings) need ten times more.
-LEARNING_RATES = {"lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "ia3": 3e-2, "prefix": 3e-2, "prompt": 3e-2}
+LEARNING_RATES = {"lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "ia3": 3e-2, "prefix": 3e-2, "prompt": 3e-2,
+                  "bottleneck": 1e-2}
 SHARED = {"rank": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
 MARKERS = ("<!-- methods-table:start (jobs/bench/methods.py --readme) -->", "<!-- methods-table:end -->")
 

@@ -22,7 +22,8 @@ from farm.methods import METHODS
 from ..conftest import REPO
 
 pytestmark = pytest.mark.slow
-CPU_TENANTS = {"acme": "lora", "globex": "dora", "initech": "ia3", "umbrella": "prefix", "hooli": "prompt"}
+CPU_TENANTS = {"acme": "lora", "globex": "dora", "initech": "ia3", "umbrella": "prefix", "hooli": "prompt",
+               "globex-bottleneck": "bottleneck"}
 
 
 def _free_port() -> int:
@@ -77,3 +78,4 @@ def test_a_sweep_mixing_methods_trains_each_through_ray_job_submit(tmp_path, bas
     assert registry.search()[1] == len(tenants)
     summary = (tmp_path / "runs" / "mixed" / "report.md").read_text()
     assert "| umbrella | prefix 16 tokens | trained |" in summary and "| globex | dora r8 | trained |" in summary
+    assert "| globex-bottleneck | bottleneck houlsby 1/16 | trained |" in summary

@@ -127,3 +127,56 @@ def test_symlinks_and_other_non_files_in_an_adapter_folder_are_refused(base_mode
         registry.publish("acme", "a", folder, base_model=str(base_model_dir))
     (folder / "nested").rmdir()
     assert registry.publish("acme", "a", folder, base_model=str(base_model_dir)).version == 1
+
+
+def _bottleneck_adapter(base_model_dir: Path, folder: Path) -> Path:
+    """A real bottleneck adapter (farm.bottleneck) on the test base, saved as the trainer saves it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from farm import bottleneck
+    from farm.methods import BottleneckSettings
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    bottleneck.attach(base, BottleneckSettings(placement="houlsby", bottleneck_size=8),
+                      str(base_model_dir)).save_pretrained(str(folder))
+    return folder
+
+
+LAYER0_UP = "model.layers.0.mlp.farm_bottleneck.up.weight"
+BOTTLENECK_CASES = {
+    "unknown config field": (lambda t, c, torch: c.__setitem__("auto_map", None), "'auto_map'"),
+    "code hook in config": (lambda t, c, torch: c.__setitem__("non_linearity", "os.system"), "non_linearity"),
+    "rank-like field as text": (lambda t, c, torch: c.__setitem__("bottleneck_size", "8"), "bottleneck_size"),
+    "shape against config": (lambda t, c, torch: t.__setitem__(LAYER0_UP, torch.zeros(256, 9)),
+                             f"{LAYER0_UP}: shape \\(256, 9\\), the config says \\(256, 8\\)"),
+    "stray tensor": (lambda t, c, torch: t.__setitem__("lm_head.weight", torch.zeros(2, 2)),
+                     "lm_head.weight: not a bottleneck adapter tensor"),
+    "layer the base lacks": (lambda t, c, torch: [t.__setitem__(k.replace("layers.1.", "layers.9."), t.pop(k))
+                                                  for k in [k for k in t if ".layers.1." in k]],
+                             "the base has no block model.layers.9"),
+    "hidden size not the base's": (lambda t, c, torch: c.__setitem__("hidden_size", 128), "hidden_size|shape"),
+    "nan": (lambda t, c, torch: t.__setitem__(LAYER0_UP, torch.full_like(t[LAYER0_UP], float("nan"))),
+            f"{LAYER0_UP}.*NaN"),
+}
+
+
+@pytest.mark.parametrize("case", list(BOTTLENECK_CASES))
+def test_an_unsound_bottleneck_adapter_is_refused_naming_the_field_or_tensor(case, base_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    folder = _bottleneck_adapter(base_model_dir, tmp_path / "adapter")
+    registry = open_registry(str(tmp_path / "registry"))
+    sound = registry.publish("acme", "sound", folder, base_model=str(base_model_dir), method="bottleneck")
+    assert sound.method == "bottleneck" and not sound.servable_by_vllm and "vLLM" in sound.not_servable_reason
+    change, message = BOTTLENECK_CASES[case]
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    change(tensors, config, torch)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(PublishError, match=message):
+        registry.publish("acme", "damaged", folder, base_model=str(base_model_dir), method="bottleneck")
+    assert registry.search(tenant="acme", adapter="damaged")[1] == 0

@@ -33,6 +33,7 @@ LORA_LIKE = {"rank": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-line
 CASES = {
     "lora": ({"lora": LORA_LIKE}, 3e-3),
     "dora": ({"dora": LORA_LIKE}, 3e-3),
+    "bottleneck": ({"bottleneck": {"placement": "houlsby", "bottleneck_size": 16, "dropout": 0.1}}, 1e-2),
     "ia3": ({}, 1e-1),  # IA3 only rescales activations: on a random base it needs a large step
     # projection: the harder path (its MLP lives only in checkpoints, not in the saved adapter)
     "prefix": ({"prefix": {"num_virtual_tokens": 8, "projection": True, "projection_hidden_size": 64}}, 3e-2),
@@ -88,11 +89,12 @@ def _weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _reload(base_model_dir: Path, adapter_dir: str | Path):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from farm.models import load_adapter
+
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return load_adapter(base, adapter_dir).eval()
 
 
 @pytest.fixture(scope="class", params=list(METHODS))
@@ -184,8 +186,9 @@ class TestMethodContract:
 
         out = tmp_path / "merged"
         if not METHODS[method].mergeable:
-            with pytest.raises(ExportError, match=f"a {method} adapter cannot be merged.*mergeable methods: lora"):
+            with pytest.raises(ExportError, match=f"a {method} adapter cannot be merged.*mergeable methods: lora") as refused:
                 export_merged(registry, published.serve_name, out)
+            assert METHODS[method].not_mergeable in str(refused.value)  # the reason, e.g. "non-linear"
             assert not out.exists() or not any(out.iterdir())
             return
         from transformers import AutoModelForCausalLM
