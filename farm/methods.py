@@ -209,6 +209,9 @@ class MethodInfo:
     library: Literal["peft", "farm"] = "peft"
     #: why ``farm export merged`` cannot fold it into the base (None: it is mergeable)
     not_mergeable: Optional[str] = None
+    #: can rows of different lengths share a generation batch (left-padded) and answer exactly as
+    #: alone; False: the serving backend batches only prompts of equal length
+    pads_batches: bool = True
 
 
 def _lora_config(settings: LoraSettings, base_model: str, use_dora: bool = False):
@@ -399,6 +402,9 @@ METHODS: dict[str, MethodInfo] = {
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prompt tuning's virtual-token embeddings are not "
                                     "LoRA weights and cannot be merged into the weights"),
         mergeable=False, not_mergeable="it adds virtual tokens before the input, not weight updates",
+        # PEFT puts the virtual tokens before the padding and ignores position ids: padded rows
+        # would see other positions than alone.
+        pads_batches=False,
         co_trainable=False, packs_rows=False, plan_fields=_prompt_plan,
         no_sharded_base=_PROMPT_OUTSIDE),
     "qlora": MethodInfo(

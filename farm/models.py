@@ -156,19 +156,55 @@ def build_peft_model(model, settings: JobSettings, base_model: str):
     return get_peft_model(model, info.to_peft_config(settings.method_settings(), base_model))
 
 
-def load_adapter(base, folder: str | Path, trainable: bool = False):
-    """``base`` with the saved adapter in ``folder`` attached, whichever library's it is (PEFT's,
-    or the farm's bottleneck adapters, told apart by ``peft_type``)."""
+def read_adapter(folder: str | Path) -> tuple[dict, dict]:
+    """(config, tensors) of the saved adapter in ``folder`` (safetensors only, on the CPU)."""
     import json
 
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder}/adapter_config.json: expected a JSON object")
+    return config, load_file(str(folder / "adapter_model.safetensors"))
+
+
+def attach_saved(base, config: dict, tensors: dict, trainable: bool = False):
+    """``base`` with a saved adapter (``read_adapter``'s config and tensors) attached, whichever
+    library's it is: the farm's bottleneck adapters (``peft_type`` BOTTLENECK) or PEFT's.
+
+    Loading never runs a tenant's code or reaches the network: a PEFT config is built in
+    inference mode (prompt tuning's text initialisation, which would fetch the tokenizer its
+    config names, is skipped: the saved embeddings replace it). Raises ``ValueError`` when the
+    config or tensors do not fit the base.
+    """
     from farm import bottleneck
 
-    config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    if isinstance(config, dict) and config.get("peft_type") == bottleneck.PEFT_TYPE:
-        return bottleneck.load(base, folder, trainable=trainable)
-    from peft import PeftModel
+    if config.get("peft_type") == bottleneck.PEFT_TYPE:
+        model = bottleneck.BottleneckModel(base, bottleneck.parse_config(config))
+        model.load_adapter_state(tensors)
+    else:
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 
-    return PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
+        fields = {k: v for k, v in config.items() if k not in ("auto_mapping", "revision")}
+        try:
+            peft_config = PeftConfig.from_peft_type(**fields)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"adapter config does not load in PEFT: {exc}") from None
+        peft_config.inference_mode = not trainable
+        model = get_peft_model(base, peft_config)  # the task's class (PeftModelForCausalLM)
+        same_tensors(adapter_state_dict(model), tensors, "adapter")
+        set_peft_model_state_dict(model, tensors)
+    for param in model.parameters():
+        if not trainable:
+            param.requires_grad_(False)
+    return model
+
+
+def load_adapter(base, folder: str | Path, trainable: bool = False):
+    """``base`` with the saved adapter in ``folder`` attached (``attach_saved``)."""
+    config, tensors = read_adapter(folder)
+    return attach_saved(base, config, tensors, trainable=trainable)
 
 
 def unload_adapter(model):
@@ -248,16 +284,21 @@ def warm_start(model, job: TenantJob, adapter_name: str = "default") -> None:
     fs, root = storage_fs(job.init_adapter.rstrip("/"))
     with fs.open_input_stream(f"{root}/adapter_model.safetensors") as stream:
         tensors = load_safetensors(stream.read())
-    own = adapter_state_dict(model, adapter_name=adapter_name)
+    same_tensors(adapter_state_dict(model, adapter_name=adapter_name), tensors,
+                 f"train.init_from: {job.init_version}")
+    set_adapter_state_dict(model, tensors, adapter_name=adapter_name)
+
+
+def same_tensors(own: dict, tensors: dict, what: str) -> None:
+    """``tensors`` hold exactly ``own``'s names with their shapes, else ``ValueError`` naming
+    ``what`` and the first difference (an adapter of other settings, or another base)."""
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(f"train.init_from: {job.init_version} does not match this adapter: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise ValueError(f"{what} does not match this adapter: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, value in own.items():
         if tuple(value.shape) != tuple(tensors[name].shape):
-            raise ValueError(f"train.init_from: {job.init_version}: tensor {name} has shape "
-                             f"{tuple(tensors[name].shape)}, this adapter {tuple(value.shape)}")
-    set_adapter_state_dict(model, tensors, adapter_name=adapter_name)
+            raise ValueError(f"{what}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                             f"this adapter {tuple(value.shape)}")
 
 
 def as_sharded_like(value, param):

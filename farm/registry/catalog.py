@@ -232,6 +232,7 @@ class ServingTarget:
     servable_by_vllm: bool
     not_servable_reason: str | None
     status: str
+    method: str
 
 
 @dataclass(frozen=True)
@@ -497,7 +498,7 @@ class Catalog:
                        alias: str | None = None) -> ServingTarget | None:
         """The routing facts of one version by number or alias, in one query (None if none)."""
         query = (select(VersionRow.serve_name, VersionRow.base_model, VersionRow.servable_by_vllm,
-                        VersionRow.not_servable_reason, VersionRow.status)
+                        VersionRow.not_servable_reason, VersionRow.status, VersionRow.method)
                  .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
                  .join(TenantRow, AdapterRow.tenant_id == TenantRow.id)
                  .where(TenantRow.name == tenant, AdapterRow.name == adapter))

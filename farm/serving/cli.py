@@ -70,7 +70,9 @@ def _servable_versions(backend, base_model: str, status: str | None, limit: int 
 def serve_cmd(
     base_model: str = typer.Option(..., "--base-model", help="the base model (path or hub id), exactly as "
                                    "adapters were published against it"),
-    port: int = typer.Option(8000, help="port for the vLLM server"),
+    backend_kind: str = typer.Option("vllm", "--backend", help="vllm (LoRA adapters vLLM can load) or transformers "
+                                     "(every method: DoRA, IA3, prefix, prompt, bottleneck)"),
+    port: int = typer.Option(8000, help="port for the server"),
     host: str = typer.Option("127.0.0.1", help="address for the vLLM server: loopback or a private address"),
     behind_gateway: bool = typer.Option(False, "--behind-gateway",
                                         help="allow any --host: only `farm gateway` can reach this machine"),
@@ -87,9 +89,13 @@ def serve_cmd(
     url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
     store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
 ) -> None:
-    """Print (or run with --run) the vLLM server command for every adapter of a base model."""
+    """Print (or run with --run) the serving command for every adapter of a base model: vLLM, or
+    with --backend transformers the farm's transformers + PEFT server (``farm.serving.transformers_server``)."""
     from farm.serving.vllm_command import build_serve_command
     from farm.serving.vllm_plugin import AdapterCache
+
+    if backend_kind not in ("vllm", "transformers"):
+        _fail(f"--backend: expected vllm or transformers, got {backend_kind!r}", code=2)
 
     if device == "auto":
         device = detect_device()
@@ -119,6 +125,10 @@ def serve_cmd(
             preload.append((info.serve_name, folder))
             err_console.print(f"cached {info.serve_name} -> {folder}", highlight=False)
 
+    if backend_kind == "transformers":
+        _transformers_server(base_model, registry_env, secret_refs, cache.root, host, port, behind_gateway,
+                             served_model_name, max_model_len, max_cpu_loras, run)
+        return
     api_key = os.environ.get("FARM_VLLM_API_KEY")
     if not api_key:
         api_key = secrets.token_urlsafe(32)
@@ -141,6 +151,40 @@ def serve_cmd(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(command.argv[0], command.argv, {**os.environ, **command.env})
+
+
+def _transformers_server(base_model: str, registry_env: dict, secret_refs: dict, cache_dir: Path, host: str,
+                         port: int, behind_gateway: bool, served_model_name: Optional[str],
+                         max_model_len: Optional[int], max_loaded: int, run: bool) -> None:
+    """Print or exec ``python -m farm.serving.transformers_server`` (secrets stay in the environment)."""
+    import shlex
+
+    from farm.serving.transformers_server import API_KEY_ENV
+
+    argv = [sys.executable, "-m", "farm.serving.transformers_server", "--base-model", base_model,
+            "--host", host, "--port", str(port), "--max-loaded-adapters", str(max_loaded)]
+    if behind_gateway:
+        argv.append("--behind-gateway")
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    if max_model_len:
+        argv += ["--max-model-len", str(max_model_len)]
+    if not os.environ.get(API_KEY_ENV):
+        err_console.print(f"{API_KEY_ENV} is not set; generated a key. Set it where you start the server and "
+                          "give it to the gateway (a backend's api_key_env):\n"
+                          f"  export {API_KEY_ENV}={secrets.token_urlsafe(32)}", highlight=False, markup=False)
+        if run:
+            _fail(f"{API_KEY_ENV} must be set to run the server", code=2)
+    env = {k: v for k, v in registry_env.items() if k not in secret_refs}
+    env["FARM_VLLM_CACHE_DIR"] = str(cache_dir)
+    shell = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
+    if not run:
+        print(shell)
+        return
+    err_console.print(shell, highlight=False, markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, {**os.environ, **env})
 
 
 def gateway_cmd(

@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from farm.methods import servable_by
 from farm.registry.catalog import Catalog, Principal, ServingTarget
 from farm.registry.names import NameError_, parse_ref
 from farm.serving.gateway_config import BackendConfig, BaseConfig, GatewayConfig
@@ -90,15 +91,20 @@ def not_found(model: str) -> GatewayError:
 
 
 # -- backends ---------------------------------------------------------------------------------------
+#: How errors and /healthz name a backend kind.
+KIND_NAMES = {"vllm": "vLLM", "transformers": "transformers"}
+
+
 class Backend:
-    """One vLLM server: a pooled HTTP client, requests in flight, and whether it answers.
+    """One server (vLLM or the transformers backend): a pooled HTTP client, requests in flight,
+    and whether it answers.
 
     aiohttp, not httpx, on this path: it costs a fraction of httpx's CPU per request, and the
     gateway's own CPU is what it adds to every answer.
     """
 
     def __init__(self, config: BackendConfig, timeout_s: float):
-        self.config, self.url, self.timeout_s = config, config.url, timeout_s
+        self.config, self.url, self.timeout_s, self.kind = config, config.url, timeout_s, config.kind
         key = config.api_key()
         self.headers = {"Content-Type": "application/json"}
         if key:
@@ -143,11 +149,12 @@ class BasePool:
     def __init__(self, config: BaseConfig, timeout_s: float):
         self.config = config
         self.backends = [Backend(b, timeout_s) for b in config.backends]
+        self.kinds = [kind for kind in ("vllm", "transformers") if any(b.kind == kind for b in self.backends)]
         self._turn = 0
 
-    def pick(self) -> Backend | None:
-        """The healthy backend with the fewest requests in flight (ties in turn); None if none."""
-        healthy = [b for b in self.backends if b.healthy]
+    def pick(self, kind: str) -> Backend | None:
+        """The healthy ``kind`` backend with the fewest requests in flight (ties in turn); None if none."""
+        healthy = [b for b in self.backends if b.healthy and b.kind == kind]
         if not healthy:
             return None
         self._turn += 1
@@ -157,11 +164,13 @@ class BasePool:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a request goes: a base's pool, the name vLLM knows, and the name it is metered under."""
+    """Where a request goes: a base's pool and the kind of backend, the name the backend knows,
+    and the name it is metered under."""
 
     pool: BasePool
     vllm_model: str
     metered_as: str
+    kind: str = "vllm"
 
 
 # -- the application ----------------------------------------------------------------------------------
@@ -246,7 +255,7 @@ class Gateway:
             raise not_found(model[:MAX_MODEL_NAME])
         pool = self.pools.get(model)
         if pool is not None and pool.config.allows(who.tenant):
-            return Target(pool, pool.config.vllm_name, model)
+            return Target(pool, pool.config.vllm_name, model, pool.kinds[0])
         try:
             ref = parse_ref(model)
         except NameError_:
@@ -268,10 +277,13 @@ class Gateway:
         if pool is None:
             raise GatewayError(400, f"adapter {found.serve_name} was trained for base model "
                                     f"{found.base_model!r}, which this gateway does not serve", param="model")
-        if not found.servable_by_vllm:
+        # vLLM when it can serve the version, else the transformers backend (every method).
+        kinds = [kind for kind in servable_by(found.method, found.servable_by_vllm) if kind in pool.kinds]
+        if not kinds:
             raise GatewayError(400, f"adapter {found.serve_name} cannot be served by vLLM: "
-                                    f"{found.not_servable_reason}", param="model")
-        target = Target(pool, found.serve_name, found.serve_name)
+                                    f"{found.not_servable_reason}; base {pool.config.name!r} has no transformers "
+                                    "backend on this gateway", param="model")
+        target = Target(pool, found.serve_name, found.serve_name, kinds[0])
         if ref.version is not None and self.config.target_cache_s > 0:
             if len(self._targets) > 10_000:
                 self._targets.clear()
@@ -408,10 +420,11 @@ async def _proxy(gateway: Gateway, request: Request, kind: str) -> Response:
         # see those usage fields (and the final usage chunk) whether or not they asked: taking
         # them out would mean re-encoding every chunk.
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-    backend = target.pool.pick()
+    backend = target.pool.pick(target.kind)
+    shown = KIND_NAMES[target.kind]
     if backend is None:
         gateway.limiter.release(who.tenant, estimate, 0)
-        raise GatewayError(503, f"no healthy vLLM backend for base model {base!r}; try again later",
+        raise GatewayError(503, f"no healthy {shown} backend for base model {base!r}; try again later",
                            "service_unavailable")
     payload = json.dumps(body).encode()
     backend.outstanding += 1
@@ -427,7 +440,7 @@ async def _proxy(gateway: Gateway, request: Request, kind: str) -> Response:
         gateway.limiter.release(who.tenant, estimate, prompt + completion if usage else None)
         gateway.meter.record(tenant, target.metered_as, base, status, prompt, completion)
 
-    failed = GatewayError(502, f"the vLLM backend for base model {base!r} failed; try again", "bad_gateway")
+    failed = GatewayError(502, f"the {shown} backend for base model {base!r} failed; try again", "bad_gateway")
     try:
         upstream = await backend.session.post(f"/v1/{kind}", data=payload)
     except Exception as exc:  # refused, reset, timed out, malformed answer: the backend failed
@@ -454,7 +467,7 @@ async def _proxy(gateway: Gateway, request: Request, kind: str) -> Response:
         status = upstream.status
         if status >= 500:  # vLLM's own failures are not passed through (they may carry details)
             finish(status, None)
-            raise GatewayError(502, f"the vLLM backend for base model {base!r} failed ({status})", "bad_gateway")
+            raise GatewayError(502, f"the {shown} backend for base model {base!r} failed ({status})", "bad_gateway")
         usage = None
         if status == 200:
             with contextlib.suppress(ValueError):
@@ -476,7 +489,7 @@ async def _proxy(gateway: Gateway, request: Request, kind: str) -> Response:
             status = 502
             backend.healthy = False
             logger.warning("backend %s failed mid-stream: %s", backend.url, exc)
-            error = {"error": {"message": f"the vLLM backend for base model {base!r} failed mid-stream",
+            error = {"error": {"message": f"the {shown} backend for base model {base!r} failed mid-stream",
                                "type": "bad_gateway", "param": None, "code": 502}}
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
@@ -582,7 +595,8 @@ def create_gateway_app(config: GatewayConfig, catalog: Catalog) -> Starlette:
 
 
 def _models_of(gateway: Gateway, who: Principal) -> list[dict]:
-    """OpenAI model objects: bases ``who`` may call, then its servable versions and alias refs."""
+    """OpenAI model objects: bases ``who`` may call, then its versions this gateway's backends can
+    serve, and their alias refs."""
     from sqlalchemy import select
 
     from farm.registry.catalog import AdapterRow, AliasRow, TenantRow, VersionRow
@@ -591,16 +605,17 @@ def _models_of(gateway: Gateway, who: Principal) -> list[dict]:
     data = [{"id": pool.config.name, "object": "model", "created": now, "owned_by": "farm"}
             for pool in gateway.pools.values() if pool.config.allows(who.tenant)]
     query = (select(VersionRow.id, VersionRow.serve_name, VersionRow.created_at, TenantRow.name, AdapterRow.name,
-                    VersionRow.base_model)
+                    VersionRow.base_model, VersionRow.method, VersionRow.servable_by_vllm)
              .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
              .join(TenantRow, AdapterRow.tenant_id == TenantRow.id)
-             .where(VersionRow.status == "active", VersionRow.servable_by_vllm.is_(True),
-                    VersionRow.base_model.in_(list(gateway.by_base_model)))
+             .where(VersionRow.status == "active", VersionRow.base_model.in_(list(gateway.by_base_model)))
              .order_by(TenantRow.name, AdapterRow.name, VersionRow.number))
     if not who.is_admin:
         query = query.where(TenantRow.name == who.tenant)
     with gateway.catalog.engine.connect() as connection:
-        rows = connection.execute(query).all()
+        # Only versions a backend of their base on this gateway can serve.
+        rows = [row[:6] for row in connection.execute(query).all()
+                if set(servable_by(row[6], row[7])) & set(gateway.by_base_model[row[5]].kinds)]
         aliases = connection.execute(select(AliasRow.version_id, AliasRow.name).where(
             AliasRow.version_id.in_([r[0] for r in rows]))).all() if rows else []
     by_version: dict[int, list[str]] = {}

@@ -1,4 +1,4 @@
-"""What ``farm gateway`` serves and how: bases and their vLLM backends, per-tenant limits.
+"""What ``farm gateway`` serves and how: bases and their backends, per-tenant limits.
 
     # gateway.yaml
     registry: {store: .farm/registry}          # tokens, adapters and usage live in its catalog
@@ -9,6 +9,7 @@
         tenants: ["*"]                         # who may call the plain base ("*": every tenant)
         backends:
           - {url: "http://127.0.0.1:8000", api_key_env: FARM_VLLM_API_KEY}
+          - {url: "http://127.0.0.1:8001", kind: transformers, api_key_env: FARM_TRANSFORMERS_API_KEY}
     limits:
       default: {requests_per_minute: 600, tokens_per_minute: 200000, concurrent_requests: 16, max_tokens: 1024}
       tenants:
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,9 +41,12 @@ class _Strict(BaseModel):
 
 
 class BackendConfig(_Strict):
-    """One vLLM server of a base model."""
+    """One server of a base model: vLLM (LoRA) or the farm's transformers backend (every method)."""
 
-    url: str = Field(..., description="base URL of the vLLM server, e.g. http://127.0.0.1:8000")
+    url: str = Field(..., description="base URL of the server, e.g. http://127.0.0.1:8000")
+    kind: Literal["vllm", "transformers"] = Field(
+        "vllm", description="vllm (farm serve), or transformers (farm serve --backend transformers): the "
+                            "gateway sends a version to vLLM when vLLM can serve it, else to transformers")
     api_key_env: Optional[str] = Field(None, description="environment variable holding its API key")
 
     @field_validator("url")

@@ -178,7 +178,8 @@ class FarmResolverCore:
                 f"adapter {shown} was trained for base model {info['base_model']!r}, "
                 f"but this server serves base model {base_model_name!r}")
         if self.backend not in info["servable_by"]:
-            raise AdapterRefused(f"adapter {shown} cannot be served by {self.backend}: {info['not_servable_reason']}")
+            shown_backend = {"vllm": "vLLM"}.get(self.backend, self.backend)
+            raise AdapterRefused(f"adapter {shown} cannot be served by {shown_backend}: {info['not_servable_reason']}")
         rank = info.get("rank")
         if self.max_lora_rank is not None and rank is not None and rank > self.max_lora_rank:
             raise AdapterRefused(f"adapter {shown} has rank {rank}, above this server's "

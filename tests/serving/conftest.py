@@ -42,15 +42,17 @@ def until_eos(ids: list[int], eos: int | None) -> list[int]:
 
 def peft_greedy(base_model_dir: Path, adapter: Path | None, prompt: str = PROMPT,
                 max_tokens: int = MAX_TOKENS) -> tuple[list[int], list[int]]:
-    """(prompt ids, new ids) of transformers(+PEFT) greedy generation in fp32."""
+    """(prompt ids, new ids) of transformers (+ the adapter: PEFT, or the farm's bottleneck
+    implementation) greedy generation in fp32."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from farm.models import load_adapter
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter(model, adapter)  # PEFT's, or the farm's bottleneck adapters
     model.eval()
     encoded = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
