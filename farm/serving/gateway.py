@@ -34,7 +34,6 @@ import logging
 import math
 import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -48,6 +47,8 @@ from starlette.routing import Route
 from farm.methods import servable_by
 from farm.registry.catalog import Catalog, Principal, ServingTarget
 from farm.registry.names import NameError_, parse_ref
+from farm.serving.errors import APIError
+from farm.serving.errors import handled as handled_as_openai
 from farm.serving.gateway_config import BackendConfig, BaseConfig, GatewayConfig
 from farm.serving.limits import Limiter
 from farm.serving.metering import Meter
@@ -72,17 +73,8 @@ FIELDS = {
 MAX_MODEL_NAME = 300
 
 
-class GatewayError(Exception):
-    """An answer to the client: OpenAI-shaped error with a status (and headers)."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.status}}, status_code=self.status, headers=self.headers)
+#: The gateway's errors are the shared OpenAI-shaped ones (farm.serving.errors).
+GatewayError = APIError
 
 
 def not_found(model: str) -> GatewayError:
@@ -533,17 +525,7 @@ def create_gateway_app(config: GatewayConfig, catalog: Catalog) -> Starlette:
     gateway = Gateway(config, catalog)
 
     def handled(handler):
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except GatewayError as exc:
-                return exc.response()
-            except Exception:
-                error_id = uuid.uuid4().hex[:12]
-                logger.exception("internal error %s", error_id)
-                return GatewayError(500, f"internal error (reference {error_id})", "internal_error").response()
-
-        return endpoint
+        return handled_as_openai(handler, logger)
 
     async def completions(request: Request) -> Response:
         return await _proxy(gateway, request, "completions")

@@ -49,6 +49,8 @@ from typing import Any, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from farm.serving.errors import APIError
+
 logger = logging.getLogger("farm.transformers_server")
 
 API_KEY_ENV = "FARM_TRANSFORMERS_API_KEY"
@@ -56,7 +58,7 @@ MAX_BODY_BYTES = 4 * 2**20
 #: Request fields this backend honours; the gateway's own additions are accepted and ignored.
 #: Anything else (logprobs, tools, logit_bias, ...) is a 400 naming the field, not silently dropped.
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
-                           "stream_options", "stop", "seed", "user", "return_token_ids"})
+                           "stream_options", "stop", "seed", "user", "return_token_ids", "ignore_eos"})
 IGNORED_FIELDS = frozenset({"cache_salt"})  # the gateway's per-tenant prefix-cache salt: no shared cache here
 FIELDS = {"completions": COMMON_FIELDS | {"prompt"},
           "chat/completions": COMMON_FIELDS | {"messages", "max_completion_tokens"}}
@@ -79,20 +81,6 @@ class ServerSettings(BaseModel):
         return self.served_model_name or self.base_model
 
 
-class RequestError(Exception):
-    """An OpenAI-shaped error answer."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def response(self):
-        from starlette.responses import JSONResponse
-
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.status}}, status_code=self.status)
-
-
 # -- sampling and rows -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sampling:
@@ -102,6 +90,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None
+    ignore_eos: bool = False           # vLLM's extension: generate max_tokens whatever the model says
 
     @property
     def greedy(self) -> bool:
@@ -275,6 +264,8 @@ class Engine:
                 torch.manual_seed(sampling.seed)
         else:
             options.update(temperature=None, top_p=None, top_k=None)
+        if sampling.ignore_eos:
+            options["eos_token_id"] = None  # no row ends at EOS; each stops at its own max_tokens
         self.batches = (self.batches + [len(rows)])[-1000:]
         with torch.inference_mode():
             model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -285,7 +276,7 @@ class Engine:
     def _advance(self, row: Row, token: int) -> None:
         """One new token of ``row``: text out, and the row closed at EOS, a stop string or its limit."""
         row.tokens.append(token)
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.sampling.ignore_eos:
             self._close(row, "stop")
             return
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
@@ -324,7 +315,7 @@ def _number(body: dict, name: str, low: float, high: float, default: float) -> f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise RequestError(400, f"{name}: expected a number in {low}..{high}", name)
+        raise APIError(400, f"{name}: expected a number in {low}..{high}", param=name)
     return float(value)
 
 
@@ -333,7 +324,14 @@ def _integer(body: dict, name: str, low: int, high: int, default: Optional[int])
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise RequestError(400, f"{name}: expected an integer in {low}..{high}", name)
+        raise APIError(400, f"{name}: expected an integer in {low}..{high}", param=name)
+    return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise APIError(400, f"{name}: expected true or false", param=name)
     return value
 
 
@@ -344,7 +342,7 @@ def _prompts(engine: Engine, body: dict, kind: str) -> list[list[int]]:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
-            raise RequestError(400, "messages: a non-empty list of {role, content} with text content", "messages")
+            raise APIError(400, "messages: a non-empty list of {role, content} with text content", param="messages")
         ids = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
                                             add_generation_prompt=True, tokenize=True, return_dict=False)
         return [list(ids)]
@@ -353,11 +351,11 @@ def _prompts(engine: Engine, body: dict, kind: str) -> list[list[int]]:
         return [tokenizer(prompt).input_ids]
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
         if any(not 0 <= p < len(tokenizer) for p in prompt):
-            raise RequestError(400, "prompt: token ids must be in the vocabulary", "prompt")
+            raise APIError(400, "prompt: token ids must be in the vocabulary", param="prompt")
         return [list(prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return [tokenizer(p).input_ids for p in prompt]
-    raise RequestError(400, "prompt: a string, a list of strings or a list of token ids", "prompt")
+    raise APIError(400, "prompt: a string, a list of strings or a list of token ids", param="prompt")
 
 
 def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine | None = None):
@@ -369,6 +367,7 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
     from starlette.routing import Route
 
     from farm.methods import method_info
+    from farm.serving.errors import handled
     from farm.serving.resolver import AdapterRefused
 
     state: dict[str, Engine] = {}
@@ -378,46 +377,34 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
     def authorized(request: Request) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise RequestError(401, "missing or wrong API key", kind="authentication_error")
-
-    def handled(handler):
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestError as exc:
-                return exc.response()
-            except Exception:
-                reference = uuid.uuid4().hex[:12]
-                logger.exception("internal error %s", reference)
-                return RequestError(500, f"internal error (reference {reference})", kind="internal_error").response()
-        return endpoint
+            raise APIError(401, "missing or wrong API key", "authentication_error")
 
     async def read_body(request: Request) -> dict:
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
-                raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+                raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
-            raise RequestError(400, "body: not valid JSON") from None
+            raise APIError(400, "body: not valid JSON") from None
         if not isinstance(body, dict):
-            raise RequestError(400, "body: expected a JSON object")
+            raise APIError(400, "body: expected a JSON object")
         return body
 
     async def adapter_of(model: Any) -> tuple[Optional[str], Optional[Path], bool]:
         """(serve name, local folder, whether its rows may be padded into batches)."""
         if not isinstance(model, str) or not model:
-            raise RequestError(400, "model: required, a string", "model")
+            raise APIError(400, "model: required, a string", param="model")
         if model == settings.name:
             return None, None, True
         try:
             found = await asyncio.to_thread(resolver.resolve, settings.base_model, model)
         except AdapterRefused as exc:
-            raise RequestError(400, str(exc), "model") from None
+            raise APIError(400, str(exc), param="model") from None
         if found is None:
-            raise RequestError(404, f"The model `{model[:300]}` does not exist.", "model", "NotFoundError")
+            raise APIError(404, f"The model `{model[:300]}` does not exist.", "NotFoundError", param="model")
         info, folder = found
         return info["serve_name"], folder, method_info(info["method"]).pads_batches
 
@@ -426,7 +413,7 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
         body = await read_body(request)
         unknown = sorted(set(body) - FIELDS[kind] - IGNORED_FIELDS)
         if unknown:
-            raise RequestError(400, f"{unknown[0]}: not supported by the transformers backend", unknown[0])
+            raise APIError(400, f"{unknown[0]}: not supported by the transformers backend", param=unknown[0])
         engine = state["engine"]
         serve_name, folder, padded = await adapter_of(body.get("model"))
         prompts = _prompts(engine, body, kind)
@@ -434,28 +421,25 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
         room = settings.max_model_len - max(len(p) for p in prompts)
         max_new = _integer(body, limit_field, 1, settings.max_model_len, None)
         if room < 1 or (max_new is not None and max_new > room):
-            raise RequestError(400, f"{limit_field}: the prompt ({settings.max_model_len - room} tokens) plus "
-                                    f"{max_new or 1} new tokens exceed this server's context of "
-                                    f"{settings.max_model_len}", limit_field)
+            raise APIError(400, f"{limit_field}: the prompt ({settings.max_model_len - room} tokens) plus "
+                                f"{max_new or 1} new tokens exceed this server's context of "
+                                f"{settings.max_model_len}", param=limit_field)
         max_new = max_new or min(room, 16 if kind == "completions" else room)
         n = _integer(body, "n", 1, 16, 1)
         sampling = Sampling(temperature=_number(body, "temperature", 0, 2, 1.0), top_p=_number(body, "top_p", 0, 1, 1.0),
                             top_k=max(0, _integer(body, "top_k", -1, 100_000, 0)),  # -1 or 0: off (vLLM's -1)
-                            seed=_integer(body, "seed", 0, 2**63 - 1, None))
+                            seed=_integer(body, "seed", 0, 2**63 - 1, None),
+                            ignore_eos=_flag(body, "ignore_eos"))
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop
         if stop is not None and (not isinstance(stop, list) or len(stop) > 16 or not all(
                 isinstance(s, str) and 0 < len(s) <= 200 for s in stop)):
-            raise RequestError(400, "stop: a string or up to 16 strings", "stop")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError(400, "stream: expected true or false", "stream")
+            raise APIError(400, "stop: a string or up to 16 strings", param="stop")
+        stream = _flag(body, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
-            raise RequestError(400, "stream_options: an object", "stream_options")
-        with_ids = body.get("return_token_ids", False)
-        if not isinstance(with_ids, bool):
-            raise RequestError(400, "return_token_ids: expected true or false", "return_token_ids")
+            raise APIError(400, "stream_options: an object", param="stream_options")
+        with_ids = _flag(body, "return_token_ids")
         loop = asyncio.get_running_loop()
         rows = [Row(serve_name, folder, prompt, max_new, sampling, tuple(stop or ()), i * n + j, loop, padded=padded)
                 for i, prompt in enumerate(prompts) for j in range(n)]
@@ -477,7 +461,7 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
             choices = []
             for row, (text, reason) in zip(rows, outcomes):
                 if reason == "error":
-                    raise RequestError(500, "generation failed", kind="internal_error")
+                    raise APIError(500, "generation failed", "internal_error")
                 choices.append({"index": row.index, "text": text, "logprobs": None, "finish_reason": reason}
                                if kind == "completions" else
                                {"index": row.index, "message": {"role": "assistant", "content": text},
@@ -564,7 +548,7 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
         return Response(status_code=200 if "engine" in state else 503)
 
     async def anything_else(request: Request) -> Response:
-        raise RequestError(404, "not found", kind="NotFoundError")
+        raise APIError(404, "not found", "NotFoundError")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -579,11 +563,11 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     app = Starlette(routes=[
-        Route("/health", handled(health), methods=["GET"]),
-        Route("/v1/models", handled(models), methods=["GET"]),
-        Route("/v1/completions", handled(completions), methods=["POST"]),
-        Route("/v1/chat/completions", handled(chat), methods=["POST"]),
-        Route("/{path:path}", handled(anything_else), methods=methods),
+        Route("/health", handled(health, logger), methods=["GET"]),
+        Route("/v1/models", handled(models, logger), methods=["GET"]),
+        Route("/v1/completions", handled(completions, logger), methods=["POST"]),
+        Route("/v1/chat/completions", handled(chat, logger), methods=["POST"]),
+        Route("/{path:path}", handled(anything_else, logger), methods=methods),
     ], lifespan=lifespan)
     app.state.engine = lambda: state.get("engine")
     return app

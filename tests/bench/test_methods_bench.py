@@ -1,4 +1,5 @@
-"""Smoke test of ``jobs/bench/methods.py``: every method the farm knows still trains (3 steps)."""
+"""Smoke test of ``jobs/bench/methods.py``: every method the farm knows still trains (3 steps)
+and is served by the transformers backend (a few short requests)."""
 
 from __future__ import annotations
 
@@ -22,4 +23,5 @@ def test_methods_benchmark_trains_every_method(tmp_path, base_model_dir):
             continue
         assert not row.get("skipped"), row
         assert row["trainable_params"] > 0 and row["tokens_per_s"] > 0
+        assert row["serve_tokens_per_s"] > 0, row  # served through the transformers backend
     assert "PEFT methods on" in stdout

@@ -15,8 +15,9 @@ import pytest
 
 
 def make_lora_adapter(base_model_dir: Path, out: Path, rank: int = 8, seed: int = 0,
-                      targets=("q_proj", "v_proj")) -> Path:
-    """A real PEFT LoRA adapter for the tiny base, saved with safetensors (random, non-zero B)."""
+                      targets=("q_proj", "v_proj"), strength: float = 0.02) -> Path:
+    """A real PEFT LoRA adapter for the tiny base, saved with safetensors (random, non-zero B of
+    standard deviation ``strength``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,7 +28,7 @@ def make_lora_adapter(base_model_dir: Path, out: Path, rank: int = 8, seed: int 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.02)  # a trained-looking adapter, not the all-zero init
+                param.normal_(0, strength)  # a trained-looking adapter, not the all-zero init
     model.save_pretrained(str(out), safe_serialization=True)
     return out
 

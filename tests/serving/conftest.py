@@ -36,6 +36,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Billing:
+    """A tenant's metered usage as ``farm usage --json`` reports it, from the hour the test began."""
+
+    def __init__(self, gateway, store: Path, tenant: str):
+        from farm.registry.catalog import utcnow
+
+        self.gateway, self.store, self.tenant = gateway, store, tenant
+        self.since = utcnow().replace(minute=0, second=0, microsecond=0).isoformat()
+
+    def total(self) -> dict:
+        """Flush the gateway's meter, then the CLI's totals for the tenant."""
+        import json
+
+        from typer.testing import CliRunner
+
+        from farm.cli import app
+
+        self.gateway.meter.flush()
+        result = CliRunner().invoke(app, ["usage", "--tenant", self.tenant, "--since", self.since, "--json",
+                                          "--store", str(self.store)])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["total"]
+
+
 def until_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids[:ids.index(eos) + 1] if eos is not None and eos in ids else ids
 

@@ -46,8 +46,16 @@ def test_gguf_export_reads_back_with_the_adapters_tensors(published, tmp_path):
     from safetensors.torch import load_file
 
     registry, info, adapter = published
-    _, gguf_path, modelfile = export_gguf(registry, "acme.demo@latest", tmp_path / "ollama")
-    assert modelfile.read_text() == f"FROM {info.base_model}\nADAPTER ./acme.demo.v1.gguf\n"
+    # Ollama loads GGUF models: the base's Hugging Face folder, a file that is not GGUF, or a name
+    # Ollama could not have are refused before anything is written.
+    (tmp_path / "weights.gguf").write_bytes(b"not a gguf file")
+    for base, why in ((info.base_model, "not a file"), (str(tmp_path / "weights.gguf"), "not a GGUF file"),
+                      ("/etc/passwd", "not a GGUF file"), ("Llama 3; rm -rf", "neither a GGUF file nor an Ollama model name")):
+        with pytest.raises(ExportError, match=why):
+            export_gguf(registry, "acme.demo@latest", tmp_path / "refused", base)
+        assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    _, gguf_path, modelfile = export_gguf(registry, "acme.demo@latest", tmp_path / "ollama", "llama3.2:1b")
+    assert modelfile.read_text() == "FROM llama3.2:1b\nADAPTER ./acme.demo.v1.gguf\n"
     reader = gguf.GGUFReader(str(gguf_path))
     fields = {name: reader.fields[name] for name in ("general.type", "adapter.type", "adapter.lora.alpha")}
     assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"

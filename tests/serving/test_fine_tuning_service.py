@@ -224,7 +224,10 @@ def test_one_tenants_single_job_starts_before_anothers_twenty_finish(stack):
     unfinished = [j for j in many if tuna.fine_tuning.jobs.retrieve(j).status not in TERMINAL]
     assert len(unfinished) >= 10, f"only {len(unfinished)} of tuna's 20 jobs were left when sardine's finished"
     for job_id in unfinished:  # queued ones are cancelled at once, a running one at its next step
-        tuna.fine_tuning.jobs.cancel(job_id)
+        try:
+            tuna.fine_tuning.jobs.cancel(job_id)
+        except openai.ConflictError:  # it finished between the listing and the cancel: 409 is right
+            assert tuna.fine_tuning.jobs.retrieve(job_id).status == "succeeded"
     for job_id in unfinished:
         assert _wait(stack, tuna, job_id, timeout=60).status in ("cancelled", "succeeded")
 

@@ -30,7 +30,7 @@ from farm.serving.limits import Limiter
 
 from ..registry.conftest import make_lora_adapter
 from ..registry.test_api import LiveServer
-from .conftest import PROMPT, peft_greedy, start_vllm, until_eos
+from .conftest import PROMPT, Billing, peft_greedy, start_vllm, until_eos
 
 
 # -- policy objects ---------------------------------------------------------------------------------
@@ -155,17 +155,18 @@ def test_backends_are_balanced_by_requests_in_flight_and_skipped_when_down(monke
 
     monkeypatch.setenv("K", "secret")
     pool = BasePool(BaseConfig(name="b", base_model="m", backends=[
-        {"url": f"http://127.0.0.1:{port}", "api_key_env": "K"} for port in (1, 2, 3)]), timeout_s=5)
-    one, two, three = pool.backends
-    assert one.headers["Authorization"] == "Bearer secret"
-    one.outstanding, two.outstanding, three.outstanding = 2, 0, 1
-    assert pool.pick() is two
+        *({"url": f"http://127.0.0.1:{port}", "api_key_env": "K"} for port in (1, 2, 3)),
+        {"url": "http://127.0.0.1:4", "kind": "transformers"}]), timeout_s=5)
+    one, two, three, other = pool.backends
+    assert one.headers["Authorization"] == "Bearer secret" and pool.kinds == ["vllm", "transformers"]
+    one.outstanding, two.outstanding, three.outstanding, other.outstanding = 2, 0, 1, 9
+    assert pool.pick("vllm") is two and pool.pick("transformers") is other  # a kind only gets its own
     two.healthy = False
-    assert pool.pick() is three
+    assert pool.pick("vllm") is three
     three.outstanding = 2  # a tie between one and three: taken in turn
-    assert {pool.pick().url for _ in range(4)} == {one.url, three.url}
+    assert {pool.pick("vllm").url for _ in range(4)} == {one.url, three.url}
     one.healthy = three.healthy = False
-    assert pool.pick() is None
+    assert pool.pick("vllm") is None and pool.pick("transformers") is other
 
 
 def test_requests_refused_before_any_backend_is_asked(tmp_path, monkeypatch):
@@ -385,22 +386,10 @@ class TestGatewayWithVllm:
         assert limited.post("/v1/completions", json=_completion("base", max_tokens=4)).status_code == 200
 
     def test_usage_is_metered_from_vllm_including_a_cut_stream(self, stack):
-        from typer.testing import CliRunner
-
-        from farm.cli import app
-
         gateway, globex = stack["gateway"], _client(stack, "globex")
         gateway.meter.flush()
-        since = utcnow().replace(minute=0, second=0, microsecond=0).isoformat()
-
-        def billed() -> dict:
-            gateway.meter.flush()
-            result = CliRunner().invoke(app, ["usage", "--tenant", "globex", "--since", since, "--json",
-                                              "--store", str(stack["registry"].store.root)])
-            assert result.exit_code == 0, result.output
-            return json.loads(result.stdout)["total"]
-
-        start = billed()
+        billing = Billing(gateway, stack["registry"].store.root, "globex")
+        start = billing.total()
         seen_prompt = seen_completion = 0
         for _ in range(2):
             usage = globex.post("/v1/completions", json=_completion("globex.helpdesk.v1")).json()["usage"]
@@ -421,7 +410,7 @@ class TestGatewayWithVllm:
             first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
         cut_prompt = first["usage"]["prompt_tokens"]
         time.sleep(1)  # the gateway notices the disconnect and meters
-        total = billed()
+        total = billing.total()
         assert total["requests"] - start["requests"] == 5 and total["errors"] == start["errors"]
         assert total["prompt_tokens"] - start["prompt_tokens"] == seen_prompt + cut_prompt
         cut_completion = total["completion_tokens"] - start["completion_tokens"] - seen_completion

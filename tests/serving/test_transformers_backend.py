@@ -26,13 +26,13 @@ import pytest
 
 from farm.methods import METHODS
 from farm.registry import open_registry
-from farm.registry.catalog import Catalog, utcnow
+from farm.registry.catalog import Catalog
 from farm.registry.core import default_catalog_url
 from farm.serving.gateway import create_gateway_app
 from farm.serving.gateway_config import GatewayConfig
 
 from ..registry.test_api import LiveServer
-from .conftest import PROMPT, free_port, peft_greedy, until_eos
+from .conftest import PROMPT, Billing, free_port, peft_greedy, until_eos
 
 pytestmark = pytest.mark.slow
 
@@ -176,10 +176,6 @@ def test_chat_and_concurrent_requests_get_the_answers_they_get_alone(stack):
 
 
 def test_another_tenants_adapter_answers_like_a_missing_one_and_usage_is_metered(stack):
-    from typer.testing import CliRunner
-
-    from farm.cli import app
-
     globex, acme = _client(stack, "globex"), _client(stack, "acme")
     for stream in (False, True):
         for name in ("acme.bottleneck.v1", "acme.prefix@latest", "acme.ia3.v1"):
@@ -193,22 +189,13 @@ def test_another_tenants_adapter_answers_like_a_missing_one_and_usage_is_metered
     assert httpx.post(f"{stack['backend']}/v1/completions", json={**_body("acme.ia3.v1"), "logprobs": 2},
                       headers={"Authorization": f"Bearer {stack['key']}"}).json()["error"]["param"] == "logprobs"
 
-    gateway = stack["gateway"]
-    since = utcnow().replace(minute=0, second=0, microsecond=0).isoformat()
-
-    def billed() -> dict:
-        gateway.meter.flush()
-        result = CliRunner().invoke(app, ["usage", "--tenant", "acme", "--since", since, "--json",
-                                          "--store", str(stack["registry"].store.root)])
-        assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)["total"]
-
-    start = billed()
+    billing = Billing(stack["gateway"], stack["registry"].store.root, "acme")
+    start = billing.total()
     usage = acme.post("/v1/completions", json=_body("acme.dora.v1")).json()["usage"]
     body = _body("acme.prompt.v1", stream=True, stream_options={"include_usage": True})
     with acme.stream("POST", "/v1/completions", json=body) as response:
         final = [e for e in _events(response) if e.get("usage") and not e["choices"]][-1]["usage"]
-    total = billed()
+    total = billing.total()
     assert total["requests"] - start["requests"] == 2
     assert total["prompt_tokens"] - start["prompt_tokens"] == usage["prompt_tokens"] + final["prompt_tokens"]
     assert total["completion_tokens"] - start["completion_tokens"] == usage["completion_tokens"] + final["completion_tokens"]
