@@ -486,6 +486,9 @@ def _check_kuberay(data: dict[str, Any], problem) -> None:
 # --- Kubernetes manifests: serving and the service (cluster/serving.yaml) ---------------------
 
 VLLM_APP, GATEWAY_APP = "farm-vllm", "farm-gateway"  # app.kubernetes.io/name of the pods
+TRANSFORMERS_APP = "farm-transformers"  # the transformers backend (farm serve --backend transformers)
+#: Serving backends: reachable from farm gateway's pods only, through ClusterIP Services.
+BACKEND_APPS = {VLLM_APP: "vLLM", TRANSFORMERS_APP: "the transformers backend"}
 _APP = "app.kubernetes.io/name"
 _SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|SECRET|CATALOG", re.IGNORECASE)
 
@@ -498,7 +501,8 @@ def _pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def _check_manifests(documents: list[Any], problem) -> None:
     """A multi-document file of Kubernetes objects: KubeRay's CRDs against their schemas, and
-    the farm's rules: vLLM reachable only from the gateway's pods, secrets only from Secrets,
+    the farm's rules: serving backends (vLLM, transformers) reachable only from the gateway's
+    pods, secrets only from Secrets,
     autoscalers that scale something in the file within sane bounds."""
     named: list[tuple[int, str, dict[str, Any]]] = []
     for i, doc in enumerate(documents):
@@ -512,7 +516,7 @@ def _check_manifests(documents: list[Any], problem) -> None:
         return lambda key, reason: problem(f"{prefix}.{key}" if key != TOP else prefix, reason)
 
     deployments = {doc["metadata"]["name"] for _, _, doc in named if doc["kind"] == "Deployment"}
-    vllm_pods = False
+    backend_pods: set[str] = set()
     for _, where, doc in named:
         kind = doc["kind"]
         if kind == "RayCluster":
@@ -525,8 +529,9 @@ def _check_manifests(documents: list[Any], problem) -> None:
         elif kind == "Service":
             selector = (doc.get("spec") or {}).get("selector") or {}
             kind_of = (doc.get("spec") or {}).get("type", "ClusterIP")
-            if selector.get(_APP) == VLLM_APP and kind_of != "ClusterIP":
-                problem(f"{where}.spec.type", f"must be ClusterIP: vLLM is reached through farm gateway only (got {shown(kind_of)})")
+            if selector.get(_APP) in BACKEND_APPS and kind_of != "ClusterIP":
+                problem(f"{where}.spec.type", f"must be ClusterIP: {BACKEND_APPS[selector[_APP]]} is reached through "
+                                              f"farm gateway only (got {shown(kind_of)})")
         elif kind == "HorizontalPodAutoscaler":
             spec = doc.get("spec") or {}
             target = spec.get("scaleTargetRef") or {}
@@ -537,7 +542,8 @@ def _check_manifests(documents: list[Any], problem) -> None:
                 problem(f"{where}.spec", f"needs 1 <= minReplicas <= maxReplicas (got {shown(low)}, {shown(high)})")
         for key, template in _pod_templates(doc):
             labels = (template.get("metadata") or {}).get("labels") or {}
-            vllm_pods |= labels.get(_APP) == VLLM_APP
+            if labels.get(_APP) in BACKEND_APPS:
+                backend_pods.add(labels[_APP])
             for c, container in enumerate((template.get("spec") or {}).get("containers") or []):
                 path = f"{where}.{key}.spec.containers[{c}]"
                 for e, var in enumerate(container.get("env") or []):
@@ -547,11 +553,11 @@ def _check_manifests(documents: list[Any], problem) -> None:
                 command = [str(part) for part in container.get("command") or []]
                 if "serve" in command and "0.0.0.0" in command and "--behind-gateway" not in command:
                     problem(f"{path}.command", "farm serve on 0.0.0.0 without --behind-gateway: it refuses to start")
-    if vllm_pods:
+    for app in sorted(backend_pods):
         guarded = False
         for _, where, doc in named:
             spec = doc.get("spec") or {}
-            if doc["kind"] != "NetworkPolicy" or ((spec.get("podSelector") or {}).get("matchLabels") or {}).get(_APP) != VLLM_APP:
+            if doc["kind"] != "NetworkPolicy" or ((spec.get("podSelector") or {}).get("matchLabels") or {}).get(_APP) != app:
                 continue
             sources = [source for rule in spec.get("ingress") or [] for source in rule.get("from") or []]
             only_gateway = all(((src.get("podSelector") or {}).get("matchLabels") or {}).get(_APP) == GATEWAY_APP
@@ -559,8 +565,8 @@ def _check_manifests(documents: list[Any], problem) -> None:
             if "Ingress" in (spec.get("policyTypes") or []) and sources and only_gateway:
                 guarded = True
             else:
-                problem(f"{where}.spec", "must admit ingress to vLLM's pods from farm gateway's pods only")
+                problem(f"{where}.spec", f"must admit ingress to {BACKEND_APPS[app]}'s pods from farm gateway's pods only")
         if not guarded:
-            problem(TOP, "vLLM pods (app.kubernetes.io/name: farm-vllm) need a NetworkPolicy admitting ingress from "
-                         "farm gateway's pods only")
+            problem(TOP, f"{BACKEND_APPS[app]} pods (app.kubernetes.io/name: {app}) need a NetworkPolicy admitting "
+                         "ingress from farm gateway's pods only")
 

@@ -52,6 +52,11 @@ def _drop(docs: list[dict], kind: str) -> None:
     (lambda d: _doc(d, "Service", "farm-vllm-qwen-0-5b")["spec"].update(type="LoadBalancer"),
      f"{_index('Service', 'farm-vllm-qwen-0-5b')}.spec.type", "must be ClusterIP: vLLM is reached through farm gateway only"),
     (lambda d: _drop(d, "NetworkPolicy"), "(top level)", "need a NetworkPolicy admitting ingress from farm gateway's pods only"),
+    (lambda d: d.remove(_doc(d, "NetworkPolicy", "farm-transformers-only-from-gateway")), "(top level)",
+     "the transformers backend pods (app.kubernetes.io/name: farm-transformers) need a NetworkPolicy"),
+    (lambda d: _doc(d, "Service", "farm-transformers-qwen-0-5b")["spec"].update(type="NodePort"),
+     f"{_index('Service', 'farm-transformers-qwen-0-5b')}.spec.type",
+     "must be ClusterIP: the transformers backend is reached through farm gateway only"),
     (lambda d: _doc(d, "NetworkPolicy", "farm-vllm-only-from-gateway")["spec"]["ingress"][0]["from"].append(
         {"ipBlock": {"cidr": "0.0.0.0/0"}}),
      f"{_index('NetworkPolicy', 'farm-vllm-only-from-gateway')}.spec", "from farm gateway's pods only"),
@@ -67,7 +72,7 @@ def _drop(docs: list[dict], kind: str) -> None:
      f"{_index('RayJob', 'farm-service')}.spec.entrypointt", "unknown key: KubeRay 1.7.0's RayJob CRD schema"),
     (lambda d: _doc(d, "RayJob", "farm-service")["spec"].pop("clusterSelector"),
      f"{_index('RayJob', 'farm-service')}.spec", "names no cluster"),
-], ids=["vllm-exposed", "no-network-policy", "policy-admits-the-world", "literal-secret", "not-behind-gateway",
+], ids=["vllm-exposed", "no-network-policy", "no-transformers-policy", "transformers-exposed", "policy-admits-the-world", "literal-secret", "not-behind-gateway",
         "hpa-target", "hpa-bounds", "rayjob-unknown-key", "rayjob-no-cluster"])
 def test_broken_serving_manifests_name_the_document_and_key(tmp_path, mutate, key, reason):
     docs = [dict(d) for d in yaml.safe_load_all((CLUSTER / "serving.yaml").read_text())]

@@ -123,6 +123,18 @@ def serve_figures(rows: list[dict], args, work: Path) -> None:
             return
         row[key] = round(sum(r["tokens"] for r in load["results"]) / load["wall_s"], 1)
 
+    def serve(server: Server, targets: list[dict], key: str, label: str, timeout: float) -> None:
+        """Wait for ``server``, measure each of ``targets`` into ``key``, stop it."""
+        try:
+            why = server.wait_ready(timeout)
+            for row in targets:
+                if why is not None:
+                    row.update(failed=True, serve_error=f"{label}: {why}: {server.log_tail(5)}")
+                else:
+                    measure(server, row, key)
+        finally:
+            server.stop()
+
     key, port = secrets.token_urlsafe(24), _free_port()
     env = {**os.environ, "FARM_TRANSFORMERS_API_KEY": key, "FARM_REGISTRY_STORE": args.registry,
            "FARM_VLLM_CACHE_DIR": str(work / "cache-transformers")}
@@ -136,16 +148,8 @@ def serve_figures(rows: list[dict], args, work: Path) -> None:
                                     "--max-loaded-adapters", str(len(trained) or 1)],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, cwd=REPO)
-    server = Server(process, f"http://127.0.0.1:{port}", key, log, process.args)
-    try:
-        why = server.wait_ready(300)
-        for row in trained:
-            if why is not None:
-                row.update(failed=True, serve_error=f"transformers backend: {why}: {server.log_tail(5)}")
-            else:
-                measure(server, row, "serve_tokens_per_s")
-    finally:
-        server.stop()
+    serve(Server(process, f"http://127.0.0.1:{port}", key, log, process.args), trained, "serve_tokens_per_s",
+          "transformers backend", 300)
     lora = next((row for row in trained if row["method"] == "lora"), None)
     if args.smoke or args.no_vllm or lora is None:
         return
@@ -154,15 +158,8 @@ def serve_figures(rows: list[dict], args, work: Path) -> None:
     class VllmArgs:
         max_loras, max_cpu_loras = 2, 4
 
-    vllm = start_server(args.base_model, Path(args.registry), work / "cache-vllm", work / "vllm.log", VllmArgs)
-    try:
-        why = vllm.wait_ready(600)
-        if why is not None:
-            lora.update(failed=True, serve_error=f"vLLM: {why}: {vllm.log_tail(5)}")
-        else:
-            measure(vllm, lora, "vllm_tokens_per_s")
-    finally:
-        vllm.stop()
+    serve(start_server(args.base_model, Path(args.registry), work / "cache-vllm", work / "vllm.log", VllmArgs),
+          [lora], "vllm_tokens_per_s", "vLLM", 600)
 
 
 def serving(row: dict) -> str:
