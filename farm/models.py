@@ -180,9 +180,9 @@ def attach_saved(base, config: dict, tensors: dict, trainable: bool = False):
     """
     from farm import bottleneck
 
-    if config.get("peft_type") == bottleneck.PEFT_TYPE:
+    farm_own = config.get("peft_type") == bottleneck.PEFT_TYPE
+    if farm_own:  # the constructor checks layers and width before it attaches anything
         model = bottleneck.BottleneckModel(base, bottleneck.parse_config(config))
-        model.load_adapter_state(tensors)
     else:
         from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 
@@ -193,8 +193,15 @@ def attach_saved(base, config: dict, tensors: dict, trainable: bool = False):
             raise ValueError(f"adapter config does not load in PEFT: {exc}") from None
         peft_config.inference_mode = not trainable
         model = get_peft_model(base, peft_config)  # the task's class (PeftModelForCausalLM)
-        same_tensors(adapter_state_dict(model), tensors, "adapter")
-        set_peft_model_state_dict(model, tensors)
+    try:
+        if farm_own:
+            model.load_adapter_state(tensors)
+        else:
+            same_tensors(adapter_state_dict(model), tensors, "adapter")
+            set_peft_model_state_dict(model, tensors)
+    except Exception:
+        unload_adapter(model)  # a base lent to many adapters never keeps a broken one attached
+        raise
     for param in model.parameters():
         if not trainable:
             param.requires_grad_(False)

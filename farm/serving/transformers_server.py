@@ -152,6 +152,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.loaded: OrderedDict[str, tuple[dict, dict]] = OrderedDict()  # serve name -> (config, tensors)
+        self._loaded_lock = threading.Lock()  # the thread changes the LRU, /v1/models reads it
         self.attached: tuple[Optional[str], Any] = (None, self.base)      # (serve name, model)
         self.loads = 0          # adapters read from disk into the LRU (tests, /v1/models)
         self.attaches = 0       # times an adapter was wrapped onto the base
@@ -167,6 +168,11 @@ class Engine:
             self._stopping = True
             self._wake.notify_all()
         self._thread.join(timeout=30)
+
+    def loaded_names(self) -> list[str]:
+        """Serve names of the loaded adapters, least recently used first."""
+        with self._loaded_lock:
+            return list(self.loaded)
 
     def submit(self, rows: list[Row]) -> None:
         with self._wake:
@@ -207,16 +213,20 @@ class Engine:
             self.attached = (None, self.base)
         if serve_name is None:
             return self.base
-        if serve_name in self.loaded:
-            self.loaded.move_to_end(serve_name)
-        else:
+        with self._loaded_lock:
+            entry = self.loaded.get(serve_name)
+            if entry is not None:
+                self.loaded.move_to_end(serve_name)
+        if entry is None:
             config, tensors = read_adapter(folder)
-            self.loaded[serve_name] = (config, {k: v.to(self.placement.device) for k, v in tensors.items()})
+            entry = (config, {k: v.to(self.placement.device) for k, v in tensors.items()})
             self.loads += 1
-            while len(self.loaded) > self.settings.max_loaded_adapters:
-                self.loaded.popitem(last=False)
-        config, tensors = self.loaded[serve_name]
-        model = attach_saved(self.base, config, tensors).eval()
+            with self._loaded_lock:
+                self.loaded[serve_name] = entry
+                while len(self.loaded) > self.settings.max_loaded_adapters:
+                    self.loaded.popitem(last=False)
+        config, tensors = entry
+        model = attach_saved(self.base, config, tensors).eval()  # on failure the base stays bare
         self.attaches += 1
         self.attached = (serve_name, model)
         return model
@@ -541,7 +551,7 @@ def create_app(settings: ServerSettings, resolver, api_key: str, engine: Engine 
         now = int(time.time())
         data = [{"id": settings.name, "object": "model", "created": now, "owned_by": "farm", "root": settings.base_model}]
         data += [{"id": name, "object": "model", "created": now, "owned_by": "farm", "root": settings.name,
-                  "parent": settings.name} for name in engine.loaded]
+                  "parent": settings.name} for name in engine.loaded_names()]
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: Request) -> Response:
