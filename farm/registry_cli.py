@@ -213,6 +213,7 @@ def list_cmd(
     base_model: Optional[str] = typer.Option(None, help="only this base model"),
     method: Optional[str] = typer.Option(None, help="only this PEFT method (lora, dora, ...)"),
     servable: Optional[bool] = typer.Option(None, "--servable/--not-servable", help="servable by vLLM"),
+    served_by: Optional[str] = typer.Option(None, "--served-by", help="a backend that can serve it: vllm or transformers"),
     alias: Optional[str] = typer.Option(None, help="only versions an alias points at"),
     sweep_id: Optional[str] = typer.Option(None, help="only this sweep"),
     status: str = typer.Option("active", help="active, archived or any"),
@@ -229,11 +230,14 @@ def list_cmd(
     """Search versions."""
     if status not in ("active", "archived", "any"):
         _fail(f"--status {status!r}: use active, archived or any")
+    if served_by not in (None, "vllm", "transformers"):
+        _fail(f"--served-by {served_by!r}: use vllm or transformers", code=2)
     from farm.registry.names import parse_metric_filter
 
     def search() -> dict:
         filters = dict(
-            tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable, alias=alias,
+            tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable,
+            served_by=served_by, alias=alias,
             sweep_id=sweep_id, status=None if status == "any" else status,
             metric_filters=[parse_metric_filter(m) for m in metric or []],
             created_after=datetime.fromisoformat(created_after) if created_after else None,

@@ -390,6 +390,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
         base_model: str | None = Query(None, max_length=500),
         method: str | None = Query(None, max_length=32),
         servable: bool | None = Query(None, description="servable by vLLM"),
+        served_by: Literal["vllm", "transformers"] | None = Query(None, description="a backend that can serve it"),
         alias: str | None = Query(None, description="only versions this alias points at",
                                   json_schema_extra={"pattern": f"^{_NAME}$"}),
         sweep_id: str | None = Query(None, max_length=200),
@@ -413,6 +414,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                     check_text(field, value, 500)
             filters = dict(
                 tenant=tenant, adapter=adapter, base_model=base_model, method=method, servable=servable,
+                served_by=served_by,
                 alias=alias, sweep_id=sweep_id, status=None if status == "any" else status,
                 metric_filters=[parse_metric_filter(m) for m in metric],
                 created_after=_utc(created_after, "created_after"),

@@ -512,15 +512,16 @@ class Catalog:
 
     def search(self, *, tenant: str | None = None, adapter: str | None = None,
                base_model: str | None = None, method: str | None = None,
-               servable: bool | None = None, alias: str | None = None, sweep_id: str | None = None,
-               status: str | None = "active", metric_filters: list[tuple[str, str, float]] = (),
+               servable: bool | None = None, served_by: str | None = None, alias: str | None = None,
+               sweep_id: str | None = None, status: str | None = "active", metric_filters: list[tuple[str, str, float]] = (),
                created_after: datetime | None = None, created_before: datetime | None = None,
                sort: str = "-created_at", limit: int = 50, offset: int = 0) -> tuple[list[VersionRow], int]:
         """Filtered, sorted, paginated versions and the total count before pagination.
 
         ``metric_filters`` are ``(metric, op, value)`` with op one of ``<``, ``<=``, ``>``,
         ``>=``, ``=``; ``sort`` is ``created_at``, ``version`` or ``metric:<name>``, with a
-        leading ``-`` for descending.
+        leading ``-`` for descending. ``servable``: servable by vLLM or not; ``served_by``: a
+        backend (``farm.methods.SERVING_BACKENDS``) that can serve the version.
         """
         from sqlalchemy.orm import aliased
 
@@ -536,6 +537,13 @@ class Catalog:
             conditions.append(VersionRow.method == method)
         if servable is not None:
             conditions.append(VersionRow.servable_by_vllm == servable)
+        if served_by is not None:  # the same rule as farm.methods.servable_by, as a query
+            from farm.methods import METHODS, SERVING_BACKENDS
+
+            if served_by not in SERVING_BACKENDS:
+                raise ValueError(f"served_by: one of {', '.join(SERVING_BACKENDS)}, got {served_by!r}")
+            conditions.append(VersionRow.servable_by_vllm.is_(True) if served_by == "vllm"
+                              else VersionRow.method.in_(list(METHODS)))
         if sweep_id is not None:
             conditions.append(VersionRow.sweep_id == sweep_id)
         if status is not None:

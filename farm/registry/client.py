@@ -107,7 +107,8 @@ class RegistryClient:
     def search(self, *, status: str | None = "active", metric_filters=(), **filters: Any) -> tuple[list[VersionInfo], int]:
         """A page of versions and the total, as ``Registry.search`` (``status=None``: any status).
 
-        Other filters: tenant, adapter, base_model, method, servable, alias, sweep_id,
+        Other filters: tenant, adapter, base_model, method, servable (by vLLM), served_by
+        (vllm or transformers), alias, sweep_id,
         created_after, created_before (datetimes), sort, limit, offset.
         """
         params: list[tuple[str, str]] = [("status", "any" if status is None else status)]

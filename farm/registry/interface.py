@@ -23,7 +23,8 @@ class RegistryAPI(Protocol):
         """A serve name (``acme.support.v3``) or alias reference (``acme.support@production``)."""
 
     def search(self, *, tenant: str | None = None, adapter: str | None = None, base_model: str | None = None,
-               method: str | None = None, servable: bool | None = None, alias: str | None = None,
+               method: str | None = None, servable: bool | None = None, served_by: str | None = None,
+               alias: str | None = None,
                sweep_id: str | None = None, status: str | None = "active",
                metric_filters: Iterable[tuple[str, str, float]] = (), created_after: datetime | None = None,
                created_before: datetime | None = None, sort: str = "-created_at", limit: int = 50,

@@ -157,6 +157,7 @@ def test_publish_answers_the_version(env, adapters):
         assert info["files"][name]["sha256"] == _sha(adapters["b"] / name)
     other = env.published["acme.other.v1"]
     assert other["servable_by_vllm"] is False and "rank 4" in other["not_servable_reason"]
+    assert info["servable_by"] == ["vllm", "transformers"] and other["servable_by"] == ["transformers"]
     # publishing v2 moved `latest` off v1
     assert env.get("/v1/versions/acme.support.v1").json()["aliases"] == []
 
@@ -176,6 +177,10 @@ def test_list_filters_sort_and_pagination(env):
         "acme.support.v1", "acme.support.v2", "globex.support.v1"}
     assert _names(env.get("/v1/versions", params={"servable": "false"})) == ["acme.other.v1"]
     assert len(_names(env.get("/v1/versions", params={"servable": "true"}))) == 3
+    assert _names(env.get("/v1/versions", params={"served_by": "transformers", "tenant": "acme"})) == [
+        "acme.other.v1", "acme.support.v2", "acme.support.v1"]  # every method the farm knows
+    assert "acme.other.v1" not in _names(env.get("/v1/versions", params={"served_by": "vllm"}))
+    assert env.get("/v1/versions", params={"served_by": "ollama"}).status_code == 422
     assert len(_names(env.get("/v1/versions", params={"base_model": BASE_MODEL, "method": "lora"}))) == 4
     assert _names(env.get("/v1/versions", params={"base_model": "other/model"})) == []
     assert _names(env.get("/v1/versions", params={"sweep_id": "sweep-7"})) == ["acme.support.v2"]

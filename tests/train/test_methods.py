@@ -180,6 +180,11 @@ class TestMethodContract:
             assert "vLLM" in info.not_servable_reason
         hits, total = registry.search(method=method)
         assert total == 1 and hits[0].serve_name == info.serve_name
+        # Every method is served by the transformers backend; only what vLLM loads is also vLLM's.
+        vllm = method in ("lora", "qlora")
+        assert info.servable_by == (["vllm", "transformers"] if vllm else ["transformers"])
+        assert registry.search(method=method, served_by="transformers")[1] == 1
+        assert registry.search(method=method, served_by="vllm")[1] == int(vllm)
 
     def test_merge_works_or_is_refused(self, method, straight, published, registry, base_model_dir, tmp_path):
         from farm.serving.export import ExportError, export_merged
