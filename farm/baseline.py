@@ -11,13 +11,12 @@ same rows per optimizer step, same order, same steps and seed (see ``baseline_jo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import traceback
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from farm.atomic import replacing_folder
 from farm.spec import BaselineSpec, ResourceSpec, TenantJob
 
 FULL_DIR = "full"
@@ -85,18 +84,12 @@ def run_baseline(job: TenantJob, baseline: BaselineSpec, run: BaselineRun) -> di
     except Exception as exc:  # the tenant's baseline fails, nothing else
         return {"ok": False, "error": error_summary(exc), "trace": traceback.format_exc()[-4000:]}
     final = run.destination / FULL_DIR
-    run.destination.mkdir(parents=True, exist_ok=True)
-    tmp = run.destination / f".tmp-full-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    with fitted.checkpoint.as_directory() as folder:
+    with replacing_folder(final) as tmp, fitted.checkpoint.as_directory() as folder:
         shutil.copytree(Path(folder) / MODEL_DIR, tmp / MODEL_DIR)
         shutil.copy2(Path(folder) / PROBE_FILE, tmp / PROBE_FILE)
         result = json.loads((Path(folder) / RESULT_FILE).read_text())
-    result["model_dir"] = str(final / MODEL_DIR)
-    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        result["model_dir"] = str(final / MODEL_DIR)
+        (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return {"ok": True, "result": result}
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from pydantic import TypeAdapter
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from farm.atomic import replace_file
 
 # skipped: finished in an earlier run of the same sweep id; unchanged: --changed-only kept its newest version
 STATUS_OK = ("trained", "skipped", "unchanged")
@@ -401,25 +402,6 @@ def plot_losses(report: SweepReport, path: Path) -> Path | None:
     return path
 
 
-def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path | None:
-    """Have ``write`` fill a temporary file next to ``path``, flush it to disk and rename it over
-    ``path``: readers (and a crash) see the old file or the new one, never a partial one.
-    Returns ``path``, or None when ``write`` wrote nothing (``path`` is then left as it was)."""
-    # same folder (a rename never crosses file systems); the real suffix, so writers that pick
-    # a format from the name (matplotlib) still do
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        if not tmp.exists():
-            return None
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_report(report: SweepReport, folder: Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``loss_curves.png`` into ``folder``, each atomically.
 
@@ -427,15 +409,15 @@ def write_report(report: SweepReport, folder: Path) -> dict[str, Path]:
     """
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report.to_json(), indent=2) + "\n"
-    paths = {"json": replace_atomically(folder / REPORT_JSON, lambda p: p.write_text(text, encoding="utf-8")),
-             "markdown": replace_atomically(folder / REPORT_MD,
+    paths = {"json": replace_file(folder / REPORT_JSON, lambda p: p.write_text(text, encoding="utf-8")),
+             "markdown": replace_file(folder / REPORT_MD,
                                             lambda p: p.write_text(markdown(report), encoding="utf-8"))}
-    png = replace_atomically(folder / "loss_curves.png", lambda p: plot_losses(report, p))
+    png = replace_file(folder / "loss_curves.png", lambda p: plot_losses(report, p))
     if png:
         paths["png"] = png
     if report.comparison:
         from farm.baseline import plot_comparison
 
-        paths["comparison_png"] = replace_atomically(folder / "lora_vs_full.png",
+        paths["comparison_png"] = replace_file(folder / "lora_vs_full.png",
                                                      lambda p: plot_comparison(report.comparison, p))
     return paths

@@ -28,21 +28,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
+from farm.atomic import replace_file, replacing_folder
 from farm.data import DataError, DataReport, load_tenant_data, pipeline_bytes
 from farm.models import load_tokenizer
-from farm.report import (SweepReport, TenantOutcome, merge_with_previous, print_report, replace_atomically,
-                         write_report)
+from farm.report import (SweepReport, TenantOutcome, merge_with_previous, print_report, write_report)
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
 from farm.incremental import select_changed, stage_warm_start, training_record
 from farm.methods import method_info
@@ -195,7 +193,7 @@ def publish_outcome(registry, job: TenantJob, folder: Path, sweep_id: str, linea
                  **({"init_from": job.init_version} if job.init_version else {}), **(lineage or {})},
         idempotency_key=idempotency_key)
     result["serve_name"] = info.serve_name
-    replace_atomically(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    replace_file(result_file, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return info.serve_name
 
 
@@ -215,15 +213,10 @@ def check_methods_can_run(sweep: ResolvedSweep, tenants: list[str], capacity: Ca
 
 def _publish_adapter(checkpoint, destination: Path) -> dict:
     """Copy the final checkpoint's adapter and result into ``destination`` (atomic rename)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    tmp = destination / f".tmp-{uuid.uuid4().hex[:8]}"
-    with checkpoint.as_directory() as folder:
-        shutil.copytree(Path(folder) / ADAPTER_DIR, tmp)
-        result = json.loads((Path(folder) / RESULT_FILE).read_text())
     final = destination / ADAPTER_DIR
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with replacing_folder(final) as tmp, checkpoint.as_directory() as folder:
+        shutil.copytree(Path(folder) / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+        result = json.loads((Path(folder) / RESULT_FILE).read_text())
     result["adapter_dir"] = str(final)
     # result.json last: a tenant counts as finished only once it is there.
     (destination / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")

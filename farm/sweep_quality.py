@@ -19,7 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from farm.report import TenantOutcome, replace_atomically
+from farm.atomic import replace_file
+from farm.report import TenantOutcome
 from farm.spec import ResolvedSweep, TenantJob
 
 QUALITY_FILE = "quality.json"  # the tenant's scores and decision, next to its result.json
@@ -142,7 +143,7 @@ class QualityStage:
         if gate is not None and quality.get("decision") is None:
             quality["decision"] = decide(gate, TenantQuality(**quality))
         # Kept beside result.json first: a re-run after a crash publishes with the same figures.
-        replace_atomically(self.out / name / QUALITY_FILE,
+        replace_file(self.out / name / QUALITY_FILE,
                            lambda tmp: tmp.write_text(json.dumps(quality, indent=2) + "\n"))
         outcome.quality = quality
         rates = ", ".join(f"{c['check']}: base {c['base']:.0%} -> adapter {c['adapter']:.0%}" for c in quality["checks"])

@@ -245,7 +245,7 @@ def test_outcomes_load_from_older_and_newer_reports():
 
 
 def test_a_report_file_is_replaced_whole_or_not_at_all(tmp_path):
-    from farm.report import replace_atomically
+    from farm.atomic import replace_file
 
     target = tmp_path / "report.json"
     target.write_text("the earlier report\n")
@@ -255,10 +255,10 @@ def test_a_report_file_is_replaced_whole_or_not_at_all(tmp_path):
         raise KeyboardInterrupt  # the driver killed mid-write
 
     with pytest.raises(KeyboardInterrupt):
-        replace_atomically(target, crash)
+        replace_file(target, crash)
     assert target.read_text() == "the earlier report\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
-    assert replace_atomically(target, lambda p: p.write_text("new\n")) == target and target.read_text() == "new\n"
-    assert replace_atomically(tmp_path / "none.png", lambda p: None) is None  # nothing drawn: nothing written
+    assert replace_file(target, lambda p: p.write_text("new\n")) == target and target.read_text() == "new\n"
+    assert replace_file(tmp_path / "none.png", lambda p: None) is None  # nothing drawn: nothing written
 
 
 def test_comparison_rows_of_tenants_not_compared_this_time_are_kept(tmp_path):

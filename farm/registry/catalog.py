@@ -27,6 +27,16 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+
+def _lost_races(attempts: int, errors: tuple[type[BaseException], ...]):
+    """Attempts of a transaction that can lose a race to a concurrent writer (a unique key taken
+    first, SQLite busy): ``errors`` retry it after a short random, growing wait (so racers spread
+    out instead of colliding again), up to ``attempts`` times; then the last error is raised."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+    return Retrying(retry=retry_if_exception_type(errors), stop=stop_after_attempt(attempts),
+                    wait=wait_random_exponential(multiplier=0.002, max=0.1), reraise=True)
+
 class Base(DeclarativeBase):
     pass
 
@@ -413,20 +423,15 @@ class Catalog:
         raise RuntimeError(f"could not create {tenant}/{adapter} under concurrent publishers")
 
     def reserve_number(self, tenant: str, adapter: str) -> int:
-        """Allocate the next version number of ``tenant/adapter`` (max + 1, retried on conflict)."""
-        for attempt in range(50):
-            try:
-                with self.sessions.begin() as session:
-                    row = self._get_or_create(session, tenant, adapter)
-                    top = session.scalar(select(func.max(NumberRow.number)).where(NumberRow.adapter_id == row.id))
-                    number = (top or 0) + 1
-                    session.add(NumberRow(adapter_id=row.id, number=number))
-                return number
-            except (IntegrityError, OperationalError):
-                # a concurrent publisher took this number (or SQLite was busy): try the next
-                if attempt == 49:
-                    raise
-        raise AssertionError("unreachable")
+        """Allocate the next version number of ``tenant/adapter`` (max + 1, retried on conflict:
+        a concurrent publisher took this number, or SQLite was busy)."""
+        for attempt in _lost_races(50, (IntegrityError, OperationalError)):
+            with attempt, self.sessions.begin() as session:
+                row = self._get_or_create(session, tenant, adapter)
+                top = session.scalar(select(func.max(NumberRow.number)).where(NumberRow.adapter_id == row.id))
+                number = (top or 0) + 1
+                session.add(NumberRow(adapter_id=row.id, number=number))
+        return number
 
     def published_with(self, key: str, tenant: str, adapter: str) -> int | None:
         """The version number a publish with idempotency ``key`` committed for tenant/adapter."""
@@ -778,27 +783,23 @@ class Catalog:
         """Add metered counters (one transaction; rows are created on first use)."""
         if not deltas:
             return
-        for attempt in range(5):
-            try:
-                with self.sessions.begin() as session:
-                    for delta in deltas:
-                        row = session.scalar(select(UsageRow).where(
-                            UsageRow.tenant == delta.tenant, UsageRow.model == delta.model,
-                            UsageRow.base_model == delta.base_model, UsageRow.hour == delta.hour))
-                        if row is None:
-                            row = UsageRow(tenant=delta.tenant, model=delta.model, base_model=delta.base_model,
-                                           hour=delta.hour, requests=0, errors=0, prompt_tokens=0,
-                                           completion_tokens=0, trained_tokens=0)
-                            session.add(row)
-                        row.requests += delta.requests
-                        row.errors += delta.errors
-                        row.prompt_tokens += delta.prompt_tokens
-                        row.completion_tokens += delta.completion_tokens
-                        row.trained_tokens += delta.trained_tokens
-                return
-            except IntegrityError:  # another gateway created the same row first: add again
-                if attempt == 4:
-                    raise
+        # another gateway created the same row first: add again
+        for attempt in _lost_races(5, (IntegrityError,)):
+            with attempt, self.sessions.begin() as session:
+                for delta in deltas:
+                    row = session.scalar(select(UsageRow).where(
+                        UsageRow.tenant == delta.tenant, UsageRow.model == delta.model,
+                        UsageRow.base_model == delta.base_model, UsageRow.hour == delta.hour))
+                    if row is None:
+                        row = UsageRow(tenant=delta.tenant, model=delta.model, base_model=delta.base_model,
+                                       hour=delta.hour, requests=0, errors=0, prompt_tokens=0,
+                                       completion_tokens=0, trained_tokens=0)
+                        session.add(row)
+                    row.requests += delta.requests
+                    row.errors += delta.errors
+                    row.prompt_tokens += delta.prompt_tokens
+                    row.completion_tokens += delta.completion_tokens
+                    row.trained_tokens += delta.trained_tokens
 
     def usage(self, tenant: str | None = None, since: datetime | None = None,
               until: datetime | None = None) -> list[dict[str, Any]]:

@@ -10,12 +10,11 @@ the version's manifest (the exact name the adapter was trained and registered ag
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
-import uuid
 from pathlib import Path
 
+from farm.atomic import replacing_folder
 from farm.methods import METHODS, mergeable_methods
 from farm.registry.core import Registry, VersionInfo
 from farm.registry.tensors import base_module_shapes
@@ -27,18 +26,12 @@ class ExportError(ValueError):
     """A version that cannot be exported the way that was asked, and why."""
 
 
-def _atomic_folder(out: Path) -> Path:
+def _new_folder(out: Path):
+    """``farm.atomic.replacing_folder`` for ``out``, which must be new or empty: an export never
+    overwrites, and a failed one leaves nothing behind."""
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: exists and is not empty; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-
-
-def _finish(tmp: Path, out: Path) -> Path:
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(tmp, out)
-    return out
+    return replacing_folder(out)
 
 
 def export_merged(registry: Registry, reference: str, out: Path) -> tuple[VersionInfo, Path]:
@@ -52,15 +45,14 @@ def export_merged(registry: Registry, reference: str, out: Path) -> tuple[Versio
         why = METHODS[info.method].not_mergeable if info.method in METHODS else "the farm does not know the method"
         raise ExportError(f"{info.serve_name}: a {info.method} adapter cannot be merged into the base "
                           f"weights ({why}); mergeable methods: {', '.join(mergeable_methods())}")
-    tmp = _atomic_folder(out)
-    with tempfile.TemporaryDirectory(prefix="farm-export-") as work:
+    with _new_folder(out) as tmp, tempfile.TemporaryDirectory(prefix="farm-export-") as work:
         registry.download(info.serve_name, Path(work) / "adapter")
         base = AutoModelForCausalLM.from_pretrained(info.base_model, dtype=torch.float32,
                                                     trust_remote_code=False, use_safetensors=True)
         merged = PeftModel.from_pretrained(base, str(Path(work) / "adapter")).merge_and_unload()
         merged.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(info.base_model, trust_remote_code=False).save_pretrained(str(tmp))
-    return info, _finish(tmp, out)
+        AutoTokenizer.from_pretrained(info.base_model, trust_remote_code=False).save_pretrained(str(tmp))
+    return info, out
 
 
 def _gguf_tensor_name(peft_key: str, name_map) -> str:
@@ -152,10 +144,8 @@ def export_gguf(registry: Registry, reference: str, out: Path, base: str) -> tup
     if architecture not in GGUF_ARCHITECTURES:
         raise ExportError(f"{info.serve_name}: GGUF export supports Llama-architecture bases, "
                           f"not {architecture!r}")
-    tmp = _atomic_folder(out)
-    tmp.mkdir()
     file_name = f"{info.serve_name}.gguf"
-    with tempfile.TemporaryDirectory(prefix="farm-export-") as work:
+    with _new_folder(out) as tmp, tempfile.TemporaryDirectory(prefix="farm-export-") as work:
         registry.download(info.serve_name, Path(work))
         tensors = load_file(str(Path(work) / "adapter_model.safetensors"))
         layers = 1 + max(int(k.split("layers.")[1].split(".")[0]) for k in tensors if "layers." in k)
@@ -178,6 +168,5 @@ def export_gguf(registry: Registry, reference: str, out: Path, base: str) -> tup
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    (tmp / "Modelfile").write_text(f"FROM {source}\nADAPTER ./{file_name}\n")
-    final = _finish(tmp, out)
-    return info, final / file_name, final / "Modelfile"
+        (tmp / "Modelfile").write_text(f"FROM {source}\nADAPTER ./{file_name}\n")
+    return info, out / file_name, out / "Modelfile"

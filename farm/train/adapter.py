@@ -28,13 +28,13 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from farm.atomic import replacing_folder
 from farm.data import DataError, TenantData, load_tenant_data
 from farm.models import (BaseModelCache, Placement, build_peft_model, count_parameters, load_tokenizer,
                          load_trainable_state, select_device, select_placement, trainable_state, warm_start)
@@ -318,11 +318,7 @@ def _next_for_all_ranks(source, rank: int, world: int, local: str) -> TenantJob 
 def save_adapter(model, out: Path, state_dict: dict | None = None) -> Path:
     """Save the PEFT adapter (safetensors) to ``out/adapter`` via a temporary folder + rename;
     ``state_dict``: the model's adapter tensors when the model's own are shards."""
-    out.mkdir(parents=True, exist_ok=True)
     final = out / ADAPTER_DIR
-    tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with replacing_folder(final) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     return final

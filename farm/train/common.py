@@ -18,7 +18,6 @@ import resource
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from farm.atomic import replacing_folder
 from farm.data import IGNORE_INDEX, Rows
 from farm.models import as_sharded_like, full_tensor
 from farm.spec import TrainSpec
@@ -286,14 +286,9 @@ class LocalCheckpoints:
         """Write a checkpoint with ``write(folder)``; returns its final folder (rank 0)."""
         if self.rank != 0:
             return None
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / checkpoint_name(step)
-        tmp = self.root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with replacing_folder(final) as tmp:
+            write(tmp)
         for old in sorted(self.root.glob("checkpoint-*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -39,7 +39,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from farm.atomic import replacing_folder
 from farm.data import IGNORE_INDEX, DataError, TenantData, load_tenant_data
 from farm.methods import co_trainable_methods, method_info
 from farm.models import Placement, count_parameters, load_base_model, load_tokenizer, select_placement, warm_start
@@ -450,15 +450,14 @@ class CoTrainer:
     def _save_adapter(self, slot: Slot, out: Path) -> Path:
         """PEFT's own save of this tenant's adapter (it lands in a sub-folder named after the
         adapter), moved to ``out/adapter`` through a temporary name."""
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
-        self.model.save_pretrained(str(tmp), selected_adapters=[slot.name], safe_serialization=True)
-        saved = tmp / slot.name if (tmp / slot.name).is_dir() else tmp
         final = out / ADAPTER_DIR
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(saved, final)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with replacing_folder(final) as tmp:
+            scratch = tmp / ".peft"
+            self.model.save_pretrained(str(scratch), selected_adapters=[slot.name], safe_serialization=True)
+            saved = scratch / slot.name if (scratch / slot.name).is_dir() else scratch
+            for item in saved.iterdir():
+                os.replace(item, tmp / item.name)
+            shutil.rmtree(scratch)
         return final
 
 

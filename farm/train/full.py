@@ -26,12 +26,12 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from farm.atomic import replacing_folder
 from farm.data import TenantData, load_tenant_data
 from farm.models import Placement, count_parameters, load_base_model, load_tokenizer, select_device, select_placement
 from farm.spec import BaselineSpec, TenantJob
@@ -234,13 +234,9 @@ class FullRecipe(StepLoop):
                 state_dict = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
         if self.rank != 0:
             return final
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".tmp-model-{uuid.uuid4().hex[:8]}"
-        module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        load_tokenizer(self.job.base_model).save_pretrained(str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with replacing_folder(final) as tmp:
+            module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            load_tokenizer(self.job.base_model).save_pretrained(str(tmp))
         return final
 
 

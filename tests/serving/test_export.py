@@ -54,6 +54,7 @@ def test_gguf_export_reads_back_with_the_adapters_tensors(published, tmp_path):
         with pytest.raises(ExportError, match=why):
             export_gguf(registry, "acme.demo@latest", tmp_path / "refused", base)
         assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     _, gguf_path, modelfile = export_gguf(registry, "acme.demo@latest", tmp_path / "ollama", "llama3.2:1b")
     assert modelfile.read_text() == "FROM llama3.2:1b\nADAPTER ./acme.demo.v1.gguf\n"
     reader = gguf.GGUFReader(str(gguf_path))
