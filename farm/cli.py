@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from farm.cli_common import EXIT_BAD_INPUT, console, fail, json_option, print_json
 from farm.base_model import PretrainConfig
 
 app = typer.Typer(help="Adapter farm: one PEFT adapter per tenant on a shared base model.",
@@ -85,13 +85,7 @@ def service(config: Path = typer.Option(..., "--config", help="service YAML (bas
 
     raise typer.Exit(service_cmd(config, verbose))
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code)
+_fail = fail  # farm.cli_common: exit codes and messages shared by every command
 
 
 @base_model_app.command("build")
@@ -117,7 +111,7 @@ def base_model_build(
         if pretrain is not None:
             pretrain.validate()
     except ValueError as exc:
-        _fail(str(exc))
+        _fail(str(exc), EXIT_BAD_INPUT)
     path = build_base_model(out, config, pretrain)
     record = json.loads((path / "farm_base_model.json").read_text())
     trained = "random weights" if pretrain is None else \
@@ -141,23 +135,31 @@ def samples_build(out: Path = typer.Option(Path("jobs/data"), help="folder to wr
     console.print(table)
 
 
-def _load(spec_file: Path, overrides: list[str] | None = None):
+def _load(spec_file: Path, overrides: list[str] | None = None, code: int = EXIT_BAD_INPUT):
+    """The spec, or exit with ``code`` naming every problem (``spec validate``: 1, its finding)."""
     from farm.spec import SpecError, load_spec, parse_overrides
 
     try:
         return load_spec(spec_file, parse_overrides(overrides or []))
     except SpecError as exc:
-        _fail(str(exc))
+        _fail(str(exc), code)
     except ValueError as exc:  # an override that is not KEY=VALUE
         _fail(str(exc), code=2)
 
 
 @spec_app.command("validate")
-def spec_validate(spec_file: Path = typer.Argument(..., help="sweep spec YAML")) -> None:
-    """Validate a sweep spec; every problem is printed with its key path."""
-    sweep = _load(spec_file)
+def spec_validate(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
+                  as_json: bool = json_option()) -> None:
+    """Validate a sweep spec; every problem is printed with its key path (exit code 1)."""
+    sweep = _load(spec_file, code=1)
     from farm.baseline import method_label
 
+    if as_json:
+        print_json({"spec": str(spec_file), "ok": True, "tenants": [
+            {"tenant": name, "method": job.settings.method, "label": method_label(job),
+             "steps": job.settings.train.max_steps, "data": job.settings.data.path}
+            for name, job in sweep.jobs.items()]})
+        return
     table = Table("tenant", "method", "steps", "data")
     for name, job in sweep.jobs.items():
         table.add_row(name, method_label(job),
@@ -183,7 +185,7 @@ def data_check(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
     try:
         names = [sweep.job(tenant).tenant] if tenant else list(sweep.jobs)
     except KeyError as exc:
-        _fail(str(exc.args[0]))
+        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
     tokenizer = load_tokenizer(sweep.spec.base_model)
     table = Table("tenant", "status", *DataReport.COLUMNS, "padding", "detail")
     reports: dict[str, dict] = {}
@@ -225,7 +227,7 @@ def data_preview(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
     try:
         job = sweep.job(tenant)
     except KeyError as exc:
-        _fail(str(exc.args[0]))
+        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
     tokenizer = load_tokenizer(sweep.spec.base_model)
     try:
         examples = preview_examples(tenant, job.settings.data, tokenizer, count)
@@ -265,7 +267,8 @@ def _spans(ids: list[int], trained: list) -> list[tuple[list[int], bool]]:
 
 
 @cluster_app.command("validate")
-def cluster_validate(files: list[Path] = typer.Argument(..., help="Ray launcher configs or KubeRay RayCluster manifests")) -> None:
+def cluster_validate(files: list[Path] = typer.Argument(..., help="Ray launcher configs or KubeRay RayCluster manifests"),
+                     as_json: bool = json_option()) -> None:
     """Validate cluster files: Ray's schema, then scale to zero, token auth, private dashboard.
 
     Exit code 1 when any file has a problem.
@@ -275,6 +278,11 @@ def cluster_validate(files: list[Path] = typer.Argument(..., help="Ray launcher 
     from farm.cluster_files import check_cluster_file
 
     reports = [check_cluster_file(path) for path in files]
+    if as_json:
+        print_json([{"file": str(r.path), "kind": r.kind, "ok": r.ok, "problems": list(r.problems)} for r in reports])
+        if not all(report.ok for report in reports):
+            raise typer.Exit(1)
+        return
     table = Table("file", "kind", "status", "problems")
     for report in reports:
         prefix = f"{report.path}: "
@@ -305,7 +313,7 @@ def train(
     try:
         job = sweep.job(tenant)
     except KeyError as exc:
-        _fail(str(exc.args[0]))
+        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
     if output_dir is not None:
         job = job.model_copy(update={"output_dir": str(output_dir.resolve())})
     from farm.methods import method_info
@@ -341,6 +349,7 @@ def cotrain_cmd(
     tenants: str = typer.Option(..., help="comma-separated tenants to co-train (one pack)"),
     slots: int = typer.Option(4, help="tenants trained at once on the shared base"),
     fresh: bool = typer.Option(False, help="ignore existing checkpoints and start over"),
+    as_json: bool = json_option(),
 ) -> None:
     """Co-train several tenants' adapters on one base in this process, with progress."""
     from farm.train.cotrain import cotrain
@@ -348,9 +357,18 @@ def cotrain_cmd(
     sweep = _load(spec_file)
     try:
         jobs = [sweep.job(name.strip()) for name in tenants.split(",")]
+    except KeyError as exc:
+        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
+    try:
         results = cotrain(jobs, slots, resume=not fresh)
-    except (KeyError, ValueError) as exc:
-        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    except ValueError as exc:  # the tenants cannot share a pack (method, base, layout)
+        _fail(str(exc), EXIT_BAD_INPUT)
+    if as_json:
+        print_json({name: {"status": "failed", "error": result} if isinstance(result, str) else
+                    {"status": "trained", **asdict(result)} for name, result in results.items()})
+        if any(isinstance(result, str) for result in results.values()):
+            raise typer.Exit(1)
+        return
     table = Table("tenant", "status", "steps", "eval before", "eval after", "adapter / error")
     for name, result in results.items():
         if isinstance(result, str):
@@ -412,7 +430,7 @@ def plan(
         result = plan_memory(shape, request)
         device = parse_size(gpu) if gpu else None
     except (PlanError, ValueError, KeyError, ValidationError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), EXIT_BAD_INPUT)
     fits = result.fits(device) if device is not None else None
     # For a full fine-tune that does not fit: how many ZeRO-3 devices would.
     zero3 = devices_needed(shape, PlanRequest(**{**request.__dict__, "zero_stage": 3}), device) \

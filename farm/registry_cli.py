@@ -22,20 +22,19 @@ from dataclasses import asdict
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from farm.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, console, err_console, fail, json_option, print_json
 
 registry_app = typer.Typer(help="The adapter registry: serve, search, promote, download, publish.",
                            no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 registry_app.add_typer(token_app, name="token")
 
-console = Console()
-err_console = Console(stderr=True)
 DEFAULT_STORE = ".farm/registry"
 #: An admin token chosen by the operator must carry at least 128 bits: 32 hex characters.
 MIN_ADMIN_TOKEN_CHARS = 32
@@ -61,17 +60,10 @@ def _catalog_option():
                         help="catalog SQLAlchemy URL (default: SQLite inside a local store)")
 
 
-def _json_option():
-    return typer.Option(False, "--json", help="print JSON")
+_json_option = json_option
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+_fail, _print_json = fail, print_json  # farm.cli_common: one definition for every command
 
 
 # -- the registry: a server (HTTP) or the registry itself, one interface ---------------------------
@@ -90,7 +82,8 @@ def _backend(url: str | None, token: str | None, store: str, catalog: str | None
 
 
 def _guarded(action):
-    """Run ``action()``; known registry errors become one red line and exit code 1."""
+    """Run ``action()``; known registry errors become one red line and the exit code of
+    ``farm.cli_common`` (2 for a refused request, a missing reference, a bad value; 1 otherwise)."""
     import httpx
 
     from farm.registry.catalog import CatalogOutdated
@@ -99,14 +92,14 @@ def _guarded(action):
 
     try:
         return action()
-    except RegistryError as exc:
-        _fail(f"registry answered {exc.status}: {exc.detail}")
+    except RegistryError as exc:  # the server refused the request (4xx), or failed (5xx)
+        _fail(f"registry answered {exc.status}: {exc.detail}", EXIT_BAD_INPUT if exc.status < 500 else EXIT_FAILED)
     except NotFound as exc:
-        _fail(f"not found: {exc.args[0] if exc.args else exc}")
+        _fail(f"not found: {exc.args[0] if exc.args else exc}", EXIT_BAD_INPUT)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:  # PublishError, NameError_, bad filters
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except CatalogOutdated as exc:  # the catalog needs `farm registry migrate`: not this call's fault
         _fail(str(exc))
-    except CatalogOutdated as exc:
-        _fail(str(exc), code=2)
     except httpx.HTTPError as exc:
         _fail(f"could not reach the registry: {exc}")
 
@@ -186,7 +179,7 @@ def serve_cmd(
 
     if not _is_loopback(host) and not allow_remote:
         _fail(f"refusing to bind {host}: the API would be reachable from other machines; "
-              "pass --allow-remote (and put TLS in front of it)")
+              "pass --allow-remote (and put TLS in front of it)", EXIT_BAD_INPUT)
     registry = _guarded(lambda: open_registry(store, catalog))
     env_token = os.environ.get("FARM_REGISTRY_ADMIN_TOKEN")
     if env_token and len(env_token) < MIN_ADMIN_TOKEN_CHARS:
@@ -198,7 +191,7 @@ def serve_cmd(
         if known is None:
             _catalog_add_admin(registry.catalog, env_token)
         elif not known.is_admin:
-            _fail("FARM_REGISTRY_ADMIN_TOKEN is a tenant token, not an admin token")
+            _fail("FARM_REGISTRY_ADMIN_TOKEN is a tenant token, not an admin token", EXIT_BAD_INPUT)
     elif not _catalog_has_admin(registry.catalog):
         _fail("the catalog has no admin token: run `farm registry token create --admin` first, "
               "or set FARM_REGISTRY_ADMIN_TOKEN")
@@ -229,7 +222,7 @@ def list_cmd(
 ) -> None:
     """Search versions."""
     if status not in ("active", "archived", "any"):
-        _fail(f"--status {status!r}: use active, archived or any")
+        _fail(f"--status {status!r}: use active, archived or any", EXIT_BAD_INPUT)
     if served_by not in (None, "vllm", "transformers"):
         _fail(f"--served-by {served_by!r}: use vllm or transformers", code=2)
     from farm.registry.names import parse_metric_filter
@@ -403,15 +396,15 @@ def publish_cmd(
 ) -> None:
     """Validate and publish an adapter folder as the next version."""
     if not folder.is_dir():
-        _fail(f"{folder} is not a folder")
+        _fail(f"{folder} is not a folder", EXIT_BAD_INPUT)
     parsed: dict[str, dict | None] = {}
     for key, raw in (("metrics", metrics), ("training", training), ("lineage", lineage)):
         try:
             parsed[key] = json.loads(raw) if raw else None
         except ValueError as exc:
-            _fail(f"--{key}: not valid JSON ({exc})")
+            _fail(f"--{key}: not valid JSON ({exc})", EXIT_BAD_INPUT)
         if parsed[key] is not None and not isinstance(parsed[key], dict):
-            _fail(f"--{key}: expected a JSON object")
+            _fail(f"--{key}: expected a JSON object", EXIT_BAD_INPUT)
     info = _guarded(lambda: _backend(url, token, store, catalog, create=True).publish(
         tenant, adapter, folder, base_model=base_model, base_architecture=base_architecture, method=method,
         aliases=tuple(alias) if alias else ("latest",), **parsed).to_dict())
@@ -444,13 +437,17 @@ def gc_cmd(older_than_s: float = typer.Option(3600.0, "--older-than-s", help="on
 
 
 @registry_app.command("migrate")
-def migrate_cmd(store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+def migrate_cmd(store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+                as_json: bool = _json_option()) -> None:
     """Upgrade the catalog's schema to this release (back it up first); a no-op when current."""
     from farm.registry.catalog import migrate_catalog
     from farm.registry.core import default_catalog_url
 
     url = _guarded(lambda: catalog or default_catalog_url(store))
     before, after = _guarded(lambda: migrate_catalog(url))
+    if as_json:
+        _print_json({"before": before, "after": after, "migrated": before != after})
+        return
     if before == after:
         console.print(f"catalog already at schema revision {after}")
     else:
@@ -514,7 +511,7 @@ def token_create(tenant: Optional[str] = typer.Option(None, help="a token that s
     from farm.registry.names import check_name
 
     if admin == (tenant is not None):
-        _fail("give exactly one of --tenant T or --admin")
+        _fail("give exactly one of --tenant T or --admin", EXIT_BAD_INPUT)
     if tenant is not None:
         _guarded(lambda: check_name("tenant", tenant))
     expires_at = None
@@ -549,10 +546,14 @@ def token_list(as_json: bool = _json_option(),
 
 @token_app.command("revoke")
 def token_revoke(token_id: int = typer.Argument(..., help="the id `token list` shows"),
-                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+                 store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+                 as_json: bool = _json_option()) -> None:
     """Revoke a token: refused by the registry API and the gateway from their next cache refresh."""
     if not _direct_catalog(store, catalog).revoke_token(token_id):
-        _fail(f"no token with id {token_id}")
+        _fail(f"no token with id {token_id}", EXIT_BAD_INPUT)
+    if as_json:
+        _print_json({"id": token_id, "revoked": True})
+        return
     console.print(f"token {token_id} revoked")
 
 
@@ -564,12 +565,16 @@ export_app = typer.Typer(help="Export a registry version: merged model, or GGUF 
 @export_app.command("merged")
 def export_merged_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
                       out: Path = typer.Option(..., help="new folder for the merged model"),
-                      store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+                      store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+                      as_json: bool = _json_option()) -> None:
     """Write base + adapter merged into a standalone transformers model folder."""
     from farm.registry.core import open_registry
     from farm.serving.export import export_merged
 
     info, folder = _guarded(lambda: export_merged(open_registry(store, catalog, create=False), ref, out))
+    if as_json:
+        _print_json({"serve_name": info.serve_name, "base_model": info.base_model, "folder": str(folder)})
+        return
     console.print(f"{info.serve_name} merged into {info.base_model} -> {folder}")
 
 
@@ -579,11 +584,15 @@ def export_ollama_cmd(ref: str = typer.Argument(..., help="serve name or alias r
                       base: str = typer.Option(..., "--base", help="the base as Ollama loads it: a GGUF file of the "
                                                "base model (llama.cpp's convert_hf_to_gguf.py writes one), or an "
                                                "Ollama model name (llama3.2:1b)"),
-                      store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
+                      store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
+                      as_json: bool = _json_option()) -> None:
     """Write the adapter as a GGUF LoRA plus a Modelfile (FROM <base>, ADAPTER ./<file>.gguf)."""
     from farm.registry.core import open_registry
     from farm.serving.export import export_gguf
 
     info, gguf_path, modelfile = _guarded(lambda: export_gguf(open_registry(store, catalog, create=False), ref, out,
                                                               base))
+    if as_json:
+        _print_json({"serve_name": info.serve_name, "gguf": str(gguf_path), "modelfile": str(modelfile)})
+        return
     console.print(f"{info.serve_name} -> {gguf_path} and {modelfile}")

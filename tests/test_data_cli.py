@@ -75,7 +75,7 @@ def test_preview_marks_exactly_the_assistant_spans(write_spec, tmp_path):
     text = _farm("data", "preview", str(spec), "--tenant", "acme", "-n", "1").stdout
     assert "⟦Hello from Acme!<|end|>\n⟧" in text and "<|user|>\nBye<|end|>\n<|assistant|>\n⟦Goodbye" in text
     missing = _farm("data", "preview", str(spec), "--tenant", "nobody")
-    assert missing.returncode == 1 and "tenant 'nobody' is not in" in missing.stderr
+    assert missing.returncode == 2 and "tenant 'nobody' is not in" in missing.stderr
 
 
 @pytest.mark.slow  # builds a large file and measures a subprocess

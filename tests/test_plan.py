@@ -234,7 +234,7 @@ def test_farm_plan_cli_prints_the_verdict_and_json_for_scripts():
     assert data["total_gb"] == expected.total_gb and data["fits"] is False
     assert data["zero3_devices_needed"] == 2  # 16P/2 + working set + activations fit 80 GB
     bad = runner.invoke(app, ["plan", "--model", "no-such-model"])
-    assert bad.exit_code == 1 and "llama-3.1-8b" in bad.output
+    assert bad.exit_code == 2 and "llama-3.1-8b" in bad.output  # bad input: 2 (farm.cli_common)
 
 
 def test_a_70b_lora_that_fits_no_device_gets_the_smallest_sharded_layout_and_qlora():

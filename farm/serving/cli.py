@@ -142,8 +142,8 @@ def serve_cmd(
             behind_gateway=behind_gateway,
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, preload=preload, device=device,
             served_model_name=served_model_name, max_model_len=max_model_len)
-    except ValueError as exc:
-        _fail(str(exc))
+    except ValueError as exc:  # flags vLLM would refuse (--max-cpu-loras below --max-loras, a public --host)
+        _fail(str(exc), 2)
     if not run:
         print(command.shell())
         return

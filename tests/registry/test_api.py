@@ -509,7 +509,7 @@ def test_cli_against_the_server(env):
     table = _farm("show", "acme.support@latest", env_vars=remote)
     assert table.returncode == 0 and "acme.support.v2" in table.stdout and "adapter_model.safetensors" in table.stdout
     hidden = _farm("show", "globex.support.v1", env_vars={**remote, "FARM_REGISTRY_TOKEN": env.tokens["acme"]})
-    assert hidden.returncode == 1 and "404" in hidden.stderr and "not found" in hidden.stderr
+    assert hidden.returncode == 2 and "404" in hidden.stderr and "not found" in hidden.stderr
 
 
 def test_cli_direct_on_a_store(adapters, tmp_path):
@@ -531,7 +531,7 @@ def test_cli_direct_on_a_store(adapters, tmp_path):
     listed = _farm("list", "--alias", "production", "--store", store)
     assert listed.returncode == 0 and "initech.faq.v1" in listed.stdout
     refused = _farm("serve", "--host", "0.0.0.0", "--store", store)
-    assert refused.returncode == 1 and "--allow-remote" in refused.stderr
+    assert refused.returncode == 2 and "--allow-remote" in refused.stderr
 
 
 def test_cli_serve_with_an_admin_token_from_the_environment(tmp_path):

@@ -493,7 +493,7 @@ def test_token_commands_create_list_and_revoke(tmp_path):
     assert token not in json.dumps(listed) and listed[0]["expires_at"]
     assert runner.invoke(app, ["registry", "token", "revoke", str(listed[0]["id"]), "--store", store]).exit_code == 0
     assert catalog.principal(token) is None
-    assert runner.invoke(app, ["registry", "token", "revoke", "99", "--store", store]).exit_code == 1
+    assert runner.invoke(app, ["registry", "token", "revoke", "99", "--store", store]).exit_code == 2
     bad = runner.invoke(app, ["registry", "token", "create", "--tenant", "acme", "--expires-in", "soon",
                               "--store", store])
     assert bad.exit_code != 0 and "--expires-in" in bad.stderr

@@ -141,7 +141,7 @@ def test_farm_serve_prints_the_command_for_the_registry(tmp_path, base_model_dir
     assert "generated a key" in result.stderr and "export FARM_VLLM_API_KEY=" in result.stderr
     refused = CliRunner().invoke(app, ["serve", "--base-model", "x", "--store", str(tmp_path / "reg"),
                                        "--max-loras", "8", "--max-cpu-loras", "4"])
-    assert refused.exit_code == 1 and "max-cpu-loras" in refused.stderr
+    assert refused.exit_code == 2 and "max-cpu-loras" in refused.stderr
 
 
 # -- the resolver, without vLLM ------------------------------------------------------------------

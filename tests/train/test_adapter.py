@@ -149,4 +149,4 @@ def test_farm_train_command_prints_eval_before_and_after(write_spec, tmp_path):
     assert result["eval_loss_after"] < result["eval_loss_before"]
     unknown = subprocess.run([sys.executable, "-m", "farm.cli", "train", "--spec", str(spec), "--tenant", "nobody"],
                              capture_output=True, text=True, timeout=600)
-    assert unknown.returncode == 1 and "tenant 'nobody' is not in" in unknown.stderr
+    assert unknown.returncode == 2 and "tenant 'nobody' is not in" in unknown.stderr
