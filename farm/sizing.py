@@ -283,14 +283,12 @@ def plan_packs(jobs: list[TenantJob], capacity: Capacity, max_training: int | No
     those that could train side by side within it (more would only wait, each holding its own
     copy of the base, while one pack's queue does the same work).
     """
-    from farm.train.cotrain import pack_key
-
     if max_training is not None and max_training < 1:
         raise ValueError(f"max_training must be at least 1, got {max_training}")
 
     groups: dict[tuple, list[TenantJob]] = {}
     for job in jobs:
-        groups.setdefault(pack_key(job), []).append(job)
+        groups.setdefault(job.pack_key, []).append(job)
     packs: list[Pack] = []
     for group_index, group in enumerate(groups.values(), start=1):
         shape = load_shape(group[0].base_model.name_or_path)

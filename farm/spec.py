@@ -413,6 +413,14 @@ class TenantJob(BaseModel):
         """What names this run in a pool's queue and on checkpoint storage."""
         return self.run_id or self.tenant
 
+    @property
+    def pack_key(self) -> tuple:
+        """Jobs with equal keys can share a co-training pack (``farm.train.cotrain``): same base,
+        same row layout, same method and precision. The planner groups tenants by it too."""
+        data = self.settings.data
+        return (self.base_model.name_or_path, self.base_model.revision, data.max_seq_len, data.packing,
+                self.settings.method, self.settings.train.precision)
+
 
 class ResolvedSweep(BaseModel):
     """A validated spec with every tenant's settings merged and every path made absolute."""

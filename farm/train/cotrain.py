@@ -25,7 +25,7 @@ sequence itself) and QLoRA (one 4-bit base per tenant is the point of it) train 
 sweep's single-tenant pools; the sweep's planner packs only co-trainable tenants.
 
 Tenants that share a pack must share the base model and the row layout (``max_seq_len`` and
-``packing``), so that their rows stack into one batch; ``pack_key`` says which can. PEFT's own
+``packing``), so that their rows stack into one batch; ``TenantJob.pack_key`` says which can. PEFT's own
 mixed-adapter batches (``adapter_names``) are refused in training mode and loop over adapters
 with index lists in every layer; the router below does the same routing with row slices, and
 with one ``bmm`` for all tenants where their shapes agree.
@@ -58,13 +58,6 @@ from farm.train.common import (CheckpointIO, ConsoleProgress, LocalCheckpoints, 
 from farm.train.adapter import ADAPTER_DIR, CHECKPOINT_DIR, RESULT_FILE, TrainResult
 
 logger = logging.getLogger(__name__)
-
-
-def pack_key(job: TenantJob) -> tuple:
-    """Tenants with equal keys can share a pack: same base, same row layout, plain LoRA."""
-    data = job.settings.data
-    return (job.base_model.name_or_path, job.base_model.revision, data.max_seq_len, data.packing,
-            job.settings.method, job.settings.train.precision)
 
 
 class ListSource:
@@ -212,7 +205,7 @@ class CoTrainer:
                  source=None):
         if not jobs:
             raise ValueError("co-training needs at least one tenant")
-        keys = {pack_key(job) for job in jobs}
+        keys = {job.pack_key for job in jobs}
         if len(keys) > 1:
             raise ValueError(f"tenants {', '.join(j.tenant for j in jobs)} cannot share a pack: they differ in "
                              "base model, max_seq_len, packing, method or precision")
@@ -223,7 +216,7 @@ class CoTrainer:
         # Where tenants come from: this fixed list, or a pool's queue (``take``, ``finished``,
         # ``failed``; farm.pools) whose tenants must all share the first job's pack key.
         self.source = source if source is not None else ListSource(self.jobs)
-        self.key = pack_key(jobs[0])
+        self.key = jobs[0].pack_key
         self.progress = progress or ConsoleProgress(every=jobs[0].settings.train.log_every)
         self.resume = resume
         self.checkpoints_for = checkpoints_for or (
@@ -295,7 +288,7 @@ class CoTrainer:
             while len(active) < self.slots and (jobs := self.source.take(self.slots - len(active))):
                 for job in jobs:
                     try:
-                        if pack_key(job) != self.key:
+                        if job.pack_key != self.key:
                             raise DataError(job.tenant, job.settings.data.path or "", "cannot share this pool: it "
                                             "differs in base model, max_seq_len, packing, method or precision")
                         active[job.tenant] = self._admit(job)
