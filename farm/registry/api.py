@@ -26,14 +26,14 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -111,6 +111,76 @@ _ERRORS = {401: {"model": ErrorOut, "description": "missing or unknown token"},
 
 
 # -- helpers shared with the CLI ----------------------------------------------------------------
+class PublishForm(BaseModel):
+    """The publish form's text fields, parsed: each typed and bounded, unknown fields refused.
+
+    Sent as form text by a tenant: ``metrics``, ``training`` and ``lineage`` are JSON objects
+    (finite numbers, bounded depth and size), ``aliases`` a comma-separated list (default
+    ``latest``), an empty optional field the same as an absent one.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, max_length=500)
+    base_architecture: Optional[str] = Field(None, max_length=200)
+    method: Optional[str] = Field(None, max_length=32)
+    metrics: dict = Field(default_factory=dict)
+    training: dict = Field(default_factory=dict)
+    lineage: dict = Field(default_factory=dict)
+    aliases: tuple[str, ...] = ("latest",)
+
+    @field_validator("base_architecture", "method", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value):
+        return value or None
+
+    @field_validator("base_model", "base_architecture", "method")
+    @classmethod
+    def _plain_text(cls, value, info):
+        return value if value is None else check_text(info.field_name, value, 500)
+
+    @field_validator("metrics", "training", "lineage", mode="before")
+    @classmethod
+    def _json(cls, value, info):
+        return value if isinstance(value, dict) else _json_object(info.field_name, value)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, value: dict):
+        for key in value:
+            check_text("metric name", key, 100)
+        return value
+
+    @field_validator("lineage")
+    @classmethod
+    def _lineage(cls, value: dict):
+        for key, max_len in (("sweep_id", 200), ("dataset_fingerprint", 64)):
+            if value.get(key) is not None:
+                if not isinstance(value[key], str):
+                    raise ValueError(f"lineage.{key}: must be a string")
+                check_text(f"lineage.{key}", value[key], max_len)
+        return value
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _aliases(cls, value):
+        names = tuple(a.strip() for a in value.split(",") if a.strip()) if isinstance(value, str) else value
+        for alias in names:
+            check_name("alias", alias)
+        return names
+
+    @classmethod
+    def parse(cls, fields: dict[str, str]) -> "PublishForm":
+        """The checked form, or ``ValueError`` naming the first bad field."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "form"
+            message = str(first.get("ctx", {}).get("error") or first["msg"])
+            raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+
+
 def _check_json_value(field: str, value: Any, depth: int = 0) -> None:
     """JSON that is stored and echoed: finite numbers, UTF-8 strings, bounded nesting."""
     if depth > 32:
@@ -576,30 +646,7 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                 # names (plain names, no pickles, only adapter files) and sizes, before writing anything
                 validate.validate_files({name: upload.size or 0 for name, upload in uploads.items()},
                                         max_upload_bytes)
-                base_model = check_text("base_model", fields.get("base_model") or "", 500)
-                if not base_model:
-                    raise ValueError("base_model: required")
-                base_architecture = fields.get("base_architecture") or None
-                if base_architecture is not None:
-                    check_text("base_architecture", base_architecture, 200)
-                method = fields.get("method") or None
-                if method is not None:
-                    check_text("method", method, 32)
-                metrics = _json_object("metrics", fields.get("metrics"))
-                for key in metrics:
-                    check_text("metric name", key, 100)
-                training = _json_object("training", fields.get("training"))
-                lineage = _json_object("lineage", fields.get("lineage"))
-                for key, max_len in (("sweep_id", 200), ("dataset_fingerprint", 64)):
-                    if lineage.get(key) is not None:
-                        if not isinstance(lineage[key], str):
-                            raise ValueError(f"lineage.{key}: must be a string")
-                        check_text(f"lineage.{key}", lineage[key], max_len)
-                raw_aliases = fields.get("aliases")
-                aliases = tuple(a.strip() for a in (raw_aliases if raw_aliases is not None else "latest").split(",")
-                                if a.strip())
-                for alias in aliases:
-                    check_name("alias", alias)
+                checked = PublishForm.parse(fields)
             except ValueError as exc:  # PublishError and NameError_ are ValueErrors too
                 raise _unprocessable(str(exc)) from None
 
@@ -620,10 +667,8 @@ def create_app(registry: Registry, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD
                         shutil.copyfileobj(upload.file, out, 1 << 20)
                     paths[name] = path
                 _check_config_bounds(paths[validate.CONFIG_FILE])
-                return registry.publish(tenant, adapter, paths, base_model=base_model,
-                                        base_architecture=base_architecture, metrics=metrics, training=training,
-                                        lineage=lineage, aliases=aliases, max_file_bytes=max_upload_bytes,
-                                        detect_architecture=False, method=method, idempotency_key=key)
+                return registry.publish(tenant, adapter, paths, **checked.model_dump(), max_file_bytes=max_upload_bytes,
+                                        detect_architecture=False, idempotency_key=key)
 
             try:
                 info = await run_in_threadpool(save_and_publish)

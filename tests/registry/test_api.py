@@ -374,7 +374,8 @@ def test_refused_uploads(env, adapters, tmp_path):
     assert post([("files", ("adapter_config.json", b"{}"))]).status_code == 422
     assert post(_files(folder), data={}).status_code == 422
     for field, value in (("metrics", "[1]"), ("metrics", "{bad json"), ("metrics", '{"x": 1e999}'),
-                         ("metrics", '{"x": NaN}'), ("lineage", '{"sweep_id": {"a": 1}}'), ("aliases", "Bad!")):
+                         ("metrics", '{"x": NaN}'), ("lineage", '{"sweep_id": {"a": 1}}'), ("aliases", "Bad!"),
+                         ("base_model", "m\x07"), ("method", "x" * 33), ("priority", "1")):  # unknown fields too
         response = post(_files(folder), data={**form, field: value})
         assert response.status_code == 422, (field, value, response.text)
     corrupt = [("files", ("adapter_config.json", (folder / "adapter_config.json").read_bytes())),
