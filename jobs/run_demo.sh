@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo: start a local Ray head (token auth on, dashboard on 127.0.0.1 only), submit the
-# demo sweep with `ray job submit --working-dir .`, follow its log, print the summary, and
+# demo sweep as a Ray job (working dir: this checkout), follow its log, print the summary, and
 # stop the Ray head it started (only its own processes, by PID). Needs `make setup base-model` first (make demo does both).
 #
 #   FARM_DEMO_SPEC=jobs/configs/demo.yaml FARM_DASHBOARD_PORT=8265 bash jobs/run_demo.sh
@@ -63,39 +63,20 @@ ray start --head --port="$RAY_PORT" --temp-dir="$RAY_TMP" --ray-client-server-po
   || { cat "$ROOT/.farm/ray-start.log"; exit 1; }
 echo "Ray head started (dashboard http://127.0.0.1:$PORT); submitting sweep $SWEEP_ID"
 
-# A fresh head's job agent may not be registered yet ("No available agent to submit job"): a
-# refused submission creates nothing, so it is retried; then the log is followed to the end.
+# Submitted, waited for and judged through Ray's JobSubmissionClient (farm/ray_jobs.py; a
+# fresh head's job agent may not be registered yet: it retries); the log is followed with
+# `ray job logs`, as Ray prints it.
 ADDRESS="http://127.0.0.1:$PORT"
 JOB_ID="farm-$SWEEP_ID"
 # The job's working dir arrives without .git: stamp the code version here for its lineage.
 CODE_VERSION="$(python -c 'from farm.registry.core import code_version; print(code_version())')"
-RUNTIME_ENV="{\"env_vars\": {\"FARM_CODE_VERSION\": \"$CODE_VERSION\"}}"
-for attempt in $(seq 1 15); do
-  if out=$(ray job submit --address "$ADDRESS" --no-wait --submission-id "$JOB_ID" --working-dir . \
-      --runtime-env-json "$RUNTIME_ENV" -- \
-      python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
-      --base-model "$BASE_MODEL" --output-dir "$OUTPUT" --registry-store "$REGISTRY" 2>&1); then
-    break
-  fi
-  if ! grep -q "No available agent" <<< "$out" || [ "$attempt" = 15 ]; then
-    echo "$out"; exit 1
-  fi
-  sleep 2
-done
-echo "submitted job $JOB_ID (ray job submit; following its log)"
+python -m farm.ray_jobs submit --address "$ADDRESS" --submission-id "$JOB_ID" --env "FARM_CODE_VERSION=$CODE_VERSION" -- \
+  python "$JOB" --config "$SPEC" --sweep-id "$SWEEP_ID" "${EXTRA[@]}" \
+  --base-model "$BASE_MODEL" --output-dir "$OUTPUT" --registry-store "$REGISTRY"
+echo "following the log of job $JOB_ID (ray job logs)"
 ray job logs --address "$ADDRESS" --follow "$JOB_ID" || true
-# The log stream can end a moment before the job's status does.
-# `ray job status` ends with "Job '<id>' succeeded" (or failed, stopped) once the job has.
-for _ in $(seq 1 60); do
-  final=$(ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
-  verdict=$(grep -oE "Job '$JOB_ID' (succeeded|failed|stopped)" <<< "$final" || true)
-  [ -n "$verdict" ] && break
-  sleep 1
-done
-echo "${verdict:-$final}"
 status=0
-[ "$verdict" = "Job '$JOB_ID' succeeded" ] || status=1
-
+python -m farm.ray_jobs wait --address "$ADDRESS" "$JOB_ID" || status=1
 echo
 echo "summary: $OUTPUT/$SWEEP_ID/report.md"
 [ -f "$OUTPUT/$SWEEP_ID/report.md" ] && cat "$OUTPUT/$SWEEP_ID/report.md"
