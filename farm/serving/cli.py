@@ -51,15 +51,17 @@ def detect_device() -> str:
         return "cpu"
 
 
-def _servable_versions(backend, base_model: str, status: str | None, limit: int | None = None) -> list:
-    """Servable versions of ``base_model``, newest first (all of them when ``limit`` is None)."""
+def _servable_versions(backend, base_model: str, status: str | None, limit: int | None = None,
+                       served_by: str = "vllm") -> list:
+    """Versions of ``base_model`` the ``served_by`` backend can serve, newest first (all of them
+    when ``limit`` is None)."""
     items: list = []
     offset = 0
     while True:
         page = min(PAGE, limit - len(items)) if limit is not None else PAGE
         if page <= 0:
             return items
-        found, total = backend.search(base_model=base_model, servable=True, status=status,
+        found, total = backend.search(base_model=base_model, served_by=served_by, status=status,
                                       sort="-created_at", limit=page, offset=offset)
         items += found
         offset += len(found)
@@ -100,7 +102,7 @@ def serve_cmd(
     if device == "auto":
         device = detect_device()
     backend = _guarded(lambda: _backend(url, token, store, catalog))
-    every = _guarded(lambda: _servable_versions(backend, base_model, status=None))
+    every = _guarded(lambda: _servable_versions(backend, base_model, status=None, served_by=backend_kind))
     if not every:
         err_console.print(f"[yellow]note:[/yellow] no servable version in the registry has base model "
                           f"{base_model!r}; adapters are matched on that exact string", highlight=False)
