@@ -14,7 +14,8 @@ serving stack cannot use. The implementation is small and keeps the shape of a P
 where the farm relies on it: the saved adapter is ``adapter_config.json`` (``peft_type``
 ``BOTTLENECK``, validated by ``BottleneckConfig``) plus ``adapter_model.safetensors``; the
 wrapped model answers the few ``PeftModel`` calls the farm makes (``save_pretrained``,
-``get_base_model``, ``unload``, ``generate``, ``gradient_checkpointing_enable``).
+``get_base_model``, ``unload``, ``generate``, ``gradient_checkpointing_enable``), and
+``farm.models.attach_saved`` loads a saved one, as it loads PEFT's.
 
 The modules are registered as children of the blocks they follow (``<layer>.mlp.farm_bottleneck``)
 and applied by forward hooks on those blocks, so the base's own modules are never replaced:
@@ -24,7 +25,6 @@ FSDP, which shards per decoder layer, shards each adapter with its layer.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal, Optional
@@ -163,14 +163,10 @@ class BottleneckModel(torch.nn.Module):
 
     def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors in; exactly this adapter's names and shapes, else ``ValueError``."""
+        from farm.models import same_tensors
+
         own = self.adapter_state()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"bottleneck adapter tensors do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        for name, value in own.items():
-            if tuple(tensors[name].shape) != tuple(value.shape):
-                raise ValueError(f"bottleneck adapter tensor {name}: shape {tuple(tensors[name].shape)}, "
-                                 f"expected {tuple(value.shape)}")
+        same_tensors(own, tensors, "bottleneck adapter")
         with torch.no_grad():
             for name, value in own.items():
                 value.copy_(tensors[name].to(value.device, value.dtype))
@@ -212,9 +208,8 @@ class BottleneckModel(torch.nn.Module):
 def attach(base, settings, base_model: str) -> BottleneckModel:
     """Attach freshly initialised adapters of the farm's ``BottleneckSettings`` to ``base``."""
     hidden = base.config.hidden_size
-    size = settings.bottleneck_size or max(1, hidden // settings.reduction_factor)
     config = BottleneckConfig(base_model_name_or_path=base_model, placement=settings.placement, hidden_size=hidden,
-                              bottleneck_size=size, non_linearity=settings.non_linearity,
+                              bottleneck_size=settings.size_for(hidden), non_linearity=settings.non_linearity,
                               dropout=settings.dropout, num_layers=len(decoder_layers(base)))
     return BottleneckModel(base, config, init=settings.init, init_std=settings.init_std)
 
@@ -228,20 +223,6 @@ def parse_config(raw: dict) -> BottleneckConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ValueError(f"field '{'.'.join(str(p) for p in first['loc'])}': {first['msg']}") from None
-
-
-def load(base, folder: str | Path, trainable: bool = False) -> BottleneckModel:
-    """Attach the saved adapter in ``folder`` to ``base`` (config validated, tensors checked)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config = parse_config(json.loads((folder / "adapter_config.json").read_text()))
-    model = BottleneckModel(base, config)
-    model.load_adapter_state(load_file(str(folder / "adapter_model.safetensors")))
-    if not trainable:
-        for param in model.parameters():
-            param.requires_grad_(False)
-    return model
 
 
 def check_tensor_names(config: BottleneckConfig, shapes: dict[str, tuple[int, ...]]) -> str | None:

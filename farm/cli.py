@@ -85,7 +85,6 @@ def service(config: Path = typer.Option(..., "--config", help="service YAML (bas
 
     raise typer.Exit(service_cmd(config, verbose))
 
-_fail = fail  # farm.cli_common: exit codes and messages shared by every command
 
 
 @base_model_app.command("build")
@@ -111,7 +110,7 @@ def base_model_build(
         if pretrain is not None:
             pretrain.validate()
     except ValueError as exc:
-        _fail(str(exc), EXIT_BAD_INPUT)
+        fail(str(exc), EXIT_BAD_INPUT)
     path = build_base_model(out, config, pretrain)
     record = json.loads((path / "farm_base_model.json").read_text())
     trained = "random weights" if pretrain is None else \
@@ -142,9 +141,9 @@ def _load(spec_file: Path, overrides: list[str] | None = None, code: int = EXIT_
     try:
         return load_spec(spec_file, parse_overrides(overrides or []))
     except SpecError as exc:
-        _fail(str(exc), code)
+        fail(str(exc), code)
     except ValueError as exc:  # an override that is not KEY=VALUE
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
 
 
 @spec_app.command("validate")
@@ -185,7 +184,7 @@ def data_check(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
     try:
         names = [sweep.job(tenant).tenant] if tenant else list(sweep.jobs)
     except KeyError as exc:
-        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
+        fail(str(exc.args[0]), EXIT_BAD_INPUT)
     tokenizer = load_tokenizer(sweep.spec.base_model)
     table = Table("tenant", "status", *DataReport.COLUMNS, "padding", "detail")
     reports: dict[str, dict] = {}
@@ -227,12 +226,12 @@ def data_preview(spec_file: Path = typer.Argument(..., help="sweep spec YAML"),
     try:
         job = sweep.job(tenant)
     except KeyError as exc:
-        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
+        fail(str(exc.args[0]), EXIT_BAD_INPUT)
     tokenizer = load_tokenizer(sweep.spec.base_model)
     try:
         examples = preview_examples(tenant, job.settings.data, tokenizer, count)
     except DataError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out = []
     for location, example in examples:
         trained = [label != IGNORE_INDEX for label in example.labels]
@@ -313,7 +312,7 @@ def train(
     try:
         job = sweep.job(tenant)
     except KeyError as exc:
-        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
+        fail(str(exc.args[0]), EXIT_BAD_INPUT)
     if output_dir is not None:
         job = job.model_copy(update={"output_dir": str(output_dir.resolve())})
     from farm.methods import method_info
@@ -323,14 +322,14 @@ def train(
         import torch
 
         if not torch.cuda.is_available():  # refused before any data is read
-            _fail(f"tenant {tenant!r}: method {job.settings.method}: {needs}; this host has none")
+            fail(f"tenant {tenant!r}: method {job.settings.method}: {needs}; this host has none")
     if job.settings.train.init_from:  # resolved against the registry by sweeps only
         console.print(f"note: train.init_from {job.settings.train.init_from!r} applies to `farm sweep` (which "
                       "resolves it in the registry); `farm train` starts from a fresh adapter", markup=False)
     try:
         result = train_tenant(job, resume=not fresh)
     except DataError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         print(json.dumps(asdict(result), indent=2))
         return
@@ -358,11 +357,11 @@ def cotrain_cmd(
     try:
         jobs = [sweep.job(name.strip()) for name in tenants.split(",")]
     except KeyError as exc:
-        _fail(str(exc.args[0]), EXIT_BAD_INPUT)
+        fail(str(exc.args[0]), EXIT_BAD_INPUT)
     try:
         results = cotrain(jobs, slots, resume=not fresh)
     except ValueError as exc:  # the tenants cannot share a pack (method, base, layout)
-        _fail(str(exc), EXIT_BAD_INPUT)
+        fail(str(exc), EXIT_BAD_INPUT)
     if as_json:
         print_json({name: {"status": "failed", "error": result} if isinstance(result, str) else
                     {"status": "trained", **asdict(result)} for name, result in results.items()})
@@ -430,7 +429,7 @@ def plan(
         result = plan_memory(shape, request)
         device = parse_size(gpu) if gpu else None
     except (PlanError, ValueError, KeyError, ValidationError) as exc:
-        _fail(str(exc), EXIT_BAD_INPUT)
+        fail(str(exc), EXIT_BAD_INPUT)
     fits = result.fits(device) if device is not None else None
     # For a full fine-tune that does not fit: how many ZeRO-3 devices would.
     zero3 = devices_needed(shape, PlanRequest(**{**request.__dict__, "zero_stage": 3}), device) \

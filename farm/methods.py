@@ -169,6 +169,10 @@ class BottleneckSettings(StrictModel):
         "near_identity", description="near_identity: both projections small random; identity: up-projection zero (exact no-op at start)")
     init_std: float = Field(1e-2, gt=0, le=1, description="standard deviation of the initial projection weights")
 
+    def size_for(self, hidden: int) -> int:
+        """The bottleneck size on a base of width ``hidden``."""
+        return self.bottleneck_size or max(1, hidden // self.reduction_factor)
+
 
 # -- the entries --------------------------------------------------------------------------------
 
@@ -186,8 +190,6 @@ class MethodInfo:
     peft_type: str
     #: why vLLM cannot serve an adapter of this method with this config (None: it can)
     vllm_blocker: Callable[[dict, Optional[str]], Optional[str]]
-    #: can ``merge_and_unload`` fold it into the base weights (``farm export merged``)
-    mergeable: bool
     #: can share a batch with other tenants' adapters on one base (``farm.train.cotrain``)
     co_trainable: bool
     #: can train on packed rows (several examples per row, separated by position ids)
@@ -207,11 +209,16 @@ class MethodInfo:
     no_sharded_base: Optional[str] = None
     #: whose code builds, saves and loads its adapters: ``peft``, or ``farm`` (``farm.bottleneck``)
     library: Literal["peft", "farm"] = "peft"
-    #: why ``farm export merged`` cannot fold it into the base (None: it is mergeable)
+    #: why ``farm export merged`` cannot fold it into the base (None: ``merge_and_unload`` can)
     not_mergeable: Optional[str] = None
     #: can rows of different lengths share a generation batch (left-padded) and answer exactly as
     #: alone; False: the serving backend batches only prompts of equal length
     pads_batches: bool = True
+
+    @property
+    def mergeable(self) -> bool:
+        """Can ``merge_and_unload`` fold it into the base weights (``farm export merged``)."""
+        return self.not_mergeable is None
 
 
 def _lora_config(settings: LoraSettings, base_model: str, use_dora: bool = False):
@@ -359,7 +366,7 @@ def _prompt_plan(settings: PromptSettings, shape: "ModelShape") -> dict:
 
 def _bottleneck_plan(settings: BottleneckSettings, shape: "ModelShape") -> dict:
     # Per adapted block: down (hidden x size + size) and up (size x hidden + hidden).
-    size = settings.bottleneck_size or max(1, shape.hidden // settings.reduction_factor)
+    size = settings.size_for(shape.hidden)
     blocks = 2 if settings.placement == "houlsby" else 1
     count = shape.layers * blocks * (2 * shape.hidden * size + size + shape.hidden)
     return {"method": "lora", "rank": 1, "target_modules": (), "adapter_params": count}
@@ -374,24 +381,24 @@ METHODS: dict[str, MethodInfo] = {
     "lora": MethodInfo(
         "lora", LoraSettings, _lora_config, "low-rank update of linear layers", peft_type="LORA",
         recognises=lambda config: not config.get("use_dora"), vllm_blocker=_lora_vllm_blocker,
-        mergeable=True, co_trainable=True, packs_rows=True, plan_fields=_lora_plan),
+        co_trainable=True, packs_rows=True, plan_fields=_lora_plan),
     "dora": MethodInfo(
         "dora", DoraSettings, _dora_config, "LoRA plus a trained magnitude per output feature",
         peft_type="LORA", recognises=lambda config: bool(config.get("use_dora")),
-        vllm_blocker=_dora_vllm_blocker, mergeable=True, co_trainable=False, packs_rows=True,
+        vllm_blocker=_dora_vllm_blocker, co_trainable=False, packs_rows=True,
         plan_fields=_dora_plan),
     "ia3": MethodInfo(
         "ia3", IA3Settings, _ia3_config, "learned scaling of attention and feed-forward activations",
         peft_type="IA3",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; IA3 scales activations and has no low-rank weights "
                                     "(`farm export merged` folds it into a model vLLM can serve)"),
-        mergeable=True, co_trainable=False, packs_rows=True, plan_fields=_ia3_plan),
+        co_trainable=False, packs_rows=True, plan_fields=_ia3_plan),
     "prefix": MethodInfo(
         "prefix", PrefixSettings, _prefix_config, "trained key/value prefixes in every layer",
         peft_type="PREFIX_TUNING",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prefix tuning adds key/value prefixes, which vLLM "
                                     "cannot load and which cannot be merged into the weights"),
-        mergeable=False, not_mergeable="it adds key/value prefixes, not weight updates",
+        not_mergeable="it adds key/value prefixes, not weight updates",
         co_trainable=False, packs_rows=False, plan_fields=_prefix_plan,
         no_gradient_checkpointing="its prefixes enter every layer through the key/value cache, which "
                                   "gradient checkpointing turns off",
@@ -401,7 +408,7 @@ METHODS: dict[str, MethodInfo] = {
         peft_type="PROMPT_TUNING",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; prompt tuning's virtual-token embeddings are not "
                                     "LoRA weights and cannot be merged into the weights"),
-        mergeable=False, not_mergeable="it adds virtual tokens before the input, not weight updates",
+        not_mergeable="it adds virtual tokens before the input, not weight updates",
         # PEFT puts the virtual tokens before the padding and ignores position ids: padded rows
         # would see other positions than alone.
         pads_batches=False,
@@ -410,7 +417,7 @@ METHODS: dict[str, MethodInfo] = {
     "qlora": MethodInfo(
         "qlora", QLoraSettings, _lora_config, "LoRA on a 4-bit (bitsandbytes) base", peft_type="LORA",
         recognises=lambda config: not config.get("use_dora"), vllm_blocker=_lora_vllm_blocker,
-        mergeable=True, co_trainable=False, packs_rows=True, plan_fields=_qlora_plan,
+        co_trainable=False, packs_rows=True, plan_fields=_qlora_plan,
         needs_cuda="QLoRA loads the base in 4-bit with bitsandbytes, whose kernels need a CUDA device",
         quantization=_bnb_config,
         no_sharded_base="its base is already 4-bit to fit one device, and FSDP does not shard bitsandbytes weights"),
@@ -420,7 +427,7 @@ METHODS: dict[str, MethodInfo] = {
         peft_type="BOTTLENECK", library="farm",
         vllm_blocker=_fixed_blocker(f"{_ONLY_LORA}; bottleneck adapters add non-linear modules after each "
                                     "layer's blocks, which vLLM cannot load"),
-        mergeable=False, not_mergeable="a bottleneck adapter is non-linear (an activation between its "
+        not_mergeable="a bottleneck adapter is non-linear (an activation between its "
                                        "projections), so no weight update of the base equals it",
         co_trainable=False, packs_rows=True, plan_fields=_bottleneck_plan),
 }

@@ -202,8 +202,8 @@ def attach_saved(base, config: dict, tensors: dict, trainable: bool = False):
     except Exception:
         unload_adapter(model)  # a base lent to many adapters never keeps a broken one attached
         raise
-    for param in model.parameters():
-        if not trainable:
+    if not trainable:
+        for param in model.parameters():
             param.requires_grad_(False)
     return model
 

@@ -60,12 +60,6 @@ def _catalog_option():
                         help="catalog SQLAlchemy URL (default: SQLite inside a local store)")
 
 
-_json_option = json_option
-
-
-_fail, _print_json = fail, print_json  # farm.cli_common: one definition for every command
-
-
 # -- the registry: a server (HTTP) or the registry itself, one interface ---------------------------
 def _backend(url: str | None, token: str | None, store: str, catalog: str | None, create: bool = False):
     """The server at ``url``, else the registry itself (created only when ``create``: publish).
@@ -93,15 +87,15 @@ def _guarded(action):
     try:
         return action()
     except RegistryError as exc:  # the server refused the request (4xx), or failed (5xx)
-        _fail(f"registry answered {exc.status}: {exc.detail}", EXIT_BAD_INPUT if exc.status < 500 else EXIT_FAILED)
+        fail(f"registry answered {exc.status}: {exc.detail}", EXIT_BAD_INPUT if exc.status < 500 else EXIT_FAILED)
     except NotFound as exc:
-        _fail(f"not found: {exc.args[0] if exc.args else exc}", EXIT_BAD_INPUT)
+        fail(f"not found: {exc.args[0] if exc.args else exc}", EXIT_BAD_INPUT)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:  # PublishError, NameError_, bad filters
-        _fail(str(exc), EXIT_BAD_INPUT)
+        fail(str(exc), EXIT_BAD_INPUT)
     except CatalogOutdated as exc:  # the catalog needs `farm registry migrate`: not this call's fault
-        _fail(str(exc))
+        fail(str(exc))
     except httpx.HTTPError as exc:
-        _fail(f"could not reach the registry: {exc}")
+        fail(f"could not reach the registry: {exc}")
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -178,12 +172,12 @@ def serve_cmd(
     from farm.registry.core import open_registry
 
     if not _is_loopback(host) and not allow_remote:
-        _fail(f"refusing to bind {host}: the API would be reachable from other machines; "
+        fail(f"refusing to bind {host}: the API would be reachable from other machines; "
               "pass --allow-remote (and put TLS in front of it)", EXIT_BAD_INPUT)
     registry = _guarded(lambda: open_registry(store, catalog))
     env_token = os.environ.get("FARM_REGISTRY_ADMIN_TOKEN")
     if env_token and len(env_token) < MIN_ADMIN_TOKEN_CHARS:
-        _fail(f"FARM_REGISTRY_ADMIN_TOKEN has {len(env_token)} characters; an admin token needs at least "
+        fail(f"FARM_REGISTRY_ADMIN_TOKEN has {len(env_token)} characters; an admin token needs at least "
               f"{MIN_ADMIN_TOKEN_CHARS} (128 bits as hex: openssl rand -hex 16), or use `farm registry token "
               "create --admin`", code=2)
     if env_token:
@@ -191,9 +185,9 @@ def serve_cmd(
         if known is None:
             _catalog_add_admin(registry.catalog, env_token)
         elif not known.is_admin:
-            _fail("FARM_REGISTRY_ADMIN_TOKEN is a tenant token, not an admin token", EXIT_BAD_INPUT)
+            fail("FARM_REGISTRY_ADMIN_TOKEN is a tenant token, not an admin token", EXIT_BAD_INPUT)
     elif not _catalog_has_admin(registry.catalog):
-        _fail("the catalog has no admin token: run `farm registry token create --admin` first, "
+        fail("the catalog has no admin token: run `farm registry token create --admin` first, "
               "or set FARM_REGISTRY_ADMIN_TOKEN")
     err_console.print(f"registry API on http://{host}:{port} (docs at /docs), store {store}")
     serve(registry, host=host, port=port, max_upload_bytes=max_upload_mb * 2**20)
@@ -216,15 +210,15 @@ def list_cmd(
     sort: str = typer.Option("-created_at", help="created_at, version or metric:<name>; '-' descending"),
     limit: int = typer.Option(50, min=1, max=500),
     offset: int = typer.Option(0, min=0),
-    as_json: bool = _json_option(),
+    as_json: bool = json_option(),
     url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
     store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
 ) -> None:
     """Search versions."""
     if status not in ("active", "archived", "any"):
-        _fail(f"--status {status!r}: use active, archived or any", EXIT_BAD_INPUT)
+        fail(f"--status {status!r}: use active, archived or any", EXIT_BAD_INPUT)
     if served_by not in (None, "vllm", "transformers"):
-        _fail(f"--served-by {served_by!r}: use vllm or transformers", code=2)
+        fail(f"--served-by {served_by!r}: use vllm or transformers", code=2)
     from farm.registry.names import parse_metric_filter
 
     def search() -> dict:
@@ -241,7 +235,7 @@ def list_cmd(
 
     result = _guarded(search)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     console.print(_versions_table(result["items"]))
     shown = len(result["items"])
@@ -250,13 +244,13 @@ def list_cmd(
 
 @registry_app.command("show")
 def show_cmd(ref: str = typer.Argument(..., help="tenant.adapter.vN or tenant.adapter@alias"),
-             as_json: bool = _json_option(),
+             as_json: bool = json_option(),
              url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
              store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Show one version."""
     info = _guarded(lambda: _backend(url, token, store, catalog).resolve(ref).to_dict())
     if as_json:
-        _print_json(info)
+        print_json(info)
     else:
         _show_version(info)
 
@@ -270,7 +264,7 @@ def promote_cmd(ref: str = typer.Argument(..., help="the version to promote (ser
                                                "scored now on its held-out data"),
                 min_improvement: Optional[float] = typer.Option(None, help="with --if-better: the share by which its eval loss must be lower (default: its spec's eval.promote, else 0)"),
                 min_pass_rate: Optional[float] = typer.Option(None, help="with --if-better: each check's lowest pass rate (default: its spec's eval.promote, else 0.9)"),
-                as_json: bool = _json_option(),
+                as_json: bool = json_option(),
                 url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Point an alias (default: production) at a version; with --if-better, only when it passes
@@ -290,7 +284,7 @@ def promote_cmd(ref: str = typer.Argument(..., help="the version to promote (ser
 
     result = _guarded(promote)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     tenant_adapter = result["serve_name"].rsplit(".", 1)[0]
     was = f"v{result['previous']}" if result["previous"] is not None else "unset"
@@ -312,11 +306,11 @@ def _promote_if_better(backend, ref: str, alias: str, min_improvement: Optional[
         try:
             return PromotionSpec.model_validate(values)
         except ValidationError as exc:
-            _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()), code=2)
+            fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()), code=2)
 
     result = _guarded(lambda: promote_if_better(backend, ref, _guarded(gate)))
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         table = Table("check", "adapter", "current", title=f"{result['serve_name']} @{alias}")
         for check in result.get("checks", []):
@@ -337,18 +331,18 @@ def _promote_if_better(backend, ref: str, alias: str, min_improvement: Optional[
 @registry_app.command("history")
 def history_cmd(adapter_ref: str = typer.Argument(..., help="tenant.adapter"),
                 alias: Optional[str] = typer.Option(None, help="only this alias's moves"),
-                as_json: bool = _json_option(),
+                as_json: bool = json_option(),
                 url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Every move of an adapter's aliases, oldest first, with why (a gate's decision and figures
     when `farm sweep` or `promote --if-better` made it)."""
     tenant, dot, adapter = adapter_ref.partition(".")
     if not dot or "." in adapter:
-        _fail(escape(f"{adapter_ref!r}: expected tenant.adapter"), code=2)
+        fail(escape(f"{adapter_ref!r}: expected tenant.adapter"), code=2)
     backend = _guarded(lambda: _backend(url, token, store, catalog))
     events = _guarded(lambda: backend.alias_history(tenant, adapter, alias))
     if as_json:
-        _print_json(events)
+        print_json(events)
         return
     table = Table("at", "alias", "version", "was", "why", title=f"{adapter_ref}: alias history")
     for event in events:
@@ -365,13 +359,13 @@ def history_cmd(adapter_ref: str = typer.Argument(..., help="tenant.adapter"),
 @registry_app.command("download")
 def download_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
                  out: Path = typer.Option(..., "--out", help="folder to create (must be absent or empty)"),
-                 as_json: bool = _json_option(),
+                 as_json: bool = json_option(),
                  url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
                  store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Download a version's files (every sha256 checked)."""
     info = _guarded(lambda: _backend(url, token, store, catalog).download(ref, out).to_dict())
     if as_json:
-        _print_json({"serve_name": info["serve_name"], "path": str(out), "files": sorted(info["files"])})
+        print_json({"serve_name": info["serve_name"], "path": str(out), "files": sorted(info["files"])})
         return
     console.print(f"{info['serve_name']} -> [bold]{out}[/bold] ({len(info['files'])} files, "
                   f"{_size(info['size_bytes'])})")
@@ -390,26 +384,26 @@ def publish_cmd(
     training: Optional[str] = typer.Option(None, help="JSON object"),
     lineage: Optional[str] = typer.Option(None, help="JSON object"),
     alias: Optional[list[str]] = typer.Option(None, help="aliases to point at it (default: latest)"),
-    as_json: bool = _json_option(),
+    as_json: bool = json_option(),
     url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
     store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
 ) -> None:
     """Validate and publish an adapter folder as the next version."""
     if not folder.is_dir():
-        _fail(f"{folder} is not a folder", EXIT_BAD_INPUT)
+        fail(f"{folder} is not a folder", EXIT_BAD_INPUT)
     parsed: dict[str, dict | None] = {}
     for key, raw in (("metrics", metrics), ("training", training), ("lineage", lineage)):
         try:
             parsed[key] = json.loads(raw) if raw else None
         except ValueError as exc:
-            _fail(f"--{key}: not valid JSON ({exc})", EXIT_BAD_INPUT)
+            fail(f"--{key}: not valid JSON ({exc})", EXIT_BAD_INPUT)
         if parsed[key] is not None and not isinstance(parsed[key], dict):
-            _fail(f"--{key}: expected a JSON object", EXIT_BAD_INPUT)
+            fail(f"--{key}: expected a JSON object", EXIT_BAD_INPUT)
     info = _guarded(lambda: _backend(url, token, store, catalog, create=True).publish(
         tenant, adapter, folder, base_model=base_model, base_architecture=base_architecture, method=method,
         aliases=tuple(alias) if alias else ("latest",), **parsed).to_dict())
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     servable = f"served by {', '.join(info['servable_by'])}"
     if not info["servable_by_vllm"]:
@@ -421,14 +415,14 @@ def publish_cmd(
 @registry_app.command("gc")
 def gc_cmd(older_than_s: float = typer.Option(3600.0, "--older-than-s", help="only leftovers older than this"),
            dry_run: bool = typer.Option(False, "--dry-run", help="list, do not remove"),
-           as_json: bool = _json_option(),
+           as_json: bool = json_option(),
            url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
            store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Remove incomplete folders left by crashed publishes."""
     result = _guarded(lambda: {"removed": _backend(url, token, store, catalog).gc(older_than_s, dry_run),
                                "dry_run": dry_run})
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     verb = "would remove" if dry_run else "removed"
     console.print(f"{verb} {len(result['removed'])} incomplete folder(s)")
@@ -438,7 +432,7 @@ def gc_cmd(older_than_s: float = typer.Option(3600.0, "--older-than-s", help="on
 
 @registry_app.command("migrate")
 def migrate_cmd(store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
-                as_json: bool = _json_option()) -> None:
+                as_json: bool = json_option()) -> None:
     """Upgrade the catalog's schema to this release (back it up first); a no-op when current."""
     from farm.registry.catalog import migrate_catalog
     from farm.registry.core import default_catalog_url
@@ -446,7 +440,7 @@ def migrate_cmd(store: str = _store_option(), catalog: Optional[str] = _catalog_
     url = _guarded(lambda: catalog or default_catalog_url(store))
     before, after = _guarded(lambda: migrate_catalog(url))
     if as_json:
-        _print_json({"before": before, "after": after, "migrated": before != after})
+        print_json({"before": before, "after": after, "migrated": before != after})
         return
     if before == after:
         console.print(f"catalog already at schema revision {after}")
@@ -455,7 +449,7 @@ def migrate_cmd(store: str = _store_option(), catalog: Optional[str] = _catalog_
 
 
 @registry_app.command("reindex")
-def reindex_cmd(as_json: bool = _json_option(),
+def reindex_cmd(as_json: bool = json_option(),
                 url: Optional[str] = _url_option(), token: Optional[str] = _token_option(),
                 store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Rebuild the catalog's versions, statuses and aliases from the store (one transaction).
@@ -464,7 +458,7 @@ def reindex_cmd(as_json: bool = _json_option(),
     """
     result = _guarded(lambda: asdict(_backend(url, token, store, catalog).reindex()))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     console.print(f"reindexed {result['versions']} version(s)")
     for item in result.get("skipped", []):
@@ -493,7 +487,7 @@ def _direct_catalog(store: str, catalog: Optional[str], create: bool = False):
         if create:
             Path(store).expanduser().mkdir(parents=True, exist_ok=True)  # the SQLite file lives inside
         elif not (Path(store).expanduser() / "catalog.sqlite").is_file():
-            _fail(f"no catalog in {store} (give --store or --catalog)", code=2)
+            fail(f"no catalog in {store} (give --store or --catalog)", code=2)
     return _guarded(lambda: Catalog(catalog or default_catalog_url(store)))
 
 
@@ -502,7 +496,7 @@ def token_create(tenant: Optional[str] = typer.Option(None, help="a token that s
                  admin: bool = typer.Option(False, "--admin", help="an admin token (sees every tenant)"),
                  label: str = typer.Option("", help="note stored with the token"),
                  expires_in: Optional[str] = typer.Option(None, help="valid for this long: 90s, 30m, 12h, 7d"),
-                 as_json: bool = _json_option(),
+                 as_json: bool = json_option(),
                  store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """Create an API token (directly on the catalog); it is printed once, only its hash is kept."""
     from datetime import timedelta
@@ -511,7 +505,7 @@ def token_create(tenant: Optional[str] = typer.Option(None, help="a token that s
     from farm.registry.names import check_name
 
     if admin == (tenant is not None):
-        _fail("give exactly one of --tenant T or --admin", EXIT_BAD_INPUT)
+        fail("give exactly one of --tenant T or --admin", EXIT_BAD_INPUT)
     if tenant is not None:
         _guarded(lambda: check_name("tenant", tenant))
     expires_at = None
@@ -520,7 +514,7 @@ def token_create(tenant: Optional[str] = typer.Option(None, help="a token that s
     catalog_obj = _direct_catalog(store, catalog, create=True)
     value = catalog_obj.create_token(None if admin else tenant, label=label, expires_at=expires_at)
     if as_json:
-        _print_json({"token": value, "tenant": tenant, "admin": admin, "label": label,
+        print_json({"token": value, "tenant": tenant, "admin": admin, "label": label,
                      "expires_at": expires_at.isoformat() if expires_at else None})
         return
     console.print(f"{'admin' if admin else 'tenant ' + tenant} token (shown once, store it now):", highlight=False)
@@ -528,14 +522,14 @@ def token_create(tenant: Optional[str] = typer.Option(None, help="a token that s
 
 
 @token_app.command("list")
-def token_list(as_json: bool = _json_option(),
+def token_list(as_json: bool = json_option(),
                store: str = _store_option(), catalog: Optional[str] = _catalog_option()) -> None:
     """List tokens: id, tenant (or admin), label, created, expires, revoked (never the token)."""
     from dataclasses import asdict
 
     tokens = _direct_catalog(store, catalog).list_tokens()
     if as_json:
-        _print_json([asdict(t) for t in tokens])
+        print_json([asdict(t) for t in tokens])
         return
     table = Table("id", "tenant", "label", "created", "expires", "revoked")
     for t in tokens:
@@ -547,12 +541,12 @@ def token_list(as_json: bool = _json_option(),
 @token_app.command("revoke")
 def token_revoke(token_id: int = typer.Argument(..., help="the id `token list` shows"),
                  store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
-                 as_json: bool = _json_option()) -> None:
+                 as_json: bool = json_option()) -> None:
     """Revoke a token: refused by the registry API and the gateway from their next cache refresh."""
     if not _direct_catalog(store, catalog).revoke_token(token_id):
-        _fail(f"no token with id {token_id}", EXIT_BAD_INPUT)
+        fail(f"no token with id {token_id}", EXIT_BAD_INPUT)
     if as_json:
-        _print_json({"id": token_id, "revoked": True})
+        print_json({"id": token_id, "revoked": True})
         return
     console.print(f"token {token_id} revoked")
 
@@ -566,14 +560,14 @@ export_app = typer.Typer(help="Export a registry version: merged model, or GGUF 
 def export_merged_cmd(ref: str = typer.Argument(..., help="serve name or alias ref"),
                       out: Path = typer.Option(..., help="new folder for the merged model"),
                       store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
-                      as_json: bool = _json_option()) -> None:
+                      as_json: bool = json_option()) -> None:
     """Write base + adapter merged into a standalone transformers model folder."""
     from farm.registry.core import open_registry
     from farm.serving.export import export_merged
 
     info, folder = _guarded(lambda: export_merged(open_registry(store, catalog, create=False), ref, out))
     if as_json:
-        _print_json({"serve_name": info.serve_name, "base_model": info.base_model, "folder": str(folder)})
+        print_json({"serve_name": info.serve_name, "base_model": info.base_model, "folder": str(folder)})
         return
     console.print(f"{info.serve_name} merged into {info.base_model} -> {folder}")
 
@@ -585,7 +579,7 @@ def export_ollama_cmd(ref: str = typer.Argument(..., help="serve name or alias r
                                                "base model (llama.cpp's convert_hf_to_gguf.py writes one), or an "
                                                "Ollama model name (llama3.2:1b)"),
                       store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
-                      as_json: bool = _json_option()) -> None:
+                      as_json: bool = json_option()) -> None:
     """Write the adapter as a GGUF LoRA plus a Modelfile (FROM <base>, ADAPTER ./<file>.gguf)."""
     from farm.registry.core import open_registry
     from farm.serving.export import export_gguf
@@ -593,6 +587,6 @@ def export_ollama_cmd(ref: str = typer.Argument(..., help="serve name or alias r
     info, gguf_path, modelfile = _guarded(lambda: export_gguf(open_registry(store, catalog, create=False), ref, out,
                                                               base))
     if as_json:
-        _print_json({"serve_name": info.serve_name, "gguf": str(gguf_path), "modelfile": str(modelfile)})
+        print_json({"serve_name": info.serve_name, "gguf": str(gguf_path), "modelfile": str(modelfile)})
         return
     console.print(f"{info.serve_name} -> {gguf_path} and {modelfile}")

@@ -20,10 +20,10 @@ from typing import Optional
 
 import typer
 
+from farm.cli_common import fail, json_option
 from farm.registry_cli import (
     _backend,
     _catalog_option,
-    _fail,
     _guarded,
     _store_option,
     _token_option,
@@ -97,7 +97,7 @@ def serve_cmd(
     from farm.serving.vllm_plugin import AdapterCache
 
     if backend_kind not in ("vllm", "transformers"):
-        _fail(f"--backend: expected vllm or transformers, got {backend_kind!r}", code=2)
+        fail(f"--backend: expected vllm or transformers, got {backend_kind!r}", code=2)
 
     if device == "auto":
         device = detect_device()
@@ -145,7 +145,7 @@ def serve_cmd(
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, preload=preload, device=device,
             served_model_name=served_model_name, max_model_len=max_model_len)
     except ValueError as exc:  # flags vLLM would refuse (--max-cpu-loras below --max-loras, a public --host)
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     if not run:
         print(command.shell())
         return
@@ -176,7 +176,7 @@ def _transformers_server(base_model: str, registry_env: dict, secret_refs: dict,
                           "give it to the gateway (a backend's api_key_env):\n"
                           f"  export {API_KEY_ENV}={secrets.token_urlsafe(32)}", highlight=False, markup=False)
         if run:
-            _fail(f"{API_KEY_ENV} must be set to run the server", code=2)
+            fail(f"{API_KEY_ENV} must be set to run the server", code=2)
     env = {k: v for k, v in registry_env.items() if k not in secret_refs}
     env["FARM_VLLM_CACHE_DIR"] = str(cache_dir)
     shell = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
@@ -205,7 +205,7 @@ def gateway_cmd(
             for backend in base.backends:
                 backend.api_key()  # an unset key variable is an error now, not at the first request
     except (GatewayConfigError, ValueError) as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     serve_gateway(settings, host=host, port=port, log_level=log_level)
 
 
@@ -213,7 +213,7 @@ def usage_cmd(
     tenant: Optional[str] = typer.Option(None, help="only this tenant"),
     since: Optional[str] = typer.Option(None, help="from this UTC date or time (ISO 8601), inclusive"),
     until: Optional[str] = typer.Option(None, help="to this UTC date or time (ISO 8601), exclusive"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = json_option(),
     store: str = _store_option(), catalog: Optional[str] = _catalog_option(),
 ) -> None:
     """Metered inference per tenant and model (requests, errors, prompt and completion tokens)."""
@@ -233,14 +233,14 @@ def usage_cmd(
         try:
             value = datetime.fromisoformat(text)
         except ValueError:
-            _fail(f"--{name}: {text!r} is not an ISO 8601 date or time", code=2)
+            fail(f"--{name}: {text!r} is not an ISO 8601 date or time", code=2)
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
     if tenant is not None:
         _guarded(lambda: check_name("tenant", tenant))
     url = _guarded(lambda: catalog or default_catalog_url(store))
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        _fail(f"no catalog at {url[len('sqlite:///'):]} (give --store or --catalog)", code=2)
+        fail(f"no catalog at {url[len('sqlite:///'):]} (give --store or --catalog)", code=2)
     rows = _guarded(lambda: Catalog(url).usage(tenant, moment(since, "since"), moment(until, "until")))
     if as_json:
         print(json.dumps({"tenant": tenant, "since": since, "until": until, "rows": rows,

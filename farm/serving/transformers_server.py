@@ -154,9 +154,6 @@ class Engine:
         self.loaded: OrderedDict[str, tuple[dict, dict]] = OrderedDict()  # serve name -> (config, tensors)
         self._loaded_lock = threading.Lock()  # the thread changes the LRU, /v1/models reads it
         self.attached: tuple[Optional[str], Any] = (None, self.base)      # (serve name, model)
-        self.loads = 0          # adapters read from disk into the LRU (tests, /v1/models)
-        self.attaches = 0       # times an adapter was wrapped onto the base
-        self.batches: list[int] = []  # rows per batch generated, most recent last (bounded)
         self._pending: list[Row] = []
         self._wake = threading.Condition()
         self._stopping = False
@@ -220,14 +217,12 @@ class Engine:
         if entry is None:
             config, tensors = read_adapter(folder)
             entry = (config, {k: v.to(self.placement.device) for k, v in tensors.items()})
-            self.loads += 1
             with self._loaded_lock:
                 self.loaded[serve_name] = entry
                 while len(self.loaded) > self.settings.max_loaded_adapters:
                     self.loaded.popitem(last=False)
         config, tensors = entry
         model = attach_saved(self.base, config, tensors).eval()  # on failure the base stays bare
-        self.attaches += 1
         self.attached = (serve_name, model)
         return model
 
@@ -276,7 +271,6 @@ class Engine:
             options.update(temperature=None, top_p=None, top_k=None)
         if sampling.ignore_eos:
             options["eos_token_id"] = None  # no row ends at EOS; each stops at its own max_tokens
-        self.batches = (self.batches + [len(rows)])[-1000:]
         with torch.inference_mode():
             model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                            max_new_tokens=max(r.max_new_tokens for r in rows), pad_token_id=pad,
