@@ -50,7 +50,7 @@ class BaselineRun:
 def baseline_worker_resources(resources: ResourceSpec, workers: int):
     """A baseline's trainer request: the sweep's CPUs per worker and, on GPU clusters, one whole
     GPU per worker (NCCL refuses two ranks on one device)."""
-    from farm.sweep import trainer_resources
+    from farm.trainers import trainer_resources
 
     gpus = 1.0 if resources.gpus_per_worker else 0.0
     return trainer_resources(resources.model_copy(update={"workers": workers, "gpus_per_worker": gpus}))
@@ -61,25 +61,17 @@ def run_baseline(job: TenantJob, baseline: BaselineSpec, run: BaselineRun) -> di
 
     Re-running with the same storage resumes from the newest complete sharded checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from farm.sweep import error_summary
+    from farm.trainers import error_summary
     from farm.train.full import MODEL_DIR, PROBE_FILE, ray_full_loop
     from farm.train.adapter import RESULT_FILE
 
     resources = baseline_worker_resources(run.resources, run.workers)
     name = f"{job.tenant}-full"
     try:
-        trainer = TorchTrainer(
-            ray_full_loop,
-            train_loop_config={"job": job.model_dump(), "baseline": baseline.model_dump(),
-                               "threads": resources.torch_threads, "run_dir": f"{run.storage.rstrip('/')}/{name}"},
-            scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
-            run_config=RunConfig(name=name, storage_path=run.storage,
-                                 failure_config=FailureConfig(max_failures=run.max_retries),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=job.settings.train.keep_checkpoints)),
-        )
+        trainer = resources.trainer(
+            ray_full_loop, {"job": job.model_dump(), "baseline": baseline.model_dump(),
+                            "run_dir": f"{run.storage.rstrip('/')}/{name}"},
+            name, run.storage, run.max_retries, keep_checkpoints=job.settings.train.keep_checkpoints)
         fitted = trainer.fit()
     except Exception as exc:  # the tenant's baseline fails, nothing else
         return {"ok": False, "error": error_summary(exc), "trace": traceback.format_exc()[-4000:]}

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import sys
 import time
@@ -44,19 +43,15 @@ from farm.report import (SweepReport, TenantOutcome, merge_with_previous, print_
 from farm.sizing import Capacity, DoesNotFit, Pack, cluster_capacity, plan_packs, size_baseline, size_adapter
 from farm.incremental import select_changed, stage_warm_start, training_record
 from farm.methods import method_info
-from farm.spec import ResolvedSweep, ResourceSpec, SpecError, TenantJob
+from farm.spec import ResolvedSweep, SpecError, TenantJob
 from farm.sweep_progress import SweepProgress
 from farm.sweep_quality import QUALITY_FILE, QualityStage, promote_if_passed, run_matrix, wants_quality
+from farm.trainers import POOLED_DIR, TrainerResources, pool_task, progress_board, trainer_resources
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
-# Trainers queued behind others wait for their workers; Ray Train's default start timeout
-# (60 s) would fail them on a busy cluster. A job that can never fit is the planner's to refuse.
-WORKER_START_TIMEOUT_S = "3600"
-
-
 @dataclass(frozen=True)
 class SweepOptions:
     """How to run a sweep (the spec says what to train)."""
@@ -89,63 +84,6 @@ def admit(queue: list[Pack], training: int, limit: int) -> list[Pack]:
     if not taken and training == 0 and queue:
         taken.append(queue.pop(0))
     return taken
-
-
-@dataclass(frozen=True)
-class TrainerResources:
-    """What one tenant's trainer asks Ray for (a plain object, tested without a cluster)."""
-
-    num_workers: int
-    use_gpu: bool
-    resources_per_worker: dict[str, float]
-    accelerator_type: str | None
-    torch_threads: int
-    backend: str = "auto"
-
-    def scaling_config(self):
-        from ray.train import ScalingConfig
-
-        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                             resources_per_worker=self.resources_per_worker,
-                             accelerator_type=self.accelerator_type)
-
-    def torch_config(self):
-        """NCCL when the workers have GPUs, gloo otherwise, unless the spec names one (a cluster
-        whose GPUs are only logical, like the fake autoscaling cluster of the tests, needs gloo)."""
-        from ray.train.torch import TorchConfig
-
-        backend = self.backend if self.backend != "auto" else ("nccl" if self.use_gpu else "gloo")
-        return TorchConfig(backend=backend)
-
-    def demand(self) -> list[dict[str, float]]:
-        """The bundles this trainer's workers ask for, as the autoscaler sees them."""
-        bundle = {k: v for k, v in self.resources_per_worker.items() if k in ("CPU", "GPU")}
-        if self.accelerator_type:
-            bundle[f"accelerator_type:{self.accelerator_type}"] = 0.001  # Ray's own marker resource
-        return [dict(bundle) for _ in range(self.num_workers)]
-
-
-def trainer_resources(resources: ResourceSpec) -> TrainerResources:
-    """Translate the spec's resources into a trainer's request.
-
-    Fractional GPUs (for example 0.25) let Ray place several small LoRA jobs on one device;
-    a job with several workers needs a whole device per worker, since NCCL refuses two ranks
-    on one GPU ("Duplicate GPU detected").
-    """
-    gpus = resources.gpus_per_worker
-    if gpus == "auto":
-        raise ValueError("resources.gpus_per_worker 'auto' must be resolved by the planner (farm.sizing) first")
-    if resources.workers > 1 and 0 < gpus < 1:
-        raise ValueError(f"resources: {resources.workers} workers with gpus_per_worker={gpus} could "
-                         "share one GPU, which NCCL refuses; use whole GPUs for multi-worker jobs")
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if gpus:
-        per_worker["GPU"] = gpus
-    if resources.memory_per_worker:
-        per_worker["memory"] = resources.memory_per_worker  # Ray packs workers by memory too
-    return TrainerResources(num_workers=resources.workers, use_gpu=gpus > 0,
-                            resources_per_worker=per_worker, accelerator_type=resources.accelerator_type,
-                            torch_threads=max(1, int(resources.cpus_per_worker)), backend=resources.backend)
 
 
 def sweep_dir(sweep: ResolvedSweep, sweep_id: str) -> Path:
@@ -221,25 +159,6 @@ def _publish_adapter(checkpoint, destination: Path) -> dict:
     # result.json last: a tenant counts as finished only once it is there.
     (destination / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(Error|Exception|Interrupt|Exit))(: .*)?$")
-
-
-def error_summary(exc: BaseException) -> str:
-    """The root cause of a failed trainer in a line or three: the innermost exception line
-    of the worker's traceback (Ray wraps it in WorkerGroupError) and what follows it."""
-    cause = exc
-    while getattr(cause, "__cause__", None) is not None:
-        cause = cause.__cause__
-    lines = [line.rstrip() for line in str(cause).splitlines() if line.strip()]
-    for index in range(len(lines) - 1, -1, -1):
-        if _EXCEPTION_LINE.match(lines[index]):
-            detail = [lines[index].strip()] + [line.strip() for line in lines[index + 1:index + 3]
-                                                if not line.strip().startswith("For further information")]
-            return " | ".join(detail)[:500]
-    last = lines[-1].strip() if lines else ""
-    return f"{type(cause).__name__}: {last}"[:500]
 
 
 class UpFrontDemand:
@@ -354,65 +273,6 @@ def plan_single_pools(names: list[str], resources: dict[str, TrainerResources], 
                               group=f"alone-{group_index}", co_train=False))
             pool_resources[name] = shape
     return pools, pool_resources
-
-
-POOLED_DIR = "pooled"  # <storage>/pooled/<tenant>/: a pool's tenant's checkpoints and final adapter
-
-
-def _run_pool(co_train: bool, prototype: dict, queue, slots: int, resources: TrainerResources, storage: str,
-              name: str, max_retries: int, board, options: dict | None = None) -> dict:
-    """Ray task body: one pool's TorchTrainer taking tenants from its group's ``queue`` until it
-    is closed and empty: a co-training worker (``slots`` tenants at a time) or a single-tenant
-    pool (one at a time, on one worker or several). Returns the tenants that failed (never
-    raises); each finished tenant's final adapter is on storage under ``<storage>/pooled/<tenant>``.
-    ``options`` go to the pool's loop as they are (the service's: ``cancellable``, ``poll_s``)."""
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from farm.train.adapter import ray_pool_loop
-    from farm.train.cotrain import ray_cotrain_loop
-
-    errors: dict = {}
-    failure = None
-    try:
-        trainer = TorchTrainer(
-            ray_cotrain_loop if co_train else ray_pool_loop,
-            # idle_s None: the sweep closes the queue once every tenant is checked; wait for that
-            train_loop_config={"prototype": prototype, "queue": queue, "pool": name, "slots": slots, "board": board,
-                               "threads": resources.torch_threads, "idle_s": None,
-                               "tenants_dir": f"{storage.rstrip('/')}/{POOLED_DIR}", **(options or {})},
-            scaling_config=resources.scaling_config(), torch_config=resources.torch_config(),
-            run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_retries)))
-        errors = (trainer.fit().return_value or {}).get("errors", {})
-    except Exception as exc:  # the pool's retries ran out; tenants that finished before still count
-        failure = error_summary(exc)
-    return {"errors": errors, "error": failure}
-
-
-def _progress_board():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class ProgressBoard:
-        """Latest step event of every tenant, written by rank-0 workers, read by the driver."""
-
-        def __init__(self):
-            self.events: dict[str, dict] = {}
-            self.first_step: dict[str, float] = {}
-
-        def update(self, tenant: str, event: dict) -> None:
-            self.events[tenant] = event
-            self.first_step.setdefault(tenant, event["time"])
-
-        def forget(self, tenant: str) -> None:
-            """A finished run's events go (a long-running service's board stays small)."""
-            self.events.pop(tenant, None)
-            self.first_step.pop(tenant, None)
-
-        def snapshot(self) -> tuple[dict, dict]:
-            return self.events, self.first_step
-
-    return ProgressBoard.remote()
 
 
 def _interleave(lists: list) -> list:
@@ -595,9 +455,8 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     queues = {group: queue_actor([]) for group in group_order}
     queued: dict[str, list[str]] = {group: [] for group in group_order}  # tenants added to each queue
     tenants_dir = f"{storage}/{POOLED_DIR}"
-    board = _progress_board() if pools else None
-    pool_task = ray.remote(num_cpus=0, max_retries=0)(_run_pool).options(
-        runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
+    board = progress_board() if pools else None
+    launch = pool_task()
     running: dict = {}
     submitted: dict[str, float] = {}
     first_step: dict[str, float] = {}  # tenant -> time of its first step (the progress board's)
@@ -665,7 +524,7 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
         with progress:  # a live table on a terminal; lines in a log
             while (waiting or running) and (checking or any(n not in outcomes for n in pending)):
                 for pool in admit(waiting, sum(p.slots for p in running.values()), limit):
-                    ref = pool_task.remote(pool.co_train, sweep.job(pool.tenants[0]).model_dump(), queues[pool.group],
+                    ref = launch.remote(pool.co_train, sweep.job(pool.tenants[0]).model_dump(), queues[pool.group],
                                            pool.slots, pool_resources[pool.name], storage, pool.name,
                                            sweep.spec.resources.max_retries, board)
                     what = f"a co-training pool of {pool.group}, {pool.slots} at a time" if pool.co_train else \

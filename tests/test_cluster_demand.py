@@ -4,7 +4,7 @@
 autoscaler sidecar runs); ``cluster/aws.yaml`` is prepared as ``ray up`` prepares it and its
 node types' resources are filled by Ray's AWS provider from the instance types (the EC2 API
 answer comes from a fixture of AWS's published vCPU, memory and GPU counts: EC2 cannot be
-reached here). The farm's own trainer requests (``farm.sweep.trainer_resources``) then go
+reached here). The farm's own trainer requests (``farm.trainers.trainer_resources``) then go
 through Ray's resource demand scheduler, which says which node types it would launch and which
 bundles it could never place.
 """
@@ -18,7 +18,7 @@ import yaml
 
 from farm.cluster_files import prepared_config
 from farm.spec import ResourceSpec
-from farm.sweep import trainer_resources
+from farm.trainers import trainer_resources
 
 from .conftest import REPO
 

@@ -8,7 +8,8 @@ import pytest
 
 from farm.report import SweepReport, TenantOutcome, markdown
 from farm.spec import ResourceSpec
-from farm.sweep import finished_outcome, trainer_resources
+from farm.sweep import finished_outcome
+from farm.trainers import trainer_resources
 
 
 def test_fractional_gpus_pack_small_jobs_and_multi_worker_jobs_get_whole_gpus():
@@ -75,19 +76,26 @@ def test_a_collective_broken_by_a_dead_worker_is_the_groups_failure_not_the_tena
     assert not peer_lost(ValueError("tenant 'acme': line 3: bad record"))
 
 
-def test_error_summary_finds_the_workers_root_cause():
-    from farm.sweep import error_summary
+def test_error_summary_names_the_lowest_failed_ranks_own_exception():
+    """Ray Train's structured error (WorkerGroupError.worker_failures), not its traceback text."""
+    import pydantic
+    from ray.train import WorkerGroupError
 
-    wrapped = RuntimeError(
-        "Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
-        '  File "x.py", line 3, in f\n    raise ValueError("bad rank")\n'
-        "pydantic_core._pydantic_core.ValidationError: 1 validation error for TenantJob\n"
-        "adapter\n  Field required [type=missing]\n"
-        "    For further information visit https://errors.pydantic.dev/2.14/v/missing\n")
-    summary = error_summary(wrapped)
-    assert summary.startswith("pydantic_core._pydantic_core.ValidationError: 1 validation error")
+    from farm.spec import TenantJob
+    from farm.trainers import error_summary
+
+    try:
+        TenantJob.model_validate({})
+    except pydantic.ValidationError as exc:
+        invalid = exc
+    failed = WorkerGroupError("rank 0: ...\nrank 1: ...", {1: ValueError("rank 1's own"), 0: invalid})
+    summary = error_summary(failed)
+    assert summary.startswith("pydantic_core._pydantic_core.ValidationError: ") and "validation error" in summary
     assert "Field required" in summary and "further information" not in summary
-    assert error_summary(KeyError("x")) == "KeyError: 'x'"
+    assert error_summary(WorkerGroupError("x", {3: KeyError("acme")})) == "KeyError: 'acme'"
+    wrapped = RuntimeError("could not start")
+    wrapped.__cause__ = OSError("disk full")
+    assert error_summary(wrapped) == "OSError: disk full"
 
 
 def _job(base_model_dir, **train):
@@ -307,7 +315,8 @@ def test_max_concurrent_counts_a_pool_as_the_tenants_it_trains_at_once():
 
 
 def test_single_tenant_pools_group_by_shape_and_fit_the_cluster():
-    from farm.sweep import TrainerResources, plan_single_pools, pools_that_fit
+    from farm.sweep import plan_single_pools, pools_that_fit
+    from farm.trainers import TrainerResources
 
     def shape(memory: int, gpus: float = 0, workers: int = 1) -> TrainerResources:
         per_worker = {"CPU": 1.0, "memory": memory, **({"GPU": gpus} if gpus else {})}

@@ -135,26 +135,21 @@ class FineTuningService:
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
         """Put jobs a stopped service left running back in line, start the checker and the pools."""
-        import ray
-
         from farm.pools import queue_actor
-        from farm.sweep import _progress_board
+        from farm.trainers import pool_task, progress_board
 
         for row in self.records.service_jobs(self.base, ("running",)):
             self.records.move(row.id, ("running",), "queued", "The service restarted: the job resumes from its "
                                                               "latest checkpoint when a pool takes it")
         threading.Thread(target=self._check_files, name="farm-service-check", daemon=True).start()
         self.queue = queue_actor([])
-        self.board = _progress_board()
-        from farm.sweep import WORKER_START_TIMEOUT_S
-
-        self._task = ray.remote(num_cpus=0, max_retries=0)(_pool_task).options(
-            runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_START_TIMEOUT_S}})
+        self.board = progress_board()
+        self._task = pool_task(_pool_task)
         for _ in range(self.config.pools):
             self._start_pool()
 
     def _start_pool(self) -> None:
-        from farm.sweep import trainer_resources
+        from farm.trainers import trainer_resources
 
         self._pool_count += 1
         name = f"service-pool-{self._pool_count}"
@@ -415,9 +410,9 @@ class _JobRefused(Exception):
 
 def _pool_task(resources, storage: str, name: str, queue, max_retries: int, board, poll_s: float) -> dict:
     """Ray task body of one service pool: a single-tenant pool that never idles out."""
-    from farm.sweep import _run_pool
+    from farm.trainers import run_pool
 
-    return _run_pool(False, {}, queue, 1, resources, storage, name, max_retries, board,
+    return run_pool(False, {}, queue, 1, resources, storage, name, max_retries, board,
                      options={"cancellable": True, "poll_s": min(poll_s, 0.5)})
 
 

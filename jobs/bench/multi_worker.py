@@ -53,21 +53,16 @@ def job_for(base_model: str, steps: int, batch: int, workers: int, shard: str, o
 
 def run_side(job, workers: int, folder: Path) -> dict:
     """Train ``job`` in a pool of ``workers``; returns its result.json and adapter tensors."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.torch import load_file
 
     from farm.pools import queue_actor
     from farm.train.adapter import ray_pool_loop
+    from farm.trainers import cpu_workers
 
-    returned = TorchTrainer(
-        ray_pool_loop,
-        train_loop_config={"queue": queue_actor([job.model_dump()], closed=True), "pool": "bench", "board": None,
-                           "threads": 1, "tenants_dir": str(folder / "pooled")},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="bench", storage_path=str(folder / "ray")),
-    ).fit().return_value
+    returned = cpu_workers(workers).trainer(
+        ray_pool_loop, {"queue": queue_actor([job.model_dump()], closed=True), "pool": "bench", "board": None,
+                        "tenants_dir": str(folder / "pooled")},
+        "bench", str(folder / "ray")).fit().return_value
     if returned["errors"]:
         raise RuntimeError(f"training failed: {returned['errors']}")
     final = folder / "pooled" / job.tenant / "final"

@@ -12,21 +12,13 @@ def fit_pool(loop, jobs: list, folder: Path, workers: int = 2, max_failures: int
     (``farm.train.adapter.ray_pool_loop`` or a wrapper of it, which gets ``extra`` in its
     config too); checkpoints and final adapters go to ``folder/pooled/<tenant>/``. Returns the
     loop's return value (rank 0's)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from farm.pools import queue_actor
+    from farm.trainers import cpu_workers
 
     queue = queue_actor([job.model_dump() for job in jobs], closed=True)
-    return TorchTrainer(
-        loop,
-        train_loop_config={"queue": queue, "pool": "pool-1", "board": None, "threads": 1,
-                           "tenants_dir": str(folder / "pooled"), **(extra or {})},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="pool", storage_path=str(folder / "ray"),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    ).fit().return_value
+    return cpu_workers(workers).trainer(
+        loop, {"queue": queue, "pool": "pool-1", "board": None, "tenants_dir": str(folder / "pooled"), **(extra or {})},
+        "pool", str(folder / "ray"), max_retries=max_failures).fit().return_value
 
 
 class Vanishing:
