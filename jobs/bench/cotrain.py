@@ -14,14 +14,19 @@ that peak RSS belongs to one configuration only:
        (b) co-trained: ``slots=K``, one forward and backward per step for all K tenants.
      Tokens/s counts training steps only (start-up and eval excluded). Goals: (b)/(a) at least
      1.3x at K=4 with 256-token micro-batches and at least 2x at K=8 with 64-token ones.
-  2. memory: peak RSS of one process co-training 4 tenants against 4 separate processes each
-     training one (their peaks summed). Goal: at least 3x less.
+  2. memory: peak RSS of the process co-training 4 tenants (256-token micro-batches) against 4
+     separate processes each training one (the K=1 sequential process's peak, times 4): both
+     are processes of (1). Goal: at least 3x less.
   3. sweep: a whole Ray sweep (``jobs/tenant_sweep.py``, local Ray) of 8 small sample tenants
      with ``packing: off`` (single-tenant pools: one tenant at a time per pool) and ``packing: auto``, wall time
      from launch to exit. Goal: packed at most 0.4x of unpacked. ``--skip-sweep`` leaves it out.
 
-Prints a table, writes JSON and ``cotrain_speedup.png`` (speedup against K) next to it. A
-benchmark only reports: it exits 0 whether the goals are met or not.
+``--smoke``: K = 1, 2 with 64-token micro-batches, 3 steps, memory at K = 2, no sweep: checks
+that every side still runs (the test tier runs it).
+
+Prints a table, writes JSON and ``cotrain_speedup.png`` (speedup against K) next to it. Missed
+goals are reported, not failed; a side that fails (a child process or a sweep that exits
+non-zero) ends the benchmark with exit code 1 and its error in the JSON.
 """
 
 from __future__ import annotations
@@ -53,14 +58,14 @@ def _data_path(name: str) -> str:
     return str(REPO / "jobs" / "data" / (f"{name}.parquet" if name == "umbrella" else f"{name}.jsonl"))
 
 
-def _jobs(base_model: str, k: int, tokens: int, out: Path):
+def _jobs(base_model: str, k: int, tokens: int, out: Path, steps: int):
     from farm.spec import parse_spec
 
     tenants = [{"name": f"{SAMPLES[i % len(SAMPLES)]}{i}", "data": {"path": _data_path(SAMPLES[i % len(SAMPLES)])},
                 "train": {"seed": i}} for i in range(k)]
     raw = {"name": "bench", "base_model": {"name_or_path": base_model}, "output_dir": str(out),
            "defaults": {"lora": {"rank": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-                        "train": {"max_steps": STEPS[tokens], "batch_size": 1, "learning_rate": 1e-3,
+                        "train": {"max_steps": steps, "batch_size": 1, "learning_rate": 1e-3,
                                   "checkpoint_every": 10**6, "log_every": 10**6, "precision": "fp32"},
                         "data": {"max_seq_len": tokens}},
            "tenants": tenants}
@@ -76,7 +81,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     quiet = type("Quiet", (), {"on_step": lambda self, event: None})()
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = _jobs(args.base_model, args.k, args.tokens, Path(tmp))
+        jobs = _jobs(args.base_model, args.k, args.tokens, Path(tmp), args.steps)
         trainer = CoTrainer(jobs, args.slots, progress=quiet, resume=False).setup()
         trainer.run()
     print(json.dumps({"tokens_per_s": trainer.step_tokens / trainer.step_seconds,
@@ -84,10 +89,16 @@ def child(args) -> None:
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def _run_child(base_model: str, k: int, tokens: int, slots: int, threads: int = 1) -> dict:
+class SideFailed(RuntimeError):
+    """One side of the comparison (a child process or a sweep) exited non-zero."""
+
+
+def _run_child(base_model: str, k: int, tokens: int, slots: int, steps: int, threads: int = 1) -> dict:
     command = [sys.executable, __file__, "--child", "--base-model", base_model, "--k", str(k),
-               "--tokens", str(tokens), "--slots", str(slots), "--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=True)
+               "--tokens", str(tokens), "--slots", str(slots), "--steps", str(steps), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SideFailed(f"K={k}, {tokens} tokens, slots={slots}: exit {done.returncode}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -109,7 +120,7 @@ def _sweep_wall(base_model: str, packing: str, workdir: Path) -> float:
                           capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"sweep with packing {packing} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        raise SideFailed(f"sweep with packing {packing} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return wall
 
 
@@ -126,7 +137,7 @@ def _plot(rows: list[dict], path: Path, threads: int) -> None:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("tenants co-trained at once (K)")
     ax.set_ylabel("tokens/s, co-trained / sequential")
-    ax.set_xticks(list(KS))
+    ax.set_xticks(sorted({r["k"] for r in rows}))
     ax.set_title(f"co-training speedup against K (tiny Llama, LoRA r=8, {threads} CPU thread(s))")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -140,11 +151,13 @@ def main() -> int:
     parser.add_argument("--base-model", default=str(REPO / ".farm" / "base-model"))
     parser.add_argument("--out", default=str(REPO / "bench-results" / "cotrain.json"))
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="K=1,2, 64 tokens, 3 steps, no sweep: checks every side runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (a worker's CPUs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--slots", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -153,32 +166,40 @@ def main() -> int:
     from rich.table import Table
 
     console = Console()
-    rows = []
-    for tokens in TOKENS:
-        for k in KS:
-            sequential = _run_child(args.base_model, k, tokens, slots=1, threads=args.threads)
-            together = _run_child(args.base_model, k, tokens, slots=k, threads=args.threads)
-            rows.append({"k": k, "tokens": tokens, "sequential_tok_s": round(sequential["tokens_per_s"], 1),
-                         "cotrained_tok_s": round(together["tokens_per_s"], 1),
-                         "speedup": round(together["tokens_per_s"] / sequential["tokens_per_s"], 3),
-                         "cotrained_peak_rss_bytes": together["peak_rss_bytes"]})
-            console.print(f"K={k} {tokens} tokens: {rows[-1]['speedup']}x", highlight=False)
-    single = _run_child(args.base_model, 1, 256, slots=1)["peak_rss_bytes"]
-    four = _run_child(args.base_model, 4, 256, slots=4)["peak_rss_bytes"]
-    memory = {"cotrain_4_peak_rss_bytes": four, "separate_4_peak_rss_bytes": 4 * single,
-              "ratio": round(4 * single / four, 2)}
-    sweep = None
-    if not args.skip_sweep:
-        with tempfile.TemporaryDirectory() as tmp:
-            off = _sweep_wall(args.base_model, "off", Path(tmp))
-            on = _sweep_wall(args.base_model, "auto", Path(tmp))
-        sweep = {"tenants": 8, "unpacked_wall_s": round(off, 1), "packed_wall_s": round(on, 1),
-                 "ratio": round(on / off, 3)}
+    ks, token_sizes = ((1, 2), (64,)) if args.smoke else (KS, TOKENS)
+    memory_k, memory_tokens = (2, 64) if args.smoke else (4, 256)
+    rows, peaks, sweep = [], {}, None
+    try:
+        for tokens in token_sizes:
+            steps = 3 if args.smoke else STEPS[tokens]
+            for k in ks:
+                sequential = _run_child(args.base_model, k, tokens, 1, steps, args.threads)
+                together = _run_child(args.base_model, k, tokens, k, steps, args.threads)
+                peaks[(k, tokens)] = (sequential["peak_rss_bytes"], together["peak_rss_bytes"])
+                rows.append({"k": k, "tokens": tokens, "sequential_tok_s": round(sequential["tokens_per_s"], 1),
+                             "cotrained_tok_s": round(together["tokens_per_s"], 1),
+                             "speedup": round(together["tokens_per_s"] / sequential["tokens_per_s"], 3),
+                             "cotrained_peak_rss_bytes": together["peak_rss_bytes"]})
+                console.print(f"K={k} {tokens} tokens: {rows[-1]['speedup']}x", highlight=False)
+        if not (args.skip_sweep or args.smoke):
+            with tempfile.TemporaryDirectory() as tmp:
+                off = _sweep_wall(args.base_model, "off", Path(tmp))
+                on = _sweep_wall(args.base_model, "auto", Path(tmp))
+            sweep = {"tenants": 8, "unpacked_wall_s": round(off, 1), "packed_wall_s": round(on, 1),
+                     "ratio": round(on / off, 3)}
+    except SideFailed as exc:
+        console.print(f"[red]a side failed[/red]: {exc}", highlight=False)
+        write_json({"error": str(exc), "throughput": rows, "smoke": args.smoke}, args.out)
+        return 1
+    single, together = peaks[(1, memory_tokens)][0], peaks[(memory_k, memory_tokens)][1]
+    memory = {"tenants": memory_k, "tokens": memory_tokens, "cotrain_peak_rss_bytes": together,
+              "separate_peak_rss_bytes": memory_k * single, "ratio": round(memory_k * single / together, 2)}
 
     speed = {(r["k"], r["tokens"]): r["speedup"] for r in rows}
-    goals = [("(b)/(a) at K=4, 256-token micro-batches", ">= 1.3x", f"{speed[(4, 256)]}x", speed[(4, 256)] >= 1.3),
-             ("(b)/(a) at K=8, 64-token micro-batches", ">= 2x", f"{speed[(8, 64)]}x", speed[(8, 64)] >= 2.0),
-             ("peak memory: 4 processes / 1 co-training process", ">= 3x", f"{memory['ratio']}x", memory["ratio"] >= 3)]
+    goals = [(f"(b)/(a) at K={k}, {tokens}-token micro-batches", f">= {goal}x", f"{speed[(k, tokens)]}x",
+              speed[(k, tokens)] >= goal) for k, tokens, goal in ((4, 256, 1.3), (8, 64, 2.0)) if (k, tokens) in speed]
+    goals.append((f"peak memory: {memory_k} processes / 1 co-training process", ">= 3x", f"{memory['ratio']}x",
+                  memory["ratio"] >= 3))
     if sweep:
         goals.append(("packed sweep of 8 / single-tenant pools", "<= 0.4x", f"{sweep['ratio']}x", sweep["ratio"] <= 0.4))
 
@@ -189,7 +210,8 @@ def main() -> int:
                       f"{r['speedup']:.2f}x")
     console.print(table)
     summary = Table("figure", "goal", "measured", "met", title="goals")
-    summary.add_row("peak RSS, 4 tenants", "", f"co-trained {four / 2**20:,.0f} MiB vs separate {4 * single / 2**20:,.0f} MiB", "")
+    summary.add_row(f"peak RSS, {memory_k} tenants", "",
+                    f"co-trained {together / 2**20:,.0f} MiB vs separate {memory_k * single / 2**20:,.0f} MiB", "")
     if sweep:
         summary.add_row("sweep wall, 8 tenants", "", f"packed {sweep['packed_wall_s']} s vs unpacked {sweep['unpacked_wall_s']} s", "")
     for name, goal, value, met in goals:
@@ -200,7 +222,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot(rows, png, args.threads)
     write_json({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
-                "threads": args.threads,
+                "threads": args.threads, "smoke": args.smoke,
                 "throughput": rows, "memory": memory, "sweep": sweep,
                 "goals": [{"figure": n, "goal": g, "measured": v, "met": m} for n, g, v, m in goals],
                 "plot": str(png)}, out)
