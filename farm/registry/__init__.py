@@ -2,7 +2,8 @@
 
 ``store.py`` (bytes, local or S3), ``catalog.py`` (SQL), ``core.py`` (the ``Registry`` that
 ties them), ``validate.py`` (what publish accepts), ``names.py`` (names and serve names),
-``api.py`` (HTTP), ``client.py`` (Python client).
+``api.py`` (the HTTP app: auth, limits, errors) with its routes in ``routes/``, ``client.py``
+(Python client).
 """
 
 from farm.registry.core import NotFound, Registry, VersionInfo, open_registry
