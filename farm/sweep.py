@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
+
+
 @dataclass(frozen=True)
 class SweepOptions:
     """How to run a sweep (the spec says what to train)."""
@@ -323,51 +325,90 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
     check the tenants' data meanwhile, adding each valid one to its pool's queue; hand off each
     tenant the moment its final adapter is on storage; run the baselines; write the report.
     """
-    import ray
+    run = _SweepRun(sweep, options, console)
+    run.skip_finished()
+    run.size_tenants()
+    run.plan_pools()
+    run.run_pools()
+    return run.finish()
 
-    from farm.pools import queue_actor
-    from farm.train.ray_support import final_checkpoint
 
-    # Job logs are not terminals: give the summary table room instead of 80 columns.
-    console = console or Console(width=None if sys.stdout.isatty() else 180)
-    started = time.time()
-    out = sweep_dir(sweep, options.sweep_id)
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(options.tenants or sweep.jobs)
-    for name in names:
-        sweep.job(name)  # unknown tenant names fail here, before anything runs
-    storage = options.storage.rstrip("/") + f"/{options.sweep_id}" if options.storage else str(out / ".ray")
+class _SweepRun:
+    """One run of ``run_sweep``: the state its steps share, and one method per step (in the
+    order ``run_sweep`` calls them) or per part of a step."""
 
-    registry = None
-    if sweep.spec.registry is not None:
-        from farm.registry import open_registry
+    def __init__(self, sweep: ResolvedSweep, options: SweepOptions, console: Console | None):
+        # Job logs are not terminals: give the summary table room instead of 80 columns.
+        self.console = console or Console(width=None if sys.stdout.isatty() else 180)
+        self.started = time.time()
+        self.options = options
+        # Replaced once the planner resolved each job's layout (``size_tenants``).
+        self.sweep = sweep
+        self.out = sweep_dir(sweep, options.sweep_id)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.names = list(options.tenants or sweep.jobs)
+        for name in self.names:
+            sweep.job(name)  # unknown tenant names fail here, before anything runs
+        self.storage = options.storage.rstrip("/") + f"/{options.sweep_id}" if options.storage \
+            else str(self.out / ".ray")
+        self.tenants_dir = f"{self.storage}/{POOLED_DIR}"
+        self.registry = None
+        if sweep.spec.registry is not None:
+            from farm.registry import open_registry
 
-        registry = open_registry(sweep.spec.registry.store, sweep.spec.registry.catalog)
+            self.registry = open_registry(sweep.spec.registry.store, sweep.spec.registry.catalog)
+        self.resources: dict[str, TrainerResources] = {}  # tenant -> its trainer's request, once sized
+        self.scoring = QualityStage(sweep, self.registry, self.out, self.console, self.publish,
+                                    self.quality_task_options)
+        self.outcomes: dict[str, TenantOutcome] = {}  # every tenant with its line in the report
+        self.pending: list[str] = []  # tenants this run trains
+        self.capacity: Capacity | None = None  # what the cluster offers (size_tenants)
+        # The pools (plan_pools) and their groups: one queue per group, its tenants in order.
+        self.pools: list[Pack] = []
+        self.pool_resources: dict[str, TrainerResources] = {}
+        self.group_order: dict[str, list[str]] = {}
+        self.group_of: dict[str, str] = {}
+        # While the pools run (run_pools).
+        self.queues: dict = {}  # group -> its TenantQueue actor
+        self.queued: dict[str, list[str]] = {}  # tenants added to each queue
+        self.board = None  # the progress board actor
+        self.launch = None  # the pool task
+        self.progress: SweepProgress | None = None
+        self.limit = 1  # tenants training at once
+        self.demand: UpFrontDemand | None = None
+        self.waiting: list[Pack] = []  # pools not started yet
+        self.running: dict = {}  # pool task ref -> its pool
+        self.submitted: dict[str, float] = {}  # pool -> when it started
+        self.first_step: dict[str, float] = {}  # tenant -> time of its first step (the progress board's)
+        self.checked = None  # the data checks' results (a queue)
+        self.checking = False  # data checks still to come
+        self.data_reports: dict[str, DataReport] = {}
 
-    def publish(name: str, outcome: TenantOutcome, quality: dict | None = None) -> None:
+    # -- handing off ---------------------------------------------------------------------------
+
+    def publish(self, name: str, outcome: TenantOutcome, quality: dict | None = None) -> None:
         """Publish to the registry (the driver is its single writer), with the tenant's quality
         figures and gate decision in its lineage, and move the gated alias if the gate passed;
         failures are the tenant's."""
-        if registry is None:
+        if self.registry is None:
             return
         try:
             lineage = None
             if quality is not None:
                 lineage = {"quality": {key: quality.get(key) for key in ("prompts", "checks", "eval_loss", "engine")},
                            "promotion": quality.get("decision")}
-            outcome.serve_name = publish_outcome(registry, sweep.job(name), out / name, options.sweep_id, lineage)
-            console.print(f"{name}: published as {outcome.serve_name}", markup=False, highlight=False)
+            outcome.serve_name = publish_outcome(self.registry, self.sweep.job(name), self.out / name,
+                                                 self.options.sweep_id, lineage)
+            self.console.print(f"{name}: published as {outcome.serve_name}", markup=False, highlight=False)
             if quality is not None:
-                promote_if_passed(registry, sweep.job(name), outcome.serve_name, quality, console)
+                promote_if_passed(self.registry, self.sweep.job(name), outcome.serve_name, quality, self.console)
         except Exception as exc:  # a refused or failed publish fails this tenant only
             outcome.status, outcome.error = "failed", f"publish: {exc}"
-            console.print(f"{name}: publish failed: {exc}", markup=False, highlight=False)
+            self.console.print(f"{name}: publish failed: {exc}", markup=False, highlight=False)
 
-    resources: dict[str, TrainerResources] = {}
-
-    def quality_task_options(name: str) -> dict:
+    def quality_task_options(self, name: str) -> dict:
         """A scoring task asks for what one worker of the tenant's trainer asks for."""
-        planned = resources.get(name)
+        planned = self.resources.get(name)
         if planned is None:  # finished in an earlier run: sized nowhere this run
             return {"num_cpus": 1}
         per_worker = planned.resources_per_worker
@@ -376,218 +417,323 @@ def run_sweep(sweep: ResolvedSweep, options: SweepOptions, console: Console | No
             task["accelerator_type"] = planned.accelerator_type
         return task
 
-    scoring = QualityStage(sweep, registry, out, console, publish, quality_task_options)
-
-    def hand_off(name: str, outcome: TenantOutcome) -> None:
+    def hand_off(self, name: str, outcome: TenantOutcome) -> None:
         """Score the tenant first when its spec asks for quality evals (published once scored),
         else publish it now."""
-        if wants_quality(sweep.job(name)):
-            scoring.submit(name, outcome)
+        if wants_quality(self.sweep.job(name)):
+            self.scoring.submit(name, outcome)
         else:
-            publish(name, outcome)
+            self.publish(name, outcome)
 
-    outcomes: dict[str, TenantOutcome] = {}
-    pending: list[str] = []
-    for name in names:
-        done = finished_outcome(out, name)
-        if done is not None:
-            outcomes[name] = done
-            console.print(f"[cyan]{name}[/cyan]: finished in an earlier run of sweep "
-                          f"{options.sweep_id}; skipped")
-            if done.serve_name is None:
-                hand_off(name, done)
-        else:
-            pending.append(name)
-    if options.changed_only:
-        if registry is None:
-            raise SpecError(sweep.source, ["registry: --changed-only compares each tenant with its newest version, "
-                                           "so the spec needs a registry"])
-        pending, unchanged = select_changed(sweep, pending, registry, console)
-        outcomes.update(unchanged)
-    # What the cluster offers decides whether methods that need CUDA can run at all: if not,
-    # the whole spec is refused here, before any tenant's data is read or any trainer starts.
-    capacity = cluster_capacity(sweep.spec.resources)
-    check_methods_can_run(sweep, pending, capacity)
-
-    # The planner sizes every trainer before anything starts (from the spec alone: no data is
-    # read yet); a tenant no device can hold is refused with the numbers, and the others go on.
-    console.print(f"cluster: {capacity.describe()}", markup=False, highlight=False)
-    resolved: dict[str, TenantJob] = {}  # jobs whose shard_base the planner resolved
-    for name in list(pending):
-        try:
-            sizing = size_adapter(sweep.job(name), sweep.spec.resources, capacity)
-            resources[name] = trainer_resources(sizing.resources)
-            train = sweep.job(name).settings.train
-            if train.shard_base != sizing.shard_base:
-                settings = sweep.job(name).settings
-                resolved[name] = sweep.job(name).model_copy(update={"settings": settings.model_copy(
-                    update={"train": train.model_copy(update={"shard_base": sizing.shard_base})})})
-        except (DoesNotFit, ValueError) as exc:
-            outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=str(exc))
-            console.print(f"{name}: refused, not started: {exc}", markup=False, highlight=False)
-            pending.remove(name)
-            continue
-        console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
-    for name in list(pending):  # train.init_from: the alias's version, staged where the workers read
-        job = resolved.get(name, sweep.job(name))
-        if job.settings.train.init_from is None:
-            continue
-        try:
-            if registry is None:
-                raise ValueError("train.init_from needs the spec's registry")
-            resolved[name] = stage_warm_start(registry, job, storage)
-        except Exception as exc:  # this tenant only: the others train
-            outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=str(exc))
-            console.print(f"{name}: refused, not started: {exc}", markup=False, highlight=False)
-            pending.remove(name)
-            continue
-        if resolved[name].init_version:
-            console.print(f"{name}: warm start from {resolved[name].init_version}", markup=False, highlight=False)
-    # From here on every job says the layout it trains with (the pools' workers read it).
-    sweep = sweep.model_copy(update={"jobs": {**sweep.jobs, **resolved}})
-
-    pools, pool_resources = _plan_pools(sweep, pending, resources, capacity, options, console)
-    # One open queue per group: its pools start now and take the group's tenants in the planned
-    # order as their data passes the checks, whichever pool has a free slot.
-    group_order = {group: _interleave([p.tenants for p in pools if p.group == group])
-                   for group in dict.fromkeys(p.group for p in pools)}
-    group_of = {tenant: group for group, tenants in group_order.items() for tenant in tenants}
-    queues = {group: queue_actor([]) for group in group_order}
-    queued: dict[str, list[str]] = {group: [] for group in group_order}  # tenants added to each queue
-    tenants_dir = f"{storage}/{POOLED_DIR}"
-    board = progress_board() if pools else None
-    launch = pool_task()
-    running: dict = {}
-    submitted: dict[str, float] = {}
-    first_step: dict[str, float] = {}  # tenant -> time of its first step (the progress board's)
-    progress = SweepProgress(console, pending)
-
-    def finish_tenant(name: str, final, pool: Pack, taken_at: float | None) -> None:
+    def finish_tenant(self, name: str, final, pool: Pack, taken_at: float | None) -> None:
         """Copy a finished tenant's final checkpoint into the sweep folder, report and publish it.
         Its wall time counts from when its pool took it; its first-step delay from its pool's start."""
-        result = _publish_adapter(final, out / name)
-        delay = first_step[name] - submitted[pool.name] if name in first_step else None
-        outcomes[name] = TenantOutcome(
+        result = _publish_adapter(final, self.out / name)
+        delay = self.first_step[name] - self.submitted[pool.name] if name in self.first_step else None
+        self.outcomes[name] = TenantOutcome(
             tenant=name, status="trained", steps=result["steps"], tokens=result["tokens"],
-            wall_seconds=round(time.time() - (taken_at or submitted[pool.name]), 2),
+            wall_seconds=round(time.time() - (taken_at or self.submitted[pool.name]), 2),
             eval_loss_before=result["eval_loss_before"],
             eval_loss_after=result["eval_loss_after"], adapter_bytes=result["adapter_bytes"],
             adapter_dir=result["adapter_dir"], resumed_from_step=result.get("resumed_from_step"),
             first_step_delay_s=round(delay, 2) if delay is not None else None,
             losses=[tuple(x) for x in result["losses"]], pack=pool.name if pool.co_train else None,
-            packed_with=result.get("packed_with", []), handed_off_s=round(time.time() - started, 2))
-        progress.set(name, "trained")
-        console.print(f"[green]{name}[/green]: done, eval loss "
-                      f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
-        hand_off(name, outcomes[name])
+            packed_with=result.get("packed_with", []), handed_off_s=round(time.time() - self.started, 2))
+        self.progress.set(name, "trained")
+        self.console.print(f"[green]{name}[/green]: done, eval loss "
+                           f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}")
+        self.hand_off(name, self.outcomes[name])
 
-    def fail_tenant(name: str, status: str, error: str, pool: Pack | None, taken_at: float | None = None) -> None:
-        since = taken_at or (submitted[pool.name] if pool is not None else started)
-        outcomes[name] = TenantOutcome(tenant=name, status=status, wall_seconds=round(time.time() - since, 2),
-                                       error=error, pack=pool.name if pool is not None and pool.co_train else None)
-        progress.set(name, status)
-        console.print(f"{name}: {status}: {error}", markup=False, highlight=False)
+    def fail_tenant(self, name: str, status: str, error: str, pool: Pack | None, taken_at: float | None = None) -> None:
+        """Report a tenant that did not train; its wall time counts from when its pool took it (or
+        started, or from the sweep's start when no pool is to blame)."""
+        since = taken_at or (self.submitted[pool.name] if pool is not None else self.started)
+        self.outcomes[name] = TenantOutcome(tenant=name, status=status, wall_seconds=round(time.time() - since, 2),
+                                            error=error, pack=pool.name if pool is not None and pool.co_train else None)
+        self.progress.set(name, status)
+        self.console.print(f"{name}: {status}: {error}", markup=False, highlight=False)
 
-    # --max-concurrent counts tenants training at once: a pool counts as many as its slots.
-    limit = options.max_concurrent or sum(p.slots for p in pools) or 1
-    if options.max_concurrent and pools:
-        console.print(f"at most {limit} tenant(s) train at once (--max-concurrent)", markup=False, highlight=False)
-    demand = None
-    if sweep.spec.resources.request_up_front and pools:
-        demand = UpFrontDemand([pool_resources[pool.name].demand() for pool in admit(list(pools), 0, limit)], console)
-    try:
-        # Data checks run on a driver thread while the pools start: their start-up overlaps it.
-        checked = _validate_in_background(sweep, _interleave(list(group_order.values()))) if pools else None
-        data_reports: dict[str, DataReport] = {}
-        checking = pools != []
+    # -- step 1: what this run trains ----------------------------------------------------------
 
-        def drain_checks() -> None:
-            nonlocal checking
-            while checking and not checked.empty():
-                item = checked.get()
-                if item is None:  # every tenant checked: no more will come, pools end once idle
-                    checking = False
-                    for queue in queues.values():
-                        queue.close.remote()
-                    break
-                name, error, report = item
-                if error is not None:
-                    outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
-                    progress.set(name, "invalid")
-                    console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
-                    continue
-                data_reports[name] = report
-                queues[group_of[name]].add.remote([sweep.job(name).model_dump()])
-                queued[group_of[name]].append(name)
+    def skip_finished(self) -> None:
+        """Take the outcomes of the tenants an earlier run of this sweep id finished (handing off
+        any it did not publish); every other tenant is pending (only the changed ones with
+        ``changed_only``)."""
+        for name in self.names:
+            done = finished_outcome(self.out, name)
+            if done is not None:
+                self.outcomes[name] = done
+                self.console.print(f"[cyan]{name}[/cyan]: finished in an earlier run of sweep "
+                                   f"{self.options.sweep_id}; skipped")
+                if done.serve_name is None:
+                    self.hand_off(name, done)
+            else:
+                self.pending.append(name)
+        if self.options.changed_only:
+            if self.registry is None:
+                raise SpecError(self.sweep.source, ["registry: --changed-only compares each tenant with its newest "
+                                                    "version, so the spec needs a registry"])
+            self.pending, unchanged = select_changed(self.sweep, self.pending, self.registry, self.console)
+            self.outcomes.update(unchanged)
 
-        waiting = list(pools)
-        with progress:  # a live table on a terminal; lines in a log
-            while (waiting or running) and (checking or any(n not in outcomes for n in pending)):
-                for pool in admit(waiting, sum(p.slots for p in running.values()), limit):
-                    ref = launch.remote(pool.co_train, sweep.job(pool.tenants[0]).model_dump(), queues[pool.group],
-                                           pool.slots, pool_resources[pool.name], storage, pool.name,
-                                           sweep.spec.resources.max_retries, board)
-                    what = f"a co-training pool of {pool.group}, {pool.slots} at a time" if pool.co_train else \
-                        f"a single-tenant pool of {pool.group}, {pool_resources[pool.name].num_workers} worker(s)"
-                    console.print(f"{pool.name}: submitted ({what}: {', '.join(group_order[pool.group])}; "
-                                  f"{pool_resources[pool.name].resources_per_worker} per worker)",
-                                  markup=False, highlight=False)
-                    running[ref] = pool
-                    submitted[pool.name] = time.time()
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2 if checking else options.progress_every_s)
-                if demand is not None:
-                    demand.settle()
-                scoring.poll()
-                drain_checks()
-                events, steps_started = ray.get(board.snapshot.remote())
-                first_step.update(steps_started)
-                progress.update(events)
-                # Tenants are handed off the moment their final adapter is on storage, while their pool
-                # trains the others. The queue hears of a tenant's end once its final adapter is
-                # uploaded, so storage is only looked at for those (and checked complete).
-                live = {p.name: p for p in running.values()}
-                for group in {p.group for p in running.values()}:
-                    state = ray.get(queues[group].state.remote())
-                    for tenant in state["done"]:
-                        final = None if tenant in outcomes else final_checkpoint(f"{tenants_dir}/{tenant}")
-                        pool = live.get(state["taken"].get(tenant))
-                        if final is not None and pool is not None:
-                            finish_tenant(tenant, final, pool, state["taken_at"].get(tenant))
-                for ref in ready:
-                    pool = running.pop(ref)
-                    _pool_ended(pool, ray.get(ref), ray.get(queues[pool.group].state.remote()),
-                                group_left=checking or any(p.group == pool.group for p in [*running.values(), *waiting]),
-                                tenants=queued[pool.group], outcomes=outcomes, tenants_dir=tenants_dir,
-                                finish=finish_tenant, fail=fail_tenant)
-        for name in pending:  # a group whose pools all ended before its tenants came (cannot happen
-            if name not in outcomes:  # while queues are open, but never leave a tenant without a line)
-                fail_tenant(name, "failed", "no pool was left to take it", None)
-    finally:  # however the loop ends, no demand of this sweep stands
-        if demand is not None:
-            demand.release()
-    scoring.drain()  # every tenant still being scored is published before the report
-    matrix = run_matrix(sweep, outcomes, quality_task_options(next(iter(resources), "")), console)
-    comparison = []
-    if sweep.spec.baseline is not None:
-        comparison = run_baselines(sweep, [n for n in names if n in sweep.spec.baseline.tenants], out, storage,
-                                   capacity, outcomes, console)
-    from farm.baseline import method_label
+    # -- step 2: size the tenants, stage warm starts -------------------------------------------
 
-    for name in names:  # sweeps may mix methods: every line says which one
-        outcomes[name].method = method_label(sweep.job(name))
-        if name in data_reports:  # what its data became, as `farm data check` shows it
-            outcomes[name].data = data_reports[name].to_json()
-    # The report covers every tenant this sweep id has run: this run's tenants replace their
-    # earlier lines, the others keep theirs (errors included), read from the earlier report.json.
-    compared = [n for n in names if sweep.spec.baseline and n in sweep.spec.baseline.tenants]
-    report = merge_with_previous(
-        SweepReport(options.sweep_id, time.time() - started, [outcomes[n] for n in names], comparison,
-                    matrix=matrix),
-        out, compared)
-    print_report(report, console)
-    paths = write_report(report, out)
-    console.print("report: " + ", ".join(str(p) for p in paths.values()))
-    return report
+    def size_tenants(self) -> None:
+        """Size every pending tenant's trainer and stage its warm start (a tenant that cannot be
+        sized or staged is refused), then switch to the jobs as the planner resolved them."""
+        # What the cluster offers decides whether methods that need CUDA can run at all: if not,
+        # the whole spec is refused here, before any tenant's data is read or any trainer starts.
+        self.capacity = cluster_capacity(self.sweep.spec.resources)
+        check_methods_can_run(self.sweep, self.pending, self.capacity)
+        resolved = self._size_trainers()
+        self._stage_warm_starts(resolved)
+        # From here on every job says the layout it trains with (the pools' workers read it).
+        self.sweep = self.sweep.model_copy(update={"jobs": {**self.sweep.jobs, **resolved}})
+
+    def _size_trainers(self) -> dict[str, TenantJob]:
+        """Each pending tenant's trainer request; returns the jobs whose ``shard_base`` the
+        planner resolved."""
+        # The planner sizes every trainer before anything starts (from the spec alone: no data is
+        # read yet); a tenant no device can hold is refused with the numbers, and the others go on.
+        self.console.print(f"cluster: {self.capacity.describe()}", markup=False, highlight=False)
+        resolved: dict[str, TenantJob] = {}  # jobs whose shard_base the planner resolved
+        for name in list(self.pending):
+            job = self.sweep.job(name)
+            try:
+                sizing = size_adapter(job, self.sweep.spec.resources, self.capacity)
+                self.resources[name] = trainer_resources(sizing.resources)
+                train = job.settings.train
+                if train.shard_base != sizing.shard_base:
+                    resolved[name] = job.model_copy(update={"settings": job.settings.model_copy(
+                        update={"train": train.model_copy(update={"shard_base": sizing.shard_base})})})
+            except (DoesNotFit, ValueError) as exc:
+                self._refuse(name, exc)
+                continue
+            self.console.print(f"{name}: {sizing.note}", markup=False, highlight=False)
+        return resolved
+
+    def _stage_warm_starts(self, resolved: dict[str, TenantJob]) -> None:
+        """``train.init_from``: stage the alias's version where the workers read it (into ``resolved``)."""
+        for name in list(self.pending):
+            job = resolved.get(name, self.sweep.job(name))
+            if job.settings.train.init_from is None:
+                continue
+            try:
+                if self.registry is None:
+                    raise ValueError("train.init_from needs the spec's registry")
+                resolved[name] = stage_warm_start(self.registry, job, self.storage)
+            except Exception as exc:  # this tenant only: the others train
+                self._refuse(name, exc)
+                continue
+            if resolved[name].init_version:
+                self.console.print(f"{name}: warm start from {resolved[name].init_version}",
+                                   markup=False, highlight=False)
+
+    def _refuse(self, name: str, exc: Exception) -> None:
+        """A pending tenant that cannot start: invalid, and no longer pending."""
+        self.outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=str(exc))
+        self.console.print(f"{name}: refused, not started: {exc}", markup=False, highlight=False)
+        self.pending.remove(name)
+
+    # -- step 3: plan the pools ----------------------------------------------------------------
+
+    def plan_pools(self) -> None:
+        """Every pending tenant's pool, and each pool group's tenants in the order its queue hands them out."""
+        self.pools, self.pool_resources = _plan_pools(self.sweep, self.pending, self.resources, self.capacity,
+                                                      self.options, self.console)
+        self.group_order = {group: _interleave([p.tenants for p in self.pools if p.group == group])
+                            for group in dict.fromkeys(p.group for p in self.pools)}
+        self.group_of = {tenant: group for group, tenants in self.group_order.items() for tenant in tenants}
+
+    # -- step 4: run the pools -----------------------------------------------------------------
+
+    def run_pools(self) -> None:
+        """Start the pools on open queues, check the tenants' data meanwhile and queue the valid
+        ones, hand off each tenant the moment it finishes, until every tenant has an outcome."""
+        self._open_queues()
+        self._set_limit_and_ask_up_front()
+        try:
+            # Data checks run on a driver thread while the pools start: their start-up overlaps it.
+            self.checked = _validate_in_background(self.sweep, _interleave(list(self.group_order.values()))) \
+                if self.pools else None
+            self.checking = self.pools != []
+            self.waiting = list(self.pools)
+            with self.progress:  # a live table on a terminal; lines in a log
+                while (self.waiting or self.running) and \
+                        (self.checking or any(n not in self.outcomes for n in self.pending)):
+                    self._watch_once()
+            for name in self.pending:  # a group whose pools all ended before its tenants came (cannot happen
+                if name not in self.outcomes:  # while queues are open, but never leave a tenant without a line)
+                    self.fail_tenant(name, "failed", "no pool was left to take it", None)
+        finally:  # however the loop ends, no demand of this sweep stands
+            if self.demand is not None:
+                self.demand.release()
+
+    def _open_queues(self) -> None:
+        """One open queue per pool group, the progress board, the pool task and the progress table."""
+        from farm.pools import queue_actor
+
+        # One open queue per group: its pools start now and take the group's tenants in the planned
+        # order as their data passes the checks, whichever pool has a free slot.
+        self.queues = {group: queue_actor([]) for group in self.group_order}
+        self.queued = {group: [] for group in self.group_order}
+        self.board = progress_board() if self.pools else None
+        self.launch = pool_task()
+        self.progress = SweepProgress(self.console, self.pending)
+
+    def _set_limit_and_ask_up_front(self) -> None:
+        """Set how many tenants train at once and, when the spec asks, show the autoscaler the
+        first wave of pools at once."""
+        # --max-concurrent counts tenants training at once: a pool counts as many as its slots.
+        self.limit = self.options.max_concurrent or sum(p.slots for p in self.pools) or 1
+        if self.options.max_concurrent and self.pools:
+            self.console.print(f"at most {self.limit} tenant(s) train at once (--max-concurrent)",
+                               markup=False, highlight=False)
+        if self.sweep.spec.resources.request_up_front and self.pools:
+            self.demand = UpFrontDemand([self.pool_resources[pool.name].demand()
+                                         for pool in admit(list(self.pools), 0, self.limit)], self.console)
+
+    def _watch_once(self) -> None:
+        """One turn of the watch loop: start the pools that fit, wait a little for one to end,
+        then take in the data checks, the progress and the tenants and pools that ended."""
+        import ray
+
+        self._start_admitted_pools()
+        ready, _ = ray.wait(list(self.running), num_returns=1,
+                            timeout=0.2 if self.checking else self.options.progress_every_s)
+        if self.demand is not None:
+            self.demand.settle()
+        self.scoring.poll()
+        self._drain_checks()
+        self._update_progress()
+        self._hand_off_done()
+        for ref in ready:
+            self._pool_ended(ref)
+
+    def _start_admitted_pools(self) -> None:
+        """Start the waiting pools that fit within the limit of tenants training at once."""
+        for pool in admit(self.waiting, sum(p.slots for p in self.running.values()), self.limit):
+            resources = self.pool_resources[pool.name]
+            ref = self.launch.remote(pool.co_train, self.sweep.job(pool.tenants[0]).model_dump(),
+                                     self.queues[pool.group], pool.slots, resources, self.storage, pool.name,
+                                     self.sweep.spec.resources.max_retries, self.board)
+            what = f"a co-training pool of {pool.group}, {pool.slots} at a time" if pool.co_train else \
+                f"a single-tenant pool of {pool.group}, {resources.num_workers} worker(s)"
+            self.console.print(f"{pool.name}: submitted ({what}: {', '.join(self.group_order[pool.group])}; "
+                               f"{resources.resources_per_worker} per worker)", markup=False, highlight=False)
+            self.running[ref] = pool
+            self.submitted[pool.name] = time.time()
+
+    def _drain_checks(self) -> None:
+        """Queue each tenant whose data passed its checks and refuse the others; once every tenant
+        is checked, close the queues."""
+        while self.checking and not self.checked.empty():
+            item = self.checked.get()
+            if item is None:  # every tenant checked: no more will come, pools end once idle
+                self.checking = False
+                for queue in self.queues.values():
+                    queue.close.remote()
+                break
+            name, error, report = item
+            if error is not None:
+                self.outcomes[name] = TenantOutcome(tenant=name, status="invalid", error=error)
+                self.progress.set(name, "invalid")
+                self.console.print(f"{name}: invalid, not started: {error}", markup=False, highlight=False)
+                continue
+            self.data_reports[name] = report
+            group = self.group_of[name]
+            self.queues[group].add.remote([self.sweep.job(name).model_dump()])
+            self.queued[group].append(name)
+
+    def _update_progress(self) -> None:
+        """Take the progress board's latest step events (and each tenant's first step) into the table."""
+        import ray
+
+        events, steps_started = ray.get(self.board.snapshot.remote())
+        self.first_step.update(steps_started)
+        self.progress.update(events)
+
+    def _hand_off_done(self) -> None:
+        """Hand off every tenant a running pool finished."""
+        import ray
+
+        from farm.train.ray_support import final_checkpoint
+
+        # Tenants are handed off the moment their final adapter is on storage, while their pool
+        # trains the others. The queue hears of a tenant's end once its final adapter is
+        # uploaded, so storage is only looked at for those (and checked complete).
+        live = {p.name: p for p in self.running.values()}
+        for group in {p.group for p in self.running.values()}:
+            state = ray.get(self.queues[group].state.remote())
+            for tenant in state["done"]:
+                final = None if tenant in self.outcomes else final_checkpoint(f"{self.tenants_dir}/{tenant}")
+                pool = live.get(state["taken"].get(tenant))
+                if final is not None and pool is not None:
+                    self.finish_tenant(tenant, final, pool, state["taken_at"].get(tenant))
+
+    def _pool_ended(self, ref) -> None:
+        """A pool's trainer returned: hand off what it finished, fail what it took and did not; once
+        no pool of its group is left (or coming), a tenant still waiting had nobody to train it."""
+        import ray
+
+        pool = self.running.pop(ref)
+        outcome = ray.get(ref)
+        state = ray.get(self.queues[pool.group].state.remote())
+        group_left = self.checking or any(p.group == pool.group for p in [*self.running.values(), *self.waiting])
+        for tenant in self.queued[pool.group]:
+            if tenant in self.outcomes:
+                continue  # handed off while the pool ran
+            self._settle_tenant(tenant, pool, outcome, state, group_left)
+
+    def _settle_tenant(self, tenant: str, pool: Pack, outcome: dict, state: dict, group_left: bool) -> None:
+        """One tenant of an ended pool's group still without an outcome: finished (its final
+        adapter is on storage), failed (its pool took it, or no pool is left to), or still waiting."""
+        from farm.train.ray_support import final_checkpoint
+
+        mine = state["taken"].get(tenant) == pool.name
+        final = final_checkpoint(f"{self.tenants_dir}/{tenant}")
+        if final is not None and (mine or tenant not in state["taken"]):
+            self.finish_tenant(tenant, final, pool, state["taken_at"].get(tenant))
+        elif mine or (tenant not in state["taken"] and not group_left):
+            error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
+                outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
+            status = state["statuses"].get(tenant) or ("invalid" if tenant in outcome.get("errors", {}) else "failed")
+            self.fail_tenant(tenant, status, error, pool if mine else None, state["taken_at"].get(tenant))
+
+    # -- step 5: baselines, matrix, report -----------------------------------------------------
+
+    def finish(self) -> SweepReport:
+        """Publish what is still being scored, run the evaluation matrix and the baselines, then
+        print and write the report of every tenant this sweep id ran."""
+        self.scoring.drain()  # every tenant still being scored is published before the report
+        matrix = run_matrix(self.sweep, self.outcomes, self.quality_task_options(next(iter(self.resources), "")),
+                            self.console)
+        comparison = []
+        if self.sweep.spec.baseline is not None:
+            comparison = run_baselines(self.sweep, [n for n in self.names if n in self.sweep.spec.baseline.tenants],
+                                       self.out, self.storage, self.capacity, self.outcomes, self.console)
+        self._describe_outcomes()
+        # The report covers every tenant this sweep id has run: this run's tenants replace their
+        # earlier lines, the others keep theirs (errors included), read from the earlier report.json.
+        baseline = self.sweep.spec.baseline
+        compared = [n for n in self.names if baseline and n in baseline.tenants]
+        report = merge_with_previous(
+            SweepReport(self.options.sweep_id, time.time() - self.started, [self.outcomes[n] for n in self.names],
+                        comparison, matrix=matrix),
+            self.out, compared)
+        print_report(report, self.console)
+        paths = write_report(report, self.out)
+        self.console.print("report: " + ", ".join(str(p) for p in paths.values()))
+        return report
+
+    def _describe_outcomes(self) -> None:
+        """Add each tenant's method and what its data became to its outcome."""
+        from farm.baseline import method_label
+
+        for name in self.names:  # sweeps may mix methods: every line says which one
+            self.outcomes[name].method = method_label(self.sweep.job(name))
+            if name in self.data_reports:  # what its data became, as `farm data check` shows it
+                self.outcomes[name].data = self.data_reports[name].to_json()
 
 
 def _plan_pools(sweep: ResolvedSweep, pending: list[str], resources: dict[str, TrainerResources],
@@ -596,25 +742,10 @@ def _plan_pools(sweep: ResolvedSweep, pending: list[str], resources: dict[str, T
     auto``), single-tenant pools for the others; returns the pools and each one's resources."""
     import ray
 
-    packs: list[Pack] = []
-    alone = list(pending)
-    if sweep.spec.resources.packing == "auto":
-        # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
-        compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
-        # Only co-trainable methods (farm.methods) share a batch; the others train alone.
-        packable = [n for n in pending if method_info(sweep.job(n).settings.method).co_trainable
-                    and resources[n].num_workers == 1 and n not in compared]
-        others = [f"{n} ({sweep.job(n).settings.method})" for n in pending
-                  if not method_info(sweep.job(n).settings.method).co_trainable]
-        if others:
-            console.print(f"train alone, their methods cannot share a batch: {', '.join(others)}",
-                          markup=False, highlight=False)
-        if len(packable) > 1:
-            packs = plan_packs([sweep.job(n) for n in packable], capacity, options.max_concurrent)
-            for pack in packs:
-                console.print(pack.note, markup=False, highlight=False)
-            packed = {t for p in packs for t in p.tenants}
-            alone = [n for n in pending if n not in packed]
+    packs = _plan_co_training(sweep, pending, resources, capacity, options, console) \
+        if sweep.spec.resources.packing == "auto" else []
+    packed = {t for p in packs for t in p.tenants}
+    alone = [n for n in pending if n not in packed]
     pool_resources = {p.name: _pack_resources(resources[p.tenants[0]], p, len(packs), [sweep.job(t) for t in p.tenants],
                                               capacity.device_bytes if capacity.kind == "gpu" else None)
                       for p in packs}
@@ -624,24 +755,26 @@ def _plan_pools(sweep: ResolvedSweep, pending: list[str], resources: dict[str, T
     return packs + singles, {**pool_resources, **single_resources}
 
 
-def _pool_ended(pool: Pack, outcome: dict, state: dict, group_left: bool, tenants: list[str],
-                outcomes: dict[str, TenantOutcome], tenants_dir: str, finish, fail) -> None:
-    """A pool's trainer returned: hand off what it finished, fail what it took and did not; once
-    no pool of its group is left (or coming), a tenant still waiting had nobody to train it."""
-    from farm.train.ray_support import final_checkpoint
-
-    for tenant in tenants:
-        if tenant in outcomes:
-            continue  # handed off while the pool ran
-        mine = state["taken"].get(tenant) == pool.name
-        final = final_checkpoint(f"{tenants_dir}/{tenant}")
-        if final is not None and (mine or tenant not in state["taken"]):
-            finish(tenant, final, pool, state["taken_at"].get(tenant))
-        elif mine or (tenant not in state["taken"] and not group_left):
-            error = state["errors"].get(tenant) or outcome.get("errors", {}).get(tenant) or \
-                outcome.get("error") or ("its pool ended without it" if mine else "no pool was left to take it")
-            status = state["statuses"].get(tenant) or ("invalid" if tenant in outcome.get("errors", {}) else "failed")
-            fail(tenant, status, error, pool if mine else None, state["taken_at"].get(tenant))
+def _plan_co_training(sweep: ResolvedSweep, pending: list[str], resources: dict[str, TrainerResources],
+                      capacity: Capacity, options: SweepOptions, console: Console) -> list[Pack]:
+    """The co-training packs of the pending tenants that can share a batch (``packing: auto``);
+    says which tenants train alone for their method."""
+    # A baseline tenant's LoRA run trains alone, so the comparison sets one job against one job.
+    compared = set(sweep.spec.baseline.tenants) if sweep.spec.baseline else set()
+    # Only co-trainable methods (farm.methods) share a batch; the others train alone.
+    packable = [n for n in pending if method_info(sweep.job(n).settings.method).co_trainable
+                and resources[n].num_workers == 1 and n not in compared]
+    others = [f"{n} ({sweep.job(n).settings.method})" for n in pending
+              if not method_info(sweep.job(n).settings.method).co_trainable]
+    if others:
+        console.print(f"train alone, their methods cannot share a batch: {', '.join(others)}",
+                      markup=False, highlight=False)
+    if len(packable) <= 1:
+        return []
+    packs = plan_packs([sweep.job(n) for n in packable], capacity, options.max_concurrent)
+    for pack in packs:
+        console.print(pack.note, markup=False, highlight=False)
+    return packs
 
 
 def run_baselines(sweep: ResolvedSweep, tenants: list[str], out: Path, storage: str, capacity: Capacity,
