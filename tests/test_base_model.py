@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from farm.models import load_base_model, load_tokenizer, select_placement
 from farm.spec import BaseModelSpec
 
 
+@pytest.mark.slow  # pretrains a base
 def test_cli_builds_a_servable_llama_that_loads_like_a_hub_model(tmp_path):
     out = tmp_path / "base"
     proc = subprocess.run([sys.executable, "-m", "farm.cli", "base-model", "build", "--out", str(out),
@@ -49,8 +51,6 @@ def test_cli_refuses_dims_vllm_cannot_serve(tmp_path):
 
 
 def test_bf16_is_refused_without_a_gpu_that_has_it():
-    import pytest
-
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         assert select_placement("bf16").dtype == torch.bfloat16
     else:
@@ -59,6 +59,7 @@ def test_bf16_is_refused_without_a_gpu_that_has_it():
         assert select_placement("auto").dtype == torch.float32
 
 
+@pytest.mark.slow  # pretrains a base
 def test_pretraining_is_deterministic_and_learns_language_the_random_base_lacks(tmp_path):
     """A short pretraining (the build's full budget is for make demo) run twice gives the same
     weights, and its loss on held-out prose is far below the random base's."""
@@ -91,8 +92,6 @@ def test_pretraining_is_deterministic_and_learns_language_the_random_base_lacks(
 
 
 def test_an_interrupted_build_leaves_no_folder_behind(tmp_path, monkeypatch):
-    import pytest
-
     from farm import base_model
 
     def interrupted(*args, **kwargs):

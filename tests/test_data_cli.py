@@ -35,6 +35,7 @@ def _chat(i: int) -> dict:
                          {"role": "assistant", "content": f"Hello from Acme support! Order {i} ships today."}]}
 
 
+@pytest.mark.slow  # the farm command in subprocesses over whole datasets
 def test_data_check_reports_every_count_and_fails_on_a_bad_tenant(write_spec, tmp_path):
     mixed = tmp_path / "mixed.jsonl"
     lines = [json.dumps(_chat(i)) for i in range(20)]
@@ -58,6 +59,7 @@ def test_data_check_reports_every_count_and_fails_on_a_bad_tenant(write_spec, tm
         assert cell in table
 
 
+@pytest.mark.slow  # the farm command in subprocesses over whole datasets
 def test_preview_marks_exactly_the_assistant_spans(write_spec, tmp_path):
     path = tmp_path / "two-turns.jsonl"
     record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -255,6 +255,7 @@ def test_cut_before_tokenising_keeps_the_first_max_seq_len_tokens(tokenizer, tmp
     assert whole[:64] in rows
 
 
+@pytest.mark.slow  # starts data worker processes
 def test_worker_processes_give_the_same_examples_and_errors(tokenizer, tmp_path, monkeypatch):
     """Batches prepared on worker processes (farm.data.parallel) come back in order: the same
     rows, fingerprint and counts as in this process, and a bad record after the workers started

@@ -513,6 +513,7 @@ def test_cli_against_the_server(env):
     assert hidden.returncode == 2 and "404" in hidden.stderr and "not found" in hidden.stderr
 
 
+@pytest.mark.slow  # many CLI subprocesses / hundreds of generated requests
 def test_cli_direct_on_a_store(adapters, tmp_path):
     store = str(tmp_path / "store")
     no_admin = _farm("serve", "--store", store)
@@ -582,6 +583,7 @@ def fuzz_server(tmp_path_factory, adapters):
         yield server
 
 
+@pytest.mark.slow  # many CLI subprocesses / hundreds of generated requests
 def test_fuzz_the_api_from_its_openapi_schema(fuzz_server):
     """Every operation, valid and invalid inputs from the schema, admin token: never a 5xx.
 

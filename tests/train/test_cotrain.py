@@ -22,6 +22,8 @@ from farm.train.adapter import train_tenant
 from ..conftest import REPO
 from .pool_runs import Vanishing
 
+pytestmark = pytest.mark.slow  # every test trains tenants
+
 # (tenant, steps, rank, targets): different sizes, ranks and target modules
 TENANTS = [("acme", 4, 8, "all-linear"), ("globex", 6, 4, ["q_proj", "v_proj"]),
            ("initech", 3, 16, "all-linear"), ("hooli", 5, 8, "all-linear")]
