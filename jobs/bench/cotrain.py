@@ -174,7 +174,8 @@ def main() -> int:
             steps = 3 if args.smoke else STEPS[tokens]
             for k in ks:
                 sequential = _run_child(args.base_model, k, tokens, 1, steps, args.threads)
-                together = _run_child(args.base_model, k, tokens, k, steps, args.threads)
+                # K=1 co-trained (slots=1) is the sequential configuration itself: measured once
+                together = sequential if k == 1 else _run_child(args.base_model, k, tokens, k, steps, args.threads)
                 peaks[(k, tokens)] = (sequential["peak_rss_bytes"], together["peak_rss_bytes"])
                 rows.append({"k": k, "tokens": tokens, "sequential_tok_s": round(sequential["tokens_per_s"], 1),
                              "cotrained_tok_s": round(together["tokens_per_s"], 1),
