@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import random
 import re
@@ -127,22 +126,19 @@ def build_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
                              weight_decay=spec.weight_decay)
 
 
-def lr_factor(step: int, spec: TrainSpec) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then cosine, linear or constant."""
-    if spec.warmup_steps and step < spec.warmup_steps:
-        return (step + 1) / spec.warmup_steps
-    if spec.schedule == "constant":
-        return 1.0
-    span = max(1, spec.max_steps - spec.warmup_steps)
-    progress = min(1.0, (step - spec.warmup_steps) / span)
-    if spec.schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+#: the spec's schedule -> transformers' scheduler name (each warms up linearly first)
+HF_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec):
-    """A LambdaLR following ``lr_factor``; its state is plain numbers (JSON-safe)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+    """The spec's learning-rate schedule: ``warmup_steps`` of linear warm-up from 0, then cosine,
+    linear or constant to ``max_steps``, as the transformers Trainer schedules it
+    (``transformers.get_scheduler``), so a farm run and a Trainer run with the same settings
+    step with the same rates. A ``LambdaLR``: its state is plain numbers (JSON-safe)."""
+    from transformers import get_scheduler
+
+    return get_scheduler(HF_SCHEDULES[spec.schedule], optimizer, num_warmup_steps=spec.warmup_steps,
+                         num_training_steps=spec.max_steps)
 
 
 # -- checkpoints -----------------------------------------------------------------------------

@@ -226,6 +226,7 @@ def run_hf_trainer(args, workdir: str) -> dict:
 
     from farm.data import load_tenant_data
     from farm.models import build_peft_model
+    from farm.train.common import HF_SCHEDULES
 
     hf_logging.disable_progress_bar()  # quiet like farm's own loader; no effect on timing
     job = _load_job(args.spec, args.tenant, args.steps, str(Path(workdir) / "hf-out"), args.base_model)
@@ -283,7 +284,7 @@ def run_hf_trainer(args, workdir: str) -> dict:
         weight_decay=spec.weight_decay,
         max_steps=spec.max_steps,
         warmup_steps=spec.warmup_steps,
-        lr_scheduler_type=spec.schedule,
+        lr_scheduler_type=HF_SCHEDULES[spec.schedule],  # the farm's own schedule names
         max_grad_norm=spec.grad_clip or 0.0,
         gradient_checkpointing=spec.gradient_checkpointing,
         seed=spec.seed,
