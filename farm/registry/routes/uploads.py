@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from farm.methods import METHODS
 from farm.registry import validate
 from farm.registry.core import VersionInfo
 from farm.registry.names import NameError_, check_name
@@ -37,8 +38,8 @@ _PUBLISH_SCHEMA = {"parameters": [{"name": "Idempotency-Key", "in": "header", "r
                   "description": f"{validate.CONFIG_FILE}, {validate.WEIGHTS_FILE}, optionally README.md"},
         "base_model": {"type": "string", "description": "base model the adapter was trained on"},
         "base_architecture": {"type": "string", "description": "e.g. LlamaForCausalLM (for servability)"},
-        "method": {"type": "string", "description": "PEFT method the trainer used (lora, dora, ia3, prefix, "
-                                                    "prompt, qlora); default: what adapter_config.json shows"},
+        "method": {"type": "string", "description": f"PEFT method the trainer used ({', '.join(METHODS)}); "
+                                                    "default: what adapter_config.json shows"},
         "metrics": {"type": "string", "description": "JSON object, e.g. {\"eval_loss\": 1.2}"},
         "training": {"type": "string", "description": "JSON object"},
         "lineage": {"type": "string", "description": "JSON object (sweep_id, dataset_fingerprint, ...)"},
