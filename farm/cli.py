@@ -86,7 +86,6 @@ def service(config: Path = typer.Option(..., "--config", help="service YAML (bas
     raise typer.Exit(service_cmd(config, verbose))
 
 
-
 @base_model_app.command("build")
 def base_model_build(
     out: Path = typer.Option(..., help="folder to write the model into"),

@@ -708,15 +708,15 @@ class _SweepRun:
         self.scoring.drain()  # every tenant still being scored is published before the report
         matrix = run_matrix(self.sweep, self.outcomes, self.quality_task_options(next(iter(self.resources), "")),
                             self.console)
+        baseline = self.sweep.spec.baseline
+        compared = [n for n in self.names if baseline and n in baseline.tenants]  # this run's baseline tenants
         comparison = []
-        if self.sweep.spec.baseline is not None:
-            comparison = run_baselines(self.sweep, [n for n in self.names if n in self.sweep.spec.baseline.tenants],
-                                       self.out, self.storage, self.capacity, self.outcomes, self.console)
+        if baseline is not None:
+            comparison = run_baselines(self.sweep, compared, self.out, self.storage, self.capacity, self.outcomes,
+                                       self.console)
         self._describe_outcomes()
         # The report covers every tenant this sweep id has run: this run's tenants replace their
         # earlier lines, the others keep theirs (errors included), read from the earlier report.json.
-        baseline = self.sweep.spec.baseline
-        compared = [n for n in self.names if baseline and n in baseline.tenants]
         report = merge_with_previous(
             SweepReport(self.options.sweep_id, time.time() - self.started, [self.outcomes[n] for n in self.names],
                         comparison, matrix=matrix),

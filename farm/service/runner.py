@@ -413,7 +413,7 @@ def _pool_task(resources, storage: str, name: str, queue, max_retries: int, boar
     from farm.trainers import run_pool
 
     return run_pool(False, {}, queue, 1, resources, storage, name, max_retries, board,
-                     options={"cancellable": True, "poll_s": min(poll_s, 0.5)})
+                    options={"cancellable": True, "poll_s": min(poll_s, 0.5)})
 
 
 def run_service(config: ServiceConfig, stop: threading.Event | None = None) -> None:
